@@ -1,0 +1,53 @@
+"""Chat templates: MobileVLM/LLaVA's Vicuna-v1 conversation style, and the tokenizer's own Jinja
+template (e.g. SmolLM2's ChatML read from the GGUF)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge_mllm.errors import EdgeMLLMError
+from edge_mllm.tokenizer import IMAGE_MARKER, Tokenizer
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+TEMPLATES = ("vicuna_v1", "tokenizer")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """``name`` is "vicuna_v1" (MobileVLM ``conv_vicuna_v1``) or "tokenizer" (the tokenizer's Jinja)."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.name not in TEMPLATES:
+            raise EdgeMLLMError(f"unknown chat template {self.name!r}; choose one of {', '.join(TEMPLATES)}")
+
+    def render(self, messages: list[dict[str, str]], tokenizer: Tokenizer) -> str:
+        """Messages ({"role", "content"}) → prompt text ending where the assistant's reply begins."""
+        if self.name == "vicuna_v1":
+            return render_vicuna_v1(messages)
+        if not tokenizer.chat_template:
+            raise EdgeMLLMError("the tokenizer has no chat template; use --raw or the vicuna_v1 template")
+        return tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_vicuna_v1(messages: list[dict[str, str]]) -> str:
+    """FastChat/MobileVLM ``SeparatorStyle.TWO``: "SYSTEM USER: q ASSISTANT: a</s>USER: q ASSISTANT:"."""
+    system = VICUNA_V1_SYSTEM
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    roles = {"user": "USER", "assistant": "ASSISTANT"}
+    text = system + " "
+    for i, message in enumerate(messages):
+        if message["role"] not in roles:
+            raise EdgeMLLMError(f"unknown chat role {message['role']!r}")
+        text += f"{roles[message['role']]}: {message['content']}" + (" " if i % 2 == 0 else "</s>")
+    return text + "ASSISTANT:"
+
+
+def user_message(prompt: str, num_images: int) -> dict[str, str]:
+    """A user turn with the images first, as LLaVA/MobileVLM place them."""
+    return {"role": "user", "content": f"{IMAGE_MARKER}\n" * num_images + prompt}

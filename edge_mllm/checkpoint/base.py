@@ -1,0 +1,15 @@
+"""What every checkpoint loader returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge_mllm.model.mllm import MultimodalLM
+from edge_mllm.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: MultimodalLM
+    tokenizer: Tokenizer
+    chat_template: str  # "vicuna_v1" or "tokenizer" (see edge_mllm.chat)

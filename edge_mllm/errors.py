@@ -1,0 +1,21 @@
+"""Errors a user can act on. The CLI prints them as one line and exits 1."""
+
+
+class EdgeMLLMError(Exception):
+    """Base class for every error edge-mllm reports to a user."""
+
+
+class ConfigError(EdgeMLLMError):
+    """A model configuration is invalid or unsupported."""
+
+
+class CheckpointError(EdgeMLLMError):
+    """A model file or folder is missing, corrupt, truncated or of an unknown layout."""
+
+
+class ImageError(EdgeMLLMError):
+    """An image could not be read or converted."""
+
+
+class ContextLengthError(EdgeMLLMError):
+    """Prompt + image tokens + new tokens do not fit the model's context."""

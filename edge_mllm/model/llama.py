@@ -1,0 +1,179 @@
+"""LLaMA-family decoder (Touvron et al., 2023): RMSNorm, rotary positions, MHA/GQA/MQA, SwiGLU.
+
+Parameter names match Hugging Face's ``LlamaForCausalLM``. The KV cache is preallocated with a static
+shape and updated in place at ``input_pos`` (gpt-fast style), so the same module runs eagerly and under
+``torch.export`` with static shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_mllm.config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_positions, head_dim] in the rotate-half (GPT-NeoX / HF) layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.int64).float(), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Static [B, H_kv, max_seq, D] key/value buffers, written in place at the given positions."""
+
+    def __init__(self, batch: int, num_kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (batch, num_kv_heads, max_seq, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        return self.k_cache, self.v_cache
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if self.kv_cache is None:
+            mask, causal = None, True
+        else:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            # Query i (at input_pos[i]) sees every cache slot at or before its own position.
+            slots = torch.arange(k.shape[2], device=x.device)
+            mask, causal = slots[None, :] <= input_pos[:, None], False
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:  # GQA/MQA: share each K/V head across its group of query heads
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder + LM head. ``forward`` takes token embeddings so images can be spliced in beforehand."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.max_cache_len = 0
+
+    def setup_cache(self, batch: int, max_seq: int) -> None:
+        """Preallocate a KV cache of ``max_seq`` positions (replaces any existing one)."""
+        c = self.config
+        dtype = self.lm_head.weight.dtype
+        device = self.lm_head.weight.device
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_seq, c.head_dim, dtype).to(device)
+        self.max_cache_len = max_seq
+
+    def clear_cache(self) -> None:
+        """Drop the KV cache: ``forward`` then recomputes attention over its whole input."""
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+        self.max_cache_len = 0
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs_embeds [B, T, D] at positions ``input_pos`` [T] → logits [B, T, V].
+
+        With a cache, ``input_pos`` is required; without one the input is a whole sequence from
+        position 0 and attention is causal over it.
+        """
+        if input_pos is None:
+            if self.max_cache_len:
+                raise ValueError("input_pos is required when a KV cache is set up")
+            input_pos = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+        cos = self.rope_cos[input_pos].to(inputs_embeds.dtype)
+        sin = self.rope_sin[input_pos].to(inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, input_pos)
+        return self.lm_head(self.model.norm(x))

@@ -1,0 +1,112 @@
+"""Image + prompt → answer, over the PyTorch model: templating, tokenization with image placeholders,
+image preprocessing, encoding and generation in one place."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from edge_mllm.chat import ChatTemplate, user_message
+from edge_mllm.checkpoint import LoadedModel, load_model
+from edge_mllm.errors import EdgeMLLMError
+from edge_mllm.generate import GenerationConfig, check_context, generate
+from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
+from edge_mllm.preprocess import ImageInput, ImageProcessor
+from edge_mllm.tokenizer import IMAGE_MARKER, StreamDecoder
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int  # LLM positions of the prompt, image tokens included
+    finish_reason: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    """A loaded model with everything needed to answer a prompt about images."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.model = loaded.model.eval()
+        self.tokenizer = loaded.tokenizer
+        self.chat_template = ChatTemplate(loaded.chat_template)
+        vision = self.model.config.vision
+        self.image_processor = None
+        if vision is not None:
+            self.image_processor = ImageProcessor(
+                vision.image_size, vision.image_mean, vision.image_std, self.model.config.image_aspect_ratio
+            )
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Pipeline:
+        """Load any supported checkpoint (``None``: the embedded default)."""
+        return cls(load_model(path))
+
+    def render_prompt(self, prompt: str, num_images: int, raw: bool = False) -> str:
+        """The text the tokenizer sees. ``raw`` skips the chat template; ``<image>`` marks images."""
+        if raw:
+            return prompt
+        if IMAGE_MARKER in prompt:
+            raise EdgeMLLMError(f"the prompt contains {IMAGE_MARKER}: images are placed for you (or use --raw)")
+        return self.chat_template.render([user_message(prompt, num_images)], self.tokenizer)
+
+    def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
+        if not images:
+            return None
+        if self.image_processor is None:
+            raise EdgeMLLMError("this model has no vision encoder: it cannot take images")
+        pixels = torch.stack([self.image_processor(image) for image in images])
+        with torch.inference_mode():
+            return self.model.encode_images(pixels)
+
+    def generate(
+        self,
+        prompt: str,
+        images: Sequence[ImageInput] = (),
+        *,
+        raw: bool = False,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stream: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Answer ``prompt`` about ``images``; ``stream`` receives text as it is generated."""
+        text = self.render_prompt(prompt, len(images), raw)
+        token_ids = self.tokenizer.encode_with_images(text)
+        if token_ids.count(IMAGE_TOKEN_INDEX) != len(images):
+            raise EdgeMLLMError(
+                f"the prompt has {token_ids.count(IMAGE_TOKEN_INDEX)} {IMAGE_MARKER} marker(s) but {len(images)} image(s) were given"
+            )
+        config = GenerationConfig(max_new_tokens, temperature, top_p, seed, self.tokenizer.stop_token_ids())
+        prompt_len = self.model.prompt_length(token_ids)
+        # Fail before the (slow) image encoding when the request cannot fit.
+        check_context(prompt_len, max_new_tokens, self.model.config.text.max_position_embeddings)
+
+        t0 = time.perf_counter()
+        image_embeds = self.encode_images(images)
+        t_vision = time.perf_counter() - t0
+        with torch.inference_mode():
+            inputs_embeds = self.model.embed_prompt(token_ids, image_embeds)
+        decoder = StreamDecoder(self.tokenizer)
+        on_token = (lambda tok: stream(decoder.push(tok))) if stream else None
+        out = generate(self.model.language_model, inputs_embeds, config, on_token)
+        timings = {"vision_encode_s": t_vision, **out.timings}
+        timings["time_to_first_token_s"] = t_vision + out.timings["prefill_s"]
+        return GenerationResult(self.tokenizer.decode(out.token_ids), out.token_ids, prompt_len, out.finish_reason, timings)
+
+    def info(self) -> dict:
+        """Architecture, parameter counts and provenance, as ``edge-mllm info`` prints them."""
+        config = self.model.config
+        return {
+            "config": config.to_dict(),
+            "parameters": self.model.parameter_counts(),
+            "image_tokens": self.model.num_image_tokens,
+            "chat_template": self.chat_template.name,
+            "notes": config.notes,
+        }

@@ -1,0 +1,123 @@
+"""Image preprocessing equivalent to Hugging Face's ``CLIPImageProcessor`` (shortest-side bicubic
+resize, center crop, rescale, normalise), plus LLaVA/MobileVLM's "pad to square with the mean colour".
+
+Any image from 1×1 up is accepted, from a path, bytes, PIL image or numpy array, in any PIL mode.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from edge_mllm.errors import ImageError
+
+ImageInput = str | Path | bytes | Image.Image | np.ndarray
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    """HW, HWC (C = 1, 3, 4) uint8 arrays, or float arrays in [0, 1]."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)) or 0 in array.shape:
+        raise ImageError(f"cannot use an array of shape {array.shape} as an image (expected HxW or HxWx{{1,3,4}})")
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.rint(np.clip(array, 0.0, 1.0) * 255.0)
+    return Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)))
+
+
+def _open(source: str | Path | bytes) -> Image.Image:
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image.load()
+        return image
+    except FileNotFoundError as exc:
+        raise ImageError(f"image not found: {name}") from exc
+    except IsADirectoryError as exc:
+        raise ImageError(f"image path is a directory: {name}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"not an image file (unrecognised format): {name}") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image is too large to decode safely: {name} ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"cannot decode image {name}: {exc}") from exc
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode → RGB. Transparency is composited over white (as transformers' ``convert_rgb``)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte
+        return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode in ("I", "F"):
+        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Read an image from a path, bytes, PIL image or numpy array, as RGB."""
+    if isinstance(image, Image.Image):
+        pil = image
+    elif isinstance(image, np.ndarray):
+        pil = _from_array(image)
+    elif isinstance(image, (str, Path, bytes)):
+        pil = _open(image)
+    else:
+        raise ImageError(f"unsupported image type {type(image).__name__}")
+    if pil.width < 1 or pil.height < 1:
+        raise ImageError("image has no pixels")
+    return to_rgb(pil)
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's ``expand2square``: pad the short side symmetrically with ``fill``."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - w) // 2, (side - h) // 2))
+    return square
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """Turns any image into the normalised [3, size, size] float tensor the vision encoder takes."""
+
+    size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    aspect: str = "pad"  # "pad": LLaVA/MobileVLM square padding first; "crop": CLIP's center crop only
+
+    @property
+    def fill_color(self) -> tuple[int, int, int]:
+        return tuple(int(m * 255) for m in self.image_mean)
+
+    def resize_and_crop(self, image: Image.Image) -> Image.Image:
+        """Shortest side to ``size`` (bicubic), then a centered ``size``×``size`` crop."""
+        w, h = image.size
+        short, long = min(w, h), max(w, h)
+        new_long = int(self.size * long / short)  # HF's get_resize_output_image_size truncates too
+        new_w, new_h = (self.size, new_long) if w <= h else (new_long, self.size)
+        image = image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC, reducing_gap=None)
+        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
+
+    def __call__(self, image: ImageInput) -> torch.Tensor:
+        rgb = load_image(image)
+        if self.aspect == "pad":
+            rgb = expand_to_square(rgb, self.fill_color)
+        pixels = np.asarray(self.resize_and_crop(rgb), dtype=np.float32) * np.float32(1 / 255)
+        pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))

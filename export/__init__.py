@@ -1,0 +1,1 @@
+"""Export backends (ExecuTorch, GGUF, ONNX), installed as ``edge_mllm.export``."""

@@ -1,0 +1,1 @@
+"""Weight quantization, installed as ``edge_mllm.quant``."""
