@@ -160,7 +160,7 @@ def load_gguf(path: Path, progress: bool = True) -> LoadedModel:
         raise CheckpointError(f"GGUF {path} has no tokenizer (tokenizer.ggml.tokens)")
     config = _text_config(reader)
     state: dict[str, torch.Tensor] = {}
-    for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress, leave=False):
+    for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=None if progress else True, leave=False):
         parts = tensor.name.split(".")
         block = parts[1] if parts[0] == "blk" else None
         pattern = tensor.name.replace(f"blk.{block}.", "blk.{}.") if block is not None else tensor.name
@@ -170,7 +170,7 @@ def load_gguf(path: Path, progress: bool = True) -> LoadedModel:
             values = dequantize(tensor.data, tensor.tensor_type)
         except (NotImplementedError, ValueError) as exc:
             raise CheckpointError(f"cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {exc}") from exc
-        weight = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        weight = torch.from_numpy(np.array(values, dtype=np.float32))  # copy: GGUF data is a read-only memmap
         if pattern == "blk.{}.attn_q.weight":
             weight = unpermute_qk(weight, config.num_attention_heads)
         elif pattern == "blk.{}.attn_k.weight":
