@@ -50,7 +50,7 @@ class VisionConfig:
             raise ConfigError(f"unsupported vision hidden_act {self.hidden_act!r}")
         if self.select_feature not in ("patch", "cls_patch"):
             raise ConfigError(f"unsupported select_feature {self.select_feature!r}")
-        self.num_layers_computed  # validates select_layer
+        _ = self.num_layers_computed  # raises on an out-of-range select_layer
 
     @property
     def grid_size(self) -> int:

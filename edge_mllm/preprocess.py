@@ -50,10 +50,10 @@ def _open(source: str | Path | bytes) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode → RGB. Transparency is composited over white (as transformers' ``convert_rgb``)."""
+    if image.mode in ("1", "L", "P", "RGB") and image.info.get("transparency") is not None:
+        image = image.convert("RGBA")  # a transparent colour key (PNG tRNS) becomes an alpha channel
     if image.mode == "RGB":
         return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

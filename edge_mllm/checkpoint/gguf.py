@@ -122,8 +122,9 @@ def _tokenizer(reader: GGUFReader) -> Tokenizer:
     )
     raw.decoder = decoders.ByteLevel()
     # Control (3) and user-defined (4) tokens are matched whole, before BPE.
-    raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
-    raw.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+    typed = list(zip(tokens, types, strict=True))
+    raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in typed if k == 3])
+    raw.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in typed if k == 4])
 
     def token(key: str) -> str | None:
         idx = _field(reader, f"tokenizer.ggml.{key}_token_id")
@@ -160,7 +161,8 @@ def load_gguf(path: Path, progress: bool = True) -> LoadedModel:
         raise CheckpointError(f"GGUF {path} has no tokenizer (tokenizer.ggml.tokens)")
     config = _text_config(reader)
     state: dict[str, torch.Tensor] = {}
-    for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=None if progress else True, leave=False):
+    bar = tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=None if progress else True, leave=False)
+    for tensor in bar:
         parts = tensor.name.split(".")
         block = parts[1] if parts[0] == "blk" else None
         pattern = tensor.name.replace(f"blk.{block}.", "blk.{}.") if block is not None else tensor.name

@@ -65,6 +65,12 @@ def vision_config_from_hf(cfg: dict[str, Any], select_layer: int = -2, select_fe
                         image_mean=CLIP_MEAN, image_std=CLIP_STD)
 
 
+def clip_vision_state(state: dict) -> dict:
+    """A CLIP checkpoint's vision tensors, unprefixed: CLIPModel (and CLIPVisionModel saved by
+    transformers 4.x) keep them under ``vision_model.``; transformers 5 saves CLIPVisionModel without it."""
+    return select(state, "vision_model.") or state
+
+
 def is_clip_folder(folder: Path) -> bool:
     cfg = folder / "config.json"
     return cfg.is_file() and read_json(cfg).get("model_type") in ("clip", "clip_vision_model")
@@ -111,7 +117,8 @@ def load_llava_family(folder: Path) -> LoadedModel:
     cfg = read_json(folder / "config.json")
     projector_type = cfg.get("mm_projector_type", "linear")
     if projector_type not in PROJECTOR_NAMES:
-        raise CheckpointError(f"unsupported mm_projector_type {projector_type!r} (supported: {', '.join(PROJECTOR_NAMES)})")
+        supported = ", ".join(PROJECTOR_NAMES)
+        raise CheckpointError(f"unsupported mm_projector_type {projector_type!r} (supported: {supported})")
     vision_cfg, vision_folder = resolve_vision_tower(cfg["mm_vision_tower"], folder)
     vision = vision_config_from_hf(
         vision_cfg, cfg.get("mm_vision_select_layer", -2), cfg.get("mm_vision_select_feature", "patch")
@@ -138,7 +145,7 @@ def load_llava_family(folder: Path) -> LoadedModel:
                 f"no vision tower weights: {folder} has no model.vision_tower.* tensors and "
                 f"{cfg['mm_vision_tower']!r} is not a local folder with weights"
             )
-        tower = select(read_weights(vision_folder), "vision_model.")
+        tower = clip_vision_state(read_weights(vision_folder))
         source = f"vision tower {vision_folder}"
     load_into(model.vision_tower, tower, source)
     return LoadedModel(model, Tokenizer.from_folder(folder), "vicuna_v1")
@@ -149,5 +156,5 @@ def load_clip_vision(folder: Path, select_layer: int = -2, select_feature: str =
     from edge_mllm.model.vision import CLIPVisionTower
 
     tower = CLIPVisionTower(vision_config_from_hf(read_json(folder / "config.json"), select_layer, select_feature))
-    load_into(tower, select(read_weights(folder), "vision_model."), f"CLIP checkpoint {folder}")
+    load_into(tower, clip_vision_state(read_weights(folder)), f"CLIP checkpoint {folder}")
     return tower

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except FileNotFoundError as exc:
         raise CheckpointError(f"missing weight file {path}") from exc
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        # UnpicklingError: not a torch file, or a pickle weights_only refuses (arbitrary objects).
         raise CheckpointError(f"cannot read weights from {path} (corrupt or truncated?): {exc}") from exc
 
 
