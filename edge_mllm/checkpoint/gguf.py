@@ -178,7 +178,7 @@ def load_gguf(path: Path, progress: bool = True) -> LoadedModel:
         elif pattern == "blk.{}.attn_k.weight":
             weight = unpermute_qk(weight, config.num_key_value_heads)
         state[TENSOR_NAMES[pattern].format(block)] = weight
-    model = MultimodalLM(MLLMConfig(text=config))
+    model = MultimodalLM.empty(MLLMConfig(text=config))
     load_into(model.language_model, state, f"GGUF {path}")
     tokenizer = _tokenizer(reader)
     return LoadedModel(model, tokenizer, "tokenizer" if tokenizer.chat_template else "vicuna_v1")

@@ -106,7 +106,7 @@ def is_llava_family(folder: Path) -> bool:
 def load_hf_llama(folder: Path) -> LoadedModel:
     """A text-only ``LlamaForCausalLM`` folder."""
     cfg = read_json(folder / "config.json")
-    model = MultimodalLM(MLLMConfig(text=text_config_from_hf(cfg)))
+    model = MultimodalLM.empty(MLLMConfig(text=text_config_from_hf(cfg)))
     load_into(model.language_model, read_weights(folder), f"LLM checkpoint {folder}")
     tokenizer = Tokenizer.from_folder(folder)
     return LoadedModel(model, tokenizer, "tokenizer" if tokenizer.chat_template else "vicuna_v1")
@@ -131,7 +131,7 @@ def load_llava_family(folder: Path) -> LoadedModel:
         projector=ProjectorConfig(type=PROJECTOR_NAMES[projector_type]),
         image_aspect_ratio="pad" if cfg.get("image_aspect_ratio") == "pad" else "crop",
     )
-    model = MultimodalLM(config)
+    model = MultimodalLM.empty(config)
     state = read_weights(folder)
     source = f"checkpoint {folder}"
     llm_state = {k: v for k, v in state.items() if not k.startswith(("model.mm_projector.", "model.vision_tower."))}

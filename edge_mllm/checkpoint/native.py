@@ -45,6 +45,6 @@ def save_native(loaded: LoadedModel, folder: str | Path) -> Path:
 
 def load_native(folder: Path) -> LoadedModel:
     cfg = read_json(folder / "config.json")
-    model = MultimodalLM(MLLMConfig.from_dict(cfg["model"]))
+    model = MultimodalLM.empty(MLLMConfig.from_dict(cfg["model"]))
     load_into(model, read_weights(folder), f"checkpoint {folder}")
     return LoadedModel(model, Tokenizer.from_folder(folder), cfg.get("chat_template", "tokenizer"))

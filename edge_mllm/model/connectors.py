@@ -175,8 +175,13 @@ class QueryProjector(nn.Module):
         self.attn = nn.MultiheadAttention(out_dim, num_heads, batch_first=True)
         self.ln_post = nn.LayerNorm(out_dim)
         self.proj = nn.Linear(out_dim, out_dim)
-        self.register_buffer("pos_embed", sincos_2d(grid, out_dim), persistent=False)
+        self.grid = grid
+        self.register_buffer("pos_embed", torch.empty(0), persistent=False)
+        self.reset_buffers()
         self._num_queries = num_queries
+
+    def reset_buffers(self) -> None:
+        self.pos_embed = sincos_2d(self.grid, self.query.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kv = self.ln_kv(self.kv_proj(x))

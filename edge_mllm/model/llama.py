@@ -136,12 +136,21 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.tie_weights()
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_buffers()
         self.max_cache_len = 0
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head when the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the derived, non-saved tensors: the RoPE tables."""
+        c = self.config
+        self.rope_cos, self.rope_sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta)
 
     def setup_cache(self, batch: int, max_seq: int) -> None:
         """Preallocate a KV cache of ``max_seq`` positions (replaces any existing one)."""

@@ -30,6 +30,19 @@ class MultimodalLM(nn.Module):
             self.vision_tower = None
             self.mm_projector = None
 
+    @classmethod
+    def empty(cls, config: MLLMConfig) -> MultimodalLM:
+        """A model with uninitialised parameters, for loaders that overwrite every one of them:
+        skips the random init (seconds for a 100M+ model)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        model.language_model.tie_weights()  # to_empty gives each parameter its own storage
+        for module in model.modules():
+            if module is not model and hasattr(module, "reset_buffers"):
+                module.reset_buffers()
+        return model
+
     @property
     def num_image_tokens(self) -> int:
         """LLM positions one image takes."""
