@@ -28,6 +28,17 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _file_key(images: Sequence[ImageInput]) -> tuple | None:
+    """(path, mtime, size) per image when every image is a file path, else None (not cacheable)."""
+    if not all(isinstance(image, str | Path) for image in images):
+        return None
+    try:
+        stats = [(str(Path(image).resolve()), Path(image).stat()) for image in images]
+    except OSError:
+        return None  # let preprocessing report the missing file
+    return tuple((path, st.st_mtime_ns, st.st_size) for path, st in stats)
+
+
 class Pipeline:
     """A loaded model with everything needed to answer a prompt about images."""
 
@@ -41,6 +52,7 @@ class Pipeline:
             self.image_processor = ImageProcessor(
                 vision.image_size, vision.image_mean, vision.image_std, self.model.config.image_aspect_ratio
             )
+        self._image_cache: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Pipeline:
@@ -56,13 +68,20 @@ class Pipeline:
         return self.chat_template.render([user_message(prompt, num_images)], self.tokenizer)
 
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
+        """Images → image embeddings [N, num_image_tokens, D]. The last set of image files is
+        remembered, so several questions about the same image (evaluation) encode it once."""
         if not images:
             return None
         if self.image_processor is None:
             raise EdgeMLLMError("this model has no vision encoder: it cannot take images")
+        key = _file_key(images)
+        if key is not None and self._image_cache is not None and self._image_cache[0] == key:
+            return self._image_cache[1]
         pixels = torch.stack([self.image_processor(image) for image in images])
         with torch.inference_mode():
-            return self.model.encode_images(pixels)
+            embeds = self.model.encode_images(pixels)
+        self._image_cache = (key, embeds) if key is not None else None
+        return embeds
 
     def generate(
         self,
