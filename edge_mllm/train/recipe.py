@@ -1,0 +1,117 @@
+"""The recipe that trains the embedded default model's eyes: one seeded command, sized to finish in
+under 45 minutes on a 2-core CPU (faster with CUDA).
+
+1. Render synthetic train scenes (captions, multi-turn VQA + POPE) and a held-out test split.
+2. Pretrain the vision tower on dense scene attributes (``vision_pretrain``).
+3. Stage 1: align the LDPv2 projector on captions, vision tower and LLM frozen.
+4. Stage 2: instruction-tune projector + LoRA on SmolLM2's linears on the multi-turn conversations.
+5. Evaluate on the test split and write the small trained tensors as one safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from edge_mllm.chat import ChatTemplate
+from edge_mllm.data.llava import load_conversations
+from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, write_split
+from edge_mllm.default import TRAINED_WEIGHTS_FILE, apply_trained, untrained_default
+from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
+from edge_mllm.pipeline import Pipeline
+from edge_mllm.preprocess import ImageProcessor
+from edge_mllm.train.lora import lora_factors
+from edge_mllm.train.trainer import TrainConfig, Trainer
+from edge_mllm.train.vision_pretrain import pretrain_vision
+
+
+@dataclass
+class RecipeConfig:
+    seed: int = 0
+    train_scenes: int = 480
+    test_scenes: int = 40
+    vision_steps: int = 300
+    vision_batch: int = 8
+    vision_lr: float = 5e-4
+    align_epochs: float = 0.6
+    align_lr: float = 1e-3
+    instruct_epochs: float = 1.0
+    instruct_lr: float = 3e-4
+    instruct_batch: int = 4
+    lora_rank: int = 8
+
+    @classmethod
+    def quick(cls) -> RecipeConfig:
+        """A minutes-long version of the same steps, for trying the pipeline out."""
+        return cls(train_scenes=16, test_scenes=4, vision_steps=4, vision_batch=2, align_epochs=0.5,
+                   instruct_epochs=0.5)
+
+
+def trained_tensors(model) -> dict[str, torch.Tensor]:
+    """What the default model adds to SmolLM2: vision tower, projector and LoRA factors (fp16)."""
+    state = {f"vision_tower.{k}": v for k, v in model.vision_tower.state_dict().items()}
+    state.update({f"mm_projector.{k}": v for k, v in model.mm_projector.state_dict().items()})
+    state.update({f"language_model.{k}": v for k, v in lora_factors(model.language_model).items()})
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+
+
+def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True) -> dict:
+    """Run every step; writes ``TRAINED_WEIGHTS_FILE``, ``training.json`` and ``eval.json`` to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        result = fn()
+        timings[name] = round(time.perf_counter() - t0, 1)
+        return result
+
+    train_dir = timed("data", lambda: write_split(out / "data" / "train", "train", config.seed, config.train_scenes,
+                                                  progress))
+    test_dir = write_split(out / "data" / "test", "test", config.seed, config.test_scenes, progress)
+    loaded = untrained_default(config.seed)
+    model = loaded.model
+    vision = model.config.vision
+    processor = ImageProcessor(vision.image_size, vision.image_mean, vision.image_std, model.config.image_aspect_ratio)
+    vision_metrics = timed("vision_pretrain", lambda: pretrain_vision(
+        model.vision_tower, processor, steps=config.vision_steps, batch_size=config.vision_batch,
+        lr=config.vision_lr, seed=config.seed, progress=progress))
+    template = ChatTemplate(loaded.chat_template)
+    align = TrainConfig(stage="pretrain", epochs=config.align_epochs, lr=config.align_lr, batch_size=8,
+                        seed=config.seed, checkpoint_every=0)
+    align_metrics = timed("align", lambda: Trainer(model, loaded.tokenizer, template, align).train(
+        load_conversations(train_dir / CAPTIONS_FILE), progress=progress))
+    instruct = TrainConfig(stage="instruct", epochs=config.instruct_epochs, lr=config.instruct_lr,
+                           batch_size=config.instruct_batch, lora_rank=config.lora_rank, seed=config.seed,
+                           checkpoint_every=0)
+    instruct_metrics = timed("instruct", lambda: Trainer(model, loaded.tokenizer, template, instruct).train(
+        load_conversations(train_dir / CONVERSATIONS_FILE), progress=progress))
+    weights = trained_tensors(model)
+    save_file(weights, str(out / TRAINED_WEIGHTS_FILE), metadata={"format": "pt", "seed": str(config.seed)})
+    # Evaluate exactly what ships: the fp16 file applied to a fresh SmolLM2.
+    shipped = apply_trained(untrained_default(progress=progress), out / TRAINED_WEIGHTS_FILE)
+    report = timed("eval", lambda: evaluate(pipeline_answer(Pipeline(shipped)), load_eval_set(test_dir),
+                                            progress=progress))
+    (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    summary = {
+        "recipe": asdict(config),
+        "hardware": {"device": "cuda" if torch.cuda.is_available() else "cpu", "machine": platform.machine(),
+                     "processor": platform.processor(), "torch_threads": torch.get_num_threads()},
+        "seconds": timings,
+        "total_seconds": round(sum(timings.values()), 1),
+        "vision_pretrain": vision_metrics,
+        "align": align_metrics,
+        "instruct": instruct_metrics,
+        "test": {"vqa": report["vqa"], "pope": report["pope"]},
+        "weights_bytes": (out / TRAINED_WEIGHTS_FILE).stat().st_size,
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

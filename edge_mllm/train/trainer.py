@@ -1,0 +1,189 @@
+"""The training loop for stage 1 (alignment: connector only, caption loss) and stage 2 (instruction
+tuning: connector + LLM, full or LoRA, response loss), with optional vision-encoder training.
+
+Checkpoints hold the trainable tensors, the optimizer and the step, so a run resumes exactly where it
+stopped (the data order is a function of the seed and the epoch).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from edge_mllm.chat import ChatTemplate
+from edge_mllm.data.llava import Conversation
+from edge_mllm.errors import EdgeMLLMError
+from edge_mllm.model.mllm import MultimodalLM
+from edge_mllm.preprocess import ImageProcessor
+from edge_mllm.tokenizer import Tokenizer
+from edge_mllm.train.examples import Example, embed_batch, lm_loss, tokenize_conversation
+from edge_mllm.train.lora import apply_lora
+
+STAGES = ("pretrain", "instruct")
+CHECKPOINT_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "instruct"
+    epochs: float = 1.0
+    batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lora_rank: int = 8  # instruct only; 0 trains the whole LLM
+    lora_alpha: float = 16.0
+    train_vision: bool = False
+    max_len: int = 512
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 200  # steps; 0: only at the end
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise EdgeMLLMError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
+        if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
+            raise EdgeMLLMError("epochs, batch_size and lr must be positive")
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_trainable(model: MultimodalLM, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """Freeze everything, then unfreeze what the stage trains (adding LoRA adapters if asked)."""
+    model.requires_grad_(False)
+    if model.mm_projector is not None:
+        model.mm_projector.requires_grad_(True)
+    if config.train_vision and model.vision_tower is not None:
+        model.vision_tower.requires_grad_(True)
+    if config.stage == "instruct":
+        if config.lora_rank > 0:
+            apply_lora(model.language_model.model.layers, config.lora_rank, config.lora_alpha)
+            for name, param in model.language_model.named_parameters():
+                param.requires_grad_("lora_" in name)
+        else:
+            model.language_model.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Trainer:
+    """Trains ``model`` on LLaVA-format conversations as ``config`` says."""
+
+    def __init__(self, model: MultimodalLM, tokenizer: Tokenizer, template: ChatTemplate, config: TrainConfig):
+        self.model, self.config = model, config
+        self.device = pick_device()
+        torch.manual_seed(config.seed)  # LoRA's init: the same seed gives the same run
+        self.params = set_trainable(model, config)
+        self.model.to(self.device)
+        self.tokenizer, self.template = tokenizer, template
+        vision = model.config.vision
+        self.processor = None
+        if vision is not None:
+            self.processor = ImageProcessor(vision.image_size, vision.image_mean, vision.image_std,
+                                            model.config.image_aspect_ratio)
+        # A frozen vision tower gives the same features every epoch: compute them once per image.
+        self.feature_cache: dict[Path, torch.Tensor] | None = None if config.train_vision else {}
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.step = 0
+
+    def image_features(self, image: Path | None) -> torch.Tensor | None:
+        """Vision-tower output for one image [N, D] (the projector runs in the training graph)."""
+        if image is None:
+            return None
+        if self.feature_cache is not None and image in self.feature_cache:
+            return self.feature_cache[image]
+        pixels = self.processor(image)[None].to(self.device)
+        if self.feature_cache is None:
+            return self.model.vision_tower(pixels)[0]
+        with torch.no_grad():
+            features = self.model.vision_tower(pixels)[0]
+        self.feature_cache[image] = features
+        return features
+
+    def batch_loss(self, batch: list[Example]) -> tuple[torch.Tensor, int]:
+        embeds = []
+        for example in batch:
+            features = self.image_features(example.image)
+            embeds.append(None if features is None else self.model.mm_projector(features[None])[0])
+        max_len = min(self.config.max_len, self.model.config.text.max_position_embeddings)
+        inputs, labels = embed_batch(self.model, batch, embeds, max_len)
+        return lm_loss(self.model, inputs, labels)
+
+    def save_checkpoint(self, folder: Path) -> None:
+        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        state = {"step": self.step, "config": asdict(self.config), "params": trainable,
+                 "optimizer": self.optimizer.state_dict()}
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (CHECKPOINT_FILE + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(folder / CHECKPOINT_FILE)  # a crash mid-save keeps the previous checkpoint
+
+    def load_checkpoint(self, folder: Path) -> None:
+        path = folder / CHECKPOINT_FILE
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except FileNotFoundError as exc:
+            raise EdgeMLLMError(f"no checkpoint to resume from at {path}") from exc
+        named = dict(self.model.named_parameters())
+        if set(state["params"]) != {n for n, p in named.items() if p.requires_grad}:
+            raise EdgeMLLMError(f"{path} was written by a different stage or LoRA setting")
+        with torch.no_grad():
+            for name, tensor in state["params"].items():
+                named[name].copy_(tensor)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+    def train(self, conversations: list[Conversation], checkpoint_dir: Path | None = None,
+              resume: bool = False, progress: bool = True) -> dict[str, float]:
+        """Run the configured epochs; returns the mean loss of the last 10% of steps and throughput."""
+        cfg = self.config
+        examples = [tokenize_conversation(c, self.tokenizer, self.template) for c in conversations]
+        if not examples:
+            raise EdgeMLLMError("no training data")
+        steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+        total = max(1, round(cfg.epochs * steps_per_epoch))
+        warmup = max(1, round(cfg.warmup_ratio * total))
+        if resume and checkpoint_dir is not None:
+            self.load_checkpoint(checkpoint_dir)
+        self.model.train()
+        losses, seen, t0 = [], 0, time.perf_counter()
+        bar = tqdm(total=total, initial=self.step, desc=cfg.stage, unit="step", disable=not progress)
+        while self.step < total:
+            epoch, offset = divmod(self.step, steps_per_epoch)
+            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+            batch = [examples[i] for i in order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size].tolist()]
+            for group in self.optimizer.param_groups:
+                group["lr"] = cosine_lr(self.step, total, warmup, cfg.lr)
+            loss, _ = self.batch_loss(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            seen += len(batch)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", ex_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            bar.update(1)
+            if checkpoint_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint(checkpoint_dir)
+        bar.close()
+        if checkpoint_dir is not None:
+            self.save_checkpoint(checkpoint_dir)
+        self.model.eval()
+        tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
+        elapsed = time.perf_counter() - t0
+        return {"final_loss": sum(tail) / len(tail), "steps": self.step, "examples_per_s": seen / max(elapsed, 1e-9),
+                "seconds": elapsed}

@@ -1,0 +1,147 @@
+"""The synthetic data generator and the LLaVA-format loader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from edge_mllm.data.llava import DataError, load_conversations, make_record, save_records
+from edge_mllm.data.synth import (
+    COLORS,
+    CONVERSATIONS_FILE,
+    POPE_SETTINGS,
+    QUESTIONS_FILE,
+    SHAPES,
+    caption,
+    pope_questions,
+    render,
+    sample_scene,
+    scene_rng,
+    vqa_questions,
+    write_split,
+)
+
+
+def folder_digest(folder) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_files(tmp_path):
+    a = write_split(tmp_path / "a", "test", 7, 3)
+    b = write_split(tmp_path / "b", "test", 7, 3)
+    assert folder_digest(a) == folder_digest(b)
+    assert len([k for k in folder_digest(a) if k.startswith("images/")]) == 3
+
+
+def test_splits_and_seeds_are_disjoint():
+    def images(split, seed):
+        return {hashlib.sha256(render(sample_scene(scene_rng(split, seed, i))).tobytes()).hexdigest()
+                for i in range(12)}
+
+    train, test, val, other_seed = images("train", 0), images("test", 0), images("val", 0), images("test", 1)
+    assert len(train) == len(test) == 12
+    assert not train & test and not train & val and not val & test and not test & other_seed
+
+
+def test_unknown_split_is_refused():
+    with pytest.raises(ValueError, match="unknown split"):
+        scene_rng("dev", 0, 0)
+
+
+@pytest.mark.parametrize("index", range(20))
+def test_questions_are_answered_by_the_scene(index):
+    rng = scene_rng("val", 3, index)
+    scene = sample_scene(rng)
+    assert 1 <= len(scene.objects) <= 4
+    assert len({(o.row, o.col) for o in scene.objects}) == len(scene.objects)  # one object per cell
+    text = caption(scene)
+    for obj in scene.objects:
+        assert f"{obj.color} {obj.shape}" in text
+    for qa in vqa_questions(scene, rng):
+        if qa.question == "How many objects are there?":
+            assert qa.answer == str(len(scene.objects))
+        if qa.type == "color":
+            shape = qa.question.split()[-1].rstrip("?")
+            assert [o.color for o in scene.objects if o.shape == shape] == [qa.answer]
+        if qa.type == "shape":
+            color = qa.question.split()[-2]
+            assert [o.shape for o in scene.objects if o.color == color] == [qa.answer]
+    pope = pope_questions(scene, rng)
+    for setting in POPE_SETTINGS:
+        answers = [qa.answer for qa in pope if qa.pope_setting == setting]
+        assert sorted(answers) == ["no", "yes"]  # balanced
+    for qa in pope:
+        color, shape = qa.question.split()[3:5]
+        assert scene.has(color, shape) == (qa.answer == "yes")
+        if qa.pope_setting == "adversarial" and qa.answer == "no":
+            assert any(o.color == color or o.shape == shape for o in scene.objects)
+
+
+def test_rendered_colors_are_where_the_objects_are():
+    scene = sample_scene(scene_rng("test", 0, 5))
+    pixels = np.asarray(render(scene), dtype=np.int32)
+    for obj, (dx, dy, *_rest) in zip(scene.objects, scene.jitter, strict=True):
+        x = int((obj.col + 0.5 + dx) * scene.width / 3)
+        y = int((obj.row + 0.5 + dy) * scene.height / 3)
+        if obj.shape == "star":
+            continue  # a star's centre is filled too, but thinly at small sizes
+        distances = {name: np.abs(pixels[y, x] - np.array(rgb)).sum() for name, rgb in COLORS.items()}
+        assert min(distances, key=distances.get) == obj.color
+
+
+def test_written_files_are_llava_format(tmp_path):
+    folder = write_split(tmp_path / "d", "train", 0, 4)
+    conversations = load_conversations(folder / CONVERSATIONS_FILE)
+    assert len(conversations) == 4
+    for conv in conversations:
+        assert conv.image.is_file()
+        assert conv.messages[0]["content"].startswith("<image>\n")
+        assert len(conv.messages) >= 4 and len(conv.messages) % 2 == 0  # multi-turn
+    questions = json.loads((folder / QUESTIONS_FILE).read_text())
+    types = {q["question_type"] for q in questions}
+    assert {"color", "count", "position", "size", "pope"} <= types
+    assert all(q["conversations"][1]["value"] for q in questions)
+    assert set(SHAPES) >= {q["conversations"][1]["value"] for q in questions if q["question_type"] == "shape"}
+
+
+def test_loader_accepts_text_only_and_adds_the_image_marker(tmp_path):
+    (tmp_path / "cat.png").write_bytes(b"not read by the loader")
+    records = [
+        {"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+        {"id": "i", "image": "cat.png",
+         "conversations": [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A cat."}]},
+        make_record("m", [("q1", "a1"), ("q2", "a2")], "cat.png", question_type="color"),
+    ]
+    save_records(records, tmp_path / "d.json")
+    text, image, multi = load_conversations(tmp_path / "d.json")
+    assert text.image is None and text.messages[1] == {"role": "assistant", "content": "Hello!"}
+    assert image.messages[0]["content"] == "<image>\nWhat is it?"
+    assert multi.meta == {"question_type": "color"} and len(multi.messages) == 4
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1, 2", "not valid JSON"),
+        ('{"a": 1}', "JSON list"),
+        ('[{"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}]', "turn 0"),
+        ('[{"conversations": [{"from": "human", "value": "x"}]}]', "pairs"),
+        ('[{"image": "missing.png", "conversations": [{"from": "human", "value": "x"}, '
+         '{"from": "gpt", "value": "y"}]}]', "missing"),
+        ('[{"conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}]}]', "<image>"),
+    ],
+)
+def test_loader_errors_are_clear(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_conversations(path)
+
+
+def test_loader_missing_file(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_conversations(tmp_path / "nope.json")

@@ -1,0 +1,211 @@
+"""Training: loss masks on real batches, LoRA, a training step that learns, checkpoint resume, and
+vision-tower attribute pretraining. All on tiny checkpoints in the real MobileVLM layout."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from edge_mllm.chat import ChatTemplate
+from edge_mllm.checkpoint import load_model
+from edge_mllm.data.llava import Conversation, load_conversations
+from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, write_split
+from edge_mllm.errors import EdgeMLLMError
+from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
+from edge_mllm.preprocess import ImageProcessor
+from edge_mllm.tokenizer import Tokenizer
+from edge_mllm.train.examples import IGNORE_INDEX, embed_batch, tokenize_conversation
+from edge_mllm.train.lora import LoRALinear, add_lora_factors, apply_lora, lora_factors, merge_lora
+from edge_mllm.train.trainer import TrainConfig, Trainer
+from edge_mllm.train.vision_pretrain import pretrain_vision
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory):
+    return write_split(tmp_path_factory.mktemp("synth") / "train", "train", 0, 6)
+
+
+@pytest.fixture
+def tiny(mobilevlm_v2):
+    return load_model(mobilevlm_v2.path)
+
+
+def conversation(*turns: str, image=None) -> Conversation:
+    roles = ("user", "assistant")
+    return Conversation("c", [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)], image)
+
+
+def targets(example, tokenizer: Tokenizer) -> str:
+    return tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX], skip_special_tokens=False)
+
+
+def test_vicuna_mask_covers_only_the_answers(tokenizer):
+    tok = Tokenizer(tokenizer)
+    conv = conversation("<image>\nWhat is in the picture?", "a dog", "Describe the scene.", "a blue sky")
+    example = tokenize_conversation(conv, tok, ChatTemplate("vicuna_v1"))
+    assert example.input_ids.count(IMAGE_TOKEN_INDEX) == 1
+    assert len(example.labels) == len(example.input_ids)
+    assert targets(example, tok).replace(" ", "") == "adog</s>ablue sky</s>".replace(" ", "")
+    # Piecewise tokenization equals tokenizing the whole rendered text.
+    text = ChatTemplate("vicuna_v1").render(conv.messages, tok, add_generation_prompt=False)
+    assert example.input_ids == tok.encode_with_images(text)
+
+
+def test_chatml_mask_covers_answers_and_end_of_turn(tokenizer):
+    hf = copy.deepcopy(tokenizer)
+    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    hf.chat_template = CHATML
+    tok = Tokenizer(hf)
+    conv = conversation("<image>\nDescribe the image.", "a cat sitting on a red mat.")
+    example = tokenize_conversation(conv, tok, ChatTemplate("tokenizer"))
+    assert targets(example, tok) == "a cat sitting on a red mat.<|im_end|>\n"
+    text = ChatTemplate("tokenizer").render(conv.messages, tok, add_generation_prompt=False)
+    assert example.input_ids == tok.encode_with_images(text)
+    # The prompt part (user turn, image placeholder, assistant header) carries no loss.
+    first_target = next(i for i, t in enumerate(example.labels) if t != IGNORE_INDEX)
+    prompt = [t for t in example.input_ids[:first_target] if t != IMAGE_TOKEN_INDEX]
+    assert tok.decode(prompt, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+
+
+def test_caption_batch_labels_line_up_after_image_expansion(tiny, synth_data):
+    conv = load_conversations(synth_data / CAPTIONS_FILE)[0]
+    example = tokenize_conversation(conv, tiny.tokenizer, ChatTemplate(tiny.chat_template))
+    n_img = tiny.model.num_image_tokens
+    embeds = torch.zeros(n_img, tiny.model.config.text.hidden_size)
+    inputs, labels = embed_batch(tiny.model, [example, example], [embeds, embeds], max_len=4096)
+    assert inputs.shape[:2] == labels.shape and labels.shape[1] == len(example.input_ids) - 1 + n_img
+    image_at = example.input_ids.index(IMAGE_TOKEN_INDEX)
+    assert (labels[:, image_at : image_at + n_img] == IGNORE_INDEX).all()
+    caption_ids = [t for t in labels[0].tolist() if t != IGNORE_INDEX]
+    answer = conv.messages[1]["content"]
+    assert tiny.tokenizer.decode(caption_ids).strip() == answer
+
+
+def test_conversation_without_answer_tokens_is_refused(tokenizer):
+    with pytest.raises(EdgeMLLMError, match="no assistant tokens"):
+        tokenize_conversation(conversation("hi"), Tokenizer(tokenizer), ChatTemplate("vicuna_v1"))
+
+
+def test_lora_starts_as_the_base_and_merges_exactly():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    net[0].q_proj = torch.nn.Linear(16, 8)
+    plain = copy.deepcopy(net)
+    x = torch.randn(3, 16)
+    assert apply_lora(net, rank=4, alpha=8, targets=("q_proj",)) == 1
+    assert isinstance(net[0].q_proj, LoRALinear)
+    torch.testing.assert_close(net[0].q_proj(x), plain[0].q_proj(x))
+    torch.nn.init.normal_(net[0].q_proj.lora_B)
+    expected = net[0].q_proj(x)
+    assert not torch.allclose(expected, plain[0].q_proj(x))
+    factors = lora_factors(net)
+    add_lora_factors(plain, factors)  # the stored low-rank form applied to a fresh copy ...
+    merge_lora(net)  # ... equals merging in place
+    assert isinstance(net[0].q_proj, torch.nn.Linear)
+    torch.testing.assert_close(net[0].q_proj(x), expected)
+    torch.testing.assert_close(plain[0].q_proj(x), expected)
+
+
+def test_pretrain_stage_trains_only_the_projector(tiny, synth_data):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    trainer = Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template),
+                      TrainConfig(stage="pretrain", epochs=1, batch_size=3, lr=1e-2))
+    trainer.train(load_conversations(synth_data / CAPTIONS_FILE), progress=False)
+    changed = {k for k, v in tiny.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("mm_projector.") for k in changed)
+
+
+def test_instruct_steps_lower_the_loss_and_train_lora_only(tiny, synth_data):
+    torch.manual_seed(0)
+    conversations = load_conversations(synth_data / CONVERSATIONS_FILE)[:2]
+    trainer = Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template),
+                      TrainConfig(stage="instruct", epochs=1, batch_size=2, lr=3e-3, lora_rank=4, warmup_ratio=0))
+    batch = [tokenize_conversation(c, tiny.tokenizer, trainer.template) for c in conversations]
+    with torch.no_grad():
+        before = float(trainer.batch_loss(batch)[0])
+    trained = {n for n, p in tiny.model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("mm_projector.") or "lora_" in n for n in trained)
+    for _ in range(5):
+        loss = trainer.batch_loss(batch)[0]
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+    with torch.no_grad():
+        after = float(trainer.batch_loss(batch)[0])
+    assert after < before * 0.9, (before, after)
+
+
+def test_resume_restores_optimizer_and_step(mobilevlm_v2, synth_data, tmp_path, monkeypatch):
+    conversations = load_conversations(synth_data / CONVERSATIONS_FILE)
+    config = TrainConfig(stage="instruct", epochs=2, batch_size=3, lr=1e-3, lora_rank=2, checkpoint_every=2, seed=5)
+
+    def trainer():
+        loaded = load_model(mobilevlm_v2.path)
+        return Trainer(loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config)
+
+    straight = trainer()
+    straight.train(conversations, progress=False)  # 4 steps in one go
+
+    # The same run, killed during step 3 (after the step-2 checkpoint) ...
+    interrupted = trainer()
+    real_loss = Trainer.batch_loss
+
+    def dies_at_step_three(self, batch):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real_loss(self, batch)
+
+    monkeypatch.setattr(Trainer, "batch_loss", dies_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train(conversations, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(Trainer, "batch_loss", real_loss)
+
+    # ... and resumed in a fresh model: optimizer moments and step come back, the result is the same.
+    resumed = trainer()
+    resumed.load_checkpoint(tmp_path)
+    assert resumed.step == 2
+    saved = interrupted.optimizer.state_dict()["state"]
+    for key, state in resumed.optimizer.state_dict()["state"].items():
+        torch.testing.assert_close(state["exp_avg"], saved[key]["exp_avg"])
+        torch.testing.assert_close(state["exp_avg_sq"], saved[key]["exp_avg_sq"])
+    resumed.train(conversations, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert resumed.step == 4
+    final = dict(resumed.model.named_parameters())
+    for name, param in straight.model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(final[name], param, atol=1e-6, rtol=1e-5)
+
+
+def test_resume_from_another_setting_is_refused(mobilevlm_v2, synth_data, tmp_path):
+    loaded = load_model(mobilevlm_v2.path)
+    template = ChatTemplate(loaded.chat_template)
+    Trainer(loaded.model, loaded.tokenizer, template, TrainConfig(stage="pretrain", epochs=0.2)).train(
+        load_conversations(synth_data / CAPTIONS_FILE), checkpoint_dir=tmp_path, progress=False)
+    other = load_model(mobilevlm_v2.path)
+    trainer = Trainer(other.model, other.tokenizer, template, TrainConfig(stage="instruct", lora_rank=2))
+    with pytest.raises(EdgeMLLMError, match="different stage"):
+        trainer.load_checkpoint(tmp_path)
+
+
+def test_vision_pretraining_learns(tiny):
+    torch.manual_seed(0)
+    vision = tiny.model.config.vision
+    processor = ImageProcessor(vision.image_size, vision.image_mean, vision.image_std)
+    before = {k: v.clone() for k, v in tiny.model.vision_tower.state_dict().items()}
+    first = pretrain_vision(tiny.model.vision_tower, processor, steps=1, batch_size=4, progress=False)
+    later = pretrain_vision(tiny.model.vision_tower, processor, steps=25, batch_size=4, lr=3e-3, progress=False)
+    assert later["loss"] < first["loss"]
+    assert {"color", "shape", "size", "row", "col", "presence"} <= set(later)
+    assert any(not torch.equal(v, before[k]) for k, v in tiny.model.vision_tower.state_dict().items())
+
+
+def test_bad_stage_is_refused():
+    with pytest.raises(EdgeMLLMError, match="unknown stage"):
+        TrainConfig(stage="finetune")
