@@ -223,7 +223,7 @@ def test_console_script(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# The embedded default model (SmolLM2-135M-Instruct + untrained vision tower)
+# The embedded default model (SmolLM2-135M-Instruct + trained vision tower, projector and LoRA)
 
 
 @pytest.mark.slow
@@ -294,12 +294,12 @@ def test_info_json_and_text(tmp_path):
         assert isinstance(params[component], int) and params[component] > 0, component
     assert 100e6 < params["language_model"] < 200e6  # SmolLM2-135M
     assert data["image_tokens"] == 144
-    assert "UNTRAINED" in data["notes"]["vision_tower"]
+    assert "trained on synthetic scenes" in data["notes"]["vision_tower"]
     assert data["config"]["text"]["max_position_embeddings"] == 8192
 
     proc = edge_mllm("info", cwd=tmp_path, timeout=MODEL_TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert any("UNTRAINED" in line for line in proc.stdout.splitlines()), proc.stdout
+    assert any("trained on synthetic scenes" in line for line in proc.stdout.splitlines()), proc.stdout
     assert "vision tower: CLIP ViT" in proc.stdout
     assert "144 image tokens" in proc.stdout

@@ -4,6 +4,7 @@ vision-tower attribute pretraining. All on tiny checkpoints in the real MobileVL
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -124,7 +125,8 @@ def test_pretrain_stage_trains_only_the_projector(tiny, synth_data):
 
 def test_instruct_steps_lower_the_loss_and_train_lora_only(tiny, synth_data):
     torch.manual_seed(0)
-    conversations = load_conversations(synth_data / CONVERSATIONS_FILE)[:2]
+    text_only = conversation("What is the capital of France?", "Paris.")
+    conversations = load_conversations(synth_data / CONVERSATIONS_FILE)[:2] + [text_only]  # mixed, as LLaVA
     trainer = Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template),
                       TrainConfig(stage="instruct", epochs=1, batch_size=2, lr=3e-3, lora_rank=4, warmup_ratio=0))
     batch = [tokenize_conversation(c, tiny.tokenizer, trainer.template) for c in conversations]
@@ -209,3 +211,32 @@ def test_vision_pretraining_learns(tiny):
 def test_bad_stage_is_refused():
     with pytest.raises(EdgeMLLMError, match="unknown stage"):
         TrainConfig(stage="finetune")
+
+
+def test_cli_data_synth_and_train(mobilevlm_v2, tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "edge_mllm.cli", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    proc = cli("data", "synth", "--split", "train", "--seed", "3", "-n", "4", "-o", str(tmp_path / "data"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "data" / CAPTIONS_FILE).is_file()
+    out = tmp_path / "aligned"
+    proc = cli("train", str(mobilevlm_v2.path), "--stage", "pretrain", "--data", str(tmp_path / "data"),
+               "-o", str(out), "--lr", "0.01", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["steps"] == 1
+    trained, original = load_model(out), load_model(mobilevlm_v2.path)
+    assert trained.model.config == original.model.config
+    changed = [k for k, v in trained.model.state_dict().items() if not torch.equal(v, original.model.state_dict()[k])]
+    assert changed and all(k.startswith("mm_projector.") for k in changed)
+    assert (tmp_path / "aligned.train" / "trainer_state.pt").is_file()
+    # Bad data: a one-line error, exit 1, no output folder.
+    (tmp_path / "bad.json").write_text("[]")
+    proc = cli("train", str(mobilevlm_v2.path), "--stage", "instruct", "--data", str(tmp_path / "bad.json"),
+               "-o", str(tmp_path / "never"))
+    assert proc.returncode == 1 and "no training data" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "never").exists()
