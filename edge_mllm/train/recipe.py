@@ -39,10 +39,11 @@ class RecipeConfig:
     vision_steps: int = 300
     vision_batch: int = 8
     vision_lr: float = 5e-4
-    align_epochs: float = 0.6
-    align_lr: float = 1e-3
+    align_epochs: float = 1.0
+    align_lr: float = 3e-3
     instruct_epochs: float = 1.0
-    instruct_lr: float = 3e-4
+    instruct_lr: float = 3e-4  # LoRA
+    instruct_projector_lr: float = 1e-3
     instruct_batch: int = 4
     lora_rank: int = 8
 
@@ -90,7 +91,8 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
     align_metrics = timed("align", lambda: Trainer(model, loaded.tokenizer, template, align).train(
         load_conversations(train_dir / CAPTIONS_FILE), progress=progress))
     instruct = TrainConfig(stage="instruct", epochs=config.instruct_epochs, lr=config.instruct_lr,
-                           batch_size=config.instruct_batch, lora_rank=config.lora_rank, seed=config.seed,
+                           projector_lr=config.instruct_projector_lr, batch_size=config.instruct_batch,
+                           lora_rank=config.lora_rank, seed=config.seed,
                            checkpoint_every=0)
     instruct_metrics = timed("instruct", lambda: Trainer(model, loaded.tokenizer, template, instruct).train(
         load_conversations(train_dir / CONVERSATIONS_FILE), progress=progress))

@@ -34,6 +34,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 8
     lr: float = 2e-4
+    projector_lr: float | None = None  # the connector's own rate (None: lr); it starts from scratch
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lora_rank: int = 8  # instruct only; 0 trains the whole LLM
@@ -96,7 +97,12 @@ class Trainer:
                                             model.config.image_aspect_ratio)
         # A frozen vision tower gives the same features every epoch: compute them once per image.
         self.feature_cache: dict[Path, torch.Tensor] | None = None if config.train_vision else {}
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        projector = {id(p) for p in model.mm_projector.parameters()} if model.mm_projector is not None else set()
+        projector_lr = config.projector_lr or config.lr
+        groups = [{"params": [p for p in self.params if id(p) in projector], "peak_lr": projector_lr},
+                  {"params": [p for p in self.params if id(p) not in projector], "peak_lr": config.lr}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr,
+                                           weight_decay=config.weight_decay)
         self.step = 0
 
     def image_features(self, image: Path | None) -> torch.Tensor | None:
@@ -166,7 +172,7 @@ class Trainer:
             order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
             batch = [examples[i] for i in order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size].tolist()]
             for group in self.optimizer.param_groups:
-                group["lr"] = cosine_lr(self.step, total, warmup, cfg.lr)
+                group["lr"] = cosine_lr(self.step, total, warmup, group["peak_lr"])
             loss, _ = self.batch_loss(batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
