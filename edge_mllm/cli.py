@@ -221,6 +221,51 @@ def train_default(output: str, seed: int, quick: bool, as_json: bool) -> None:
     click.echo(f"took {summary['total_seconds']:.0f} s; wrote {output}", err=True)
 
 
+@cli.command()
+@click.argument("teacher", required=False, type=click.Path(path_type=str))
+@click.option("--student-layers", required=True, type=click.IntRange(min=1),
+              help="LLM blocks the student keeps (evenly spaced, first and last included).")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=str),
+              help="LLaVA-format JSON, or a folder from `edge-mllm data synth` (its conversations.json).")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output student folder.")
+@click.option("--temperature", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Hard-label CE weight.")
+@click.option("--hidden-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Weight of final hidden-state matching (0: off).")
+@click.option("--epochs", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/.")
+@click.option("--json", "as_json", is_flag=True)
+def distill(teacher, student_layers, data_path, images, output, temperature, alpha, hidden_weight, epochs,
+            batch_size, lr, seed, resume, as_json) -> None:
+    """Distill TEACHER (default: the embedded model) into a student with fewer LLM layers."""
+    from pathlib import Path
+
+    from edge_mllm.chat import ChatTemplate
+    from edge_mllm.checkpoint import LoadedModel, load_model, save_native
+    from edge_mllm.distill.distiller import DistillConfig, Distiller
+    from edge_mllm.distill.student import make_student
+    from edge_mllm.train.trainer import TrainConfig
+
+    conversations = _training_data(data_path, "instruct", images)
+    loaded = load_model(teacher)
+    student = make_student(loaded.model, student_layers)
+    config = TrainConfig(stage="instruct", epochs=epochs, batch_size=batch_size, lr=lr, lora_rank=0, seed=seed)
+    distiller = Distiller(student, loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config,
+                          DistillConfig(temperature, alpha, hidden_weight))
+    stats = distiller.train(conversations, checkpoint_dir=Path(f"{output}.train"), resume=resume)
+    save_native(LoadedModel(student, loaded.tokenizer, loaded.chat_template), output)
+    stats.update(output=output, parameters=student.parameter_counts(),
+                 teacher_parameters=loaded.model.parameter_counts())
+    if as_json:
+        _emit_json(stats)
+    else:
+        click.echo(f"distilled {stats['steps']} steps, final loss {stats['final_loss']:.4f}; saved {output}", err=True)
+
+
 @cli.command("eval")
 @MODEL_ARG
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=str),

@@ -1,0 +1,74 @@
+"""Distillation training: the stage-2 trainer with the teacher's soft targets added to the loss.
+
+loss = alpha · CE(labels) + (1 − alpha) · KL_T(teacher ‖ student) + hidden_weight · MSE(P·h_s, h_t)
+over the response tokens only, where h are the final-norm hidden states and P a learned projection
+(identity-initialised when the widths match).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from edge_mllm.chat import ChatTemplate
+from edge_mllm.distill.losses import hidden_mse, kd_kl
+from edge_mllm.model.mllm import MultimodalLM
+from edge_mllm.tokenizer import Tokenizer
+from edge_mllm.train.examples import IGNORE_INDEX, Example, embed_batch
+from edge_mllm.train.trainer import TrainConfig, Trainer
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the hard-label cross-entropy
+    hidden_weight: float = 0.0  # 0 turns hidden-state matching off
+
+
+class Distiller(Trainer):
+    """Trains ``student`` (all LLM weights and the connector) against a frozen ``teacher``."""
+
+    def __init__(self, student: MultimodalLM, teacher: MultimodalLM, tokenizer: Tokenizer, template: ChatTemplate,
+                 config: TrainConfig, distill: DistillConfig):
+        super().__init__(student, tokenizer, template, config)
+        self.teacher = teacher.eval().requires_grad_(False).to(self.device)
+        self.distill = distill
+        d_s, d_t = student.config.text.hidden_size, teacher.config.text.hidden_size
+        self.projection = torch.nn.Linear(d_s, d_t, bias=False).to(self.device)
+        if d_s == d_t:
+            torch.nn.init.eye_(self.projection.weight)
+        if distill.hidden_weight > 0:
+            self.optimizer.add_param_group({"params": list(self.projection.parameters()), "peak_lr": config.lr})
+            self.params += list(self.projection.parameters())
+
+    def batch_loss(self, batch: list[Example]) -> tuple[torch.Tensor, int]:
+        student_embeds, teacher_embeds = [], []
+        for example in batch:
+            features = self.image_features(example.image)
+            if features is None:
+                student_embeds.append(None)
+                teacher_embeds.append(None)
+                continue
+            student_embeds.append(self.model.mm_projector(features[None])[0])
+            with torch.no_grad():
+                teacher_embeds.append(self.teacher.mm_projector(features[None])[0])
+        max_len = min(self.config.max_len, self.model.config.text.max_position_embeddings)
+        inputs, labels = embed_batch(self.model, batch, student_embeds, max_len)
+        with torch.no_grad():
+            teacher_inputs, _ = embed_batch(self.teacher, batch, teacher_embeds, max_len)
+            teacher_hidden = self.teacher.language_model.hidden_states(teacher_inputs)[:, :-1]
+        student_hidden = self.model.language_model.hidden_states(inputs)[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        s_hidden, t_hidden = student_hidden[keep], teacher_hidden[keep]
+        student_logits = self.model.language_model.lm_head(s_hidden)
+        with torch.no_grad():
+            teacher_logits = self.teacher.language_model.lm_head(t_hidden)
+        cfg = self.distill
+        loss = cfg.alpha * F.cross_entropy(student_logits.float(), targets[keep])
+        loss = loss + (1 - cfg.alpha) * kd_kl(student_logits, teacher_logits, cfg.temperature)
+        if cfg.hidden_weight > 0:
+            loss = loss + cfg.hidden_weight * hidden_mse(s_hidden, t_hidden, self.projection)
+        return loss, int(keep.sum())

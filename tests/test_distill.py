@@ -1,0 +1,112 @@
+"""Distillation: layer-selected students, the KD losses (zero when student = teacher), a learning
+step, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from edge_mllm.chat import ChatTemplate
+from edge_mllm.checkpoint import load_model
+from edge_mllm.data.llava import load_conversations
+from edge_mllm.data.synth import CONVERSATIONS_FILE, write_split
+from edge_mllm.distill.distiller import DistillConfig, Distiller
+from edge_mllm.distill.losses import kd_kl
+from edge_mllm.distill.student import make_student, select_layers
+from edge_mllm.errors import ConfigError
+from edge_mllm.train.examples import tokenize_conversation
+from edge_mllm.train.trainer import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def conversations(tmp_path_factory):
+    return load_conversations(write_split(tmp_path_factory.mktemp("d") / "train", "train", 1, 3) / CONVERSATIONS_FILE)
+
+
+@pytest.mark.parametrize(("n_teacher", "n_student", "expected"),
+                         [(30, 10, [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]), (4, 2, [0, 3]), (3, 3, [0, 1, 2]),
+                          (5, 1, [4])])
+def test_select_layers(n_teacher, n_student, expected):
+    assert select_layers(n_teacher, n_student) == expected
+
+
+def test_select_layers_refuses_impossible_students():
+    with pytest.raises(ConfigError, match="1 to 4"):
+        select_layers(4, 5)
+
+
+def test_student_keeps_the_selected_blocks(mobilevlm_v2):
+    teacher = load_model(mobilevlm_v2.path).model
+    student = make_student(teacher, 1)
+    assert student.config.text.num_hidden_layers == 1 and teacher.config.text.num_hidden_layers == 2
+    kept = student.language_model.model.layers[0]
+    last = teacher.language_model.model.layers[1]
+    for (name, param), (_, ref) in zip(kept.named_parameters(), last.named_parameters(), strict=True):
+        assert torch.equal(param, ref), name
+        assert param.data_ptr() != ref.data_ptr()  # a copy: training the student leaves the teacher alone
+    assert student.parameter_counts()["language_model"] < teacher.parameter_counts()["language_model"]
+    ids = torch.tensor([[1, 5, 7]])
+    with torch.no_grad():  # the student runs on its own (its LLM config says 1 layer)
+        assert student.language_model(student.language_model.embed(ids)).shape == (1, 3, teacher.config.text.vocab_size)
+
+
+def test_kl_is_zero_only_for_identical_distributions():
+    logits = torch.randn(5, 11)
+    assert kd_kl(logits, logits.clone(), 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_kl(logits + torch.randn(5, 11), logits, 2.0).item() > 1e-3
+
+
+def test_distillation_loss_is_zero_when_student_equals_teacher(mobilevlm_v2, conversations):
+    loaded = load_model(mobilevlm_v2.path)
+    teacher = loaded.model
+    student = make_student(teacher, teacher.config.text.num_hidden_layers)  # all layers: the same model
+    distiller = Distiller(student, teacher, loaded.tokenizer, ChatTemplate(loaded.chat_template),
+                          TrainConfig(stage="instruct", lora_rank=0), DistillConfig(alpha=0.0, hidden_weight=1.0))
+    batch = [tokenize_conversation(c, loaded.tokenizer, distiller.template) for c in conversations[:2]]
+    with torch.no_grad():
+        loss, n = distiller.batch_loss(batch)
+    assert n > 0 and loss.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_distillation_steps_move_the_student_toward_the_teacher(mobilevlm_v2, conversations):
+    loaded = load_model(mobilevlm_v2.path)
+    teacher = loaded.model
+    student = make_student(teacher, 1)
+    distiller = Distiller(student, teacher, loaded.tokenizer, ChatTemplate(loaded.chat_template),
+                          TrainConfig(stage="instruct", lora_rank=0, lr=3e-3),
+                          DistillConfig(alpha=0.0, hidden_weight=0.5))
+    batch = [tokenize_conversation(c, loaded.tokenizer, distiller.template) for c in conversations[:2]]
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with torch.no_grad():
+        before = distiller.batch_loss(batch)[0].item()
+    for _ in range(5):
+        loss = distiller.batch_loss(batch)[0]
+        distiller.optimizer.zero_grad()
+        loss.backward()
+        distiller.optimizer.step()
+    with torch.no_grad():
+        after = distiller.batch_loss(batch)[0].item()
+    assert after < before * 0.8, (before, after)
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_cli_distill(mobilevlm_v2, conversations, tmp_path):
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([
+        {"id": c.id, "image": str(c.image), "conversations": [
+            {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in c.messages]}
+        for c in conversations
+    ]))
+    proc = subprocess.run([sys.executable, "-m", "edge_mllm.cli", "distill", str(mobilevlm_v2.path),
+                           "--student-layers", "1", "--data", str(data), "--images", "/", "-o", str(tmp_path / "s"),
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    assert stats["parameters"]["language_model"] < stats["teacher_parameters"]["language_model"]
+    student = load_model(tmp_path / "s")
+    assert student.model.config.text.num_hidden_layers == 1
+    assert "distillation" in student.model.config.notes
