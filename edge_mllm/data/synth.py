@@ -45,7 +45,6 @@ CAPTION_PROMPTS = (
     "Give a short description of the image.",
     "Summarize what you see.",
 )
-NUMBER_WORDS = ("no", "one", "two", "three", "four")
 
 
 @dataclass(frozen=True)
