@@ -19,3 +19,7 @@ class ImageError(EdgeMLLMError):
 
 class ContextLengthError(EdgeMLLMError):
     """Prompt + image tokens + new tokens do not fit the model's context."""
+
+
+class QuantError(EdgeMLLMError):
+    """A quantization scheme, group size or quantized file is invalid or unsupported."""

@@ -1,0 +1,135 @@
+"""Group-wise integer weight quantization: the representation every method produces and every
+runtime format is packed from.
+
+A weight ``W [N, K]`` (linear rows, embedding rows, or a conv flattened to ``[C_out, C_in·kh·kw]``) is
+split along K into groups of ``group_size``; each group has one scale (and, asymmetric, one integer
+zero point): ``W ≈ scale · (code − zero_point)``.
+
+Conventions are ggml's where ggml has one, so the codes pack into GGUF blocks byte for byte and
+ONNX Runtime / XNNPACK take them unchanged:
+- symmetric 4-bit (Q4_0): ``d = m / −8`` with ``m`` the group's signed value of largest magnitude,
+  codes in [−8, 7], so the largest weight is exact;
+- symmetric 8-bit (Q8_0): ``d = max|w| / 127``, codes in [−127, 127], rounded half away from zero;
+- asymmetric: min/max (zero kept inside the range), integer zero point, codes in [0, 2^bits − 1].
+Scales are stored as fp16 (as every target format does) and dequantization uses the fp16 value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edge_mllm.errors import QuantError
+
+SUPPORTED_BITS = (4, 8)
+
+
+@dataclass
+class QuantizedTensor:
+    """Integer codes + per-group scales (+ zero points) of one weight."""
+
+    codes: torch.Tensor  # int16 [N, K]: signed for symmetric, 0..2^bits−1 for asymmetric
+    scales: torch.Tensor  # fp16 [N, K // group_size]
+    zero_points: torch.Tensor | None  # uint8 [N, K // group_size], asymmetric only
+    bits: int
+    group_size: int
+    shape: tuple[int, ...]  # the original weight shape (convs are flattened to 2-D)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 weight in its original shape: exactly what a runtime computes from these codes."""
+        n, k = self.codes.shape
+        codes = self.codes.float().view(n, k // self.group_size, self.group_size)
+        if self.zero_points is not None:
+            codes = codes - self.zero_points.float().unsqueeze(-1)
+        return (codes * self.scales.float().unsqueeze(-1)).reshape(self.shape)
+
+    def nbytes(self) -> int:
+        """Bytes of the packed codes, fp16 scales and packed zero points."""
+        n, k = self.codes.shape
+        groups = n * (k // self.group_size)
+        zero_bytes = 0 if self.zero_points is None else (groups * self.bits + 7) // 8
+        return n * k * self.bits // 8 + 2 * groups + zero_bytes
+
+
+def as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """Rows = output channels, columns = the reduction dim (convs flattened)."""
+    if weight.ndim < 2:
+        raise QuantError(f"cannot group-quantize a {weight.ndim}-D tensor")
+    return weight.detach().float().reshape(weight.shape[0], -1)
+
+
+def check_group(k: int, group_size: int, what: str = "weight") -> None:
+    if group_size <= 0 or k % group_size:
+        raise QuantError(
+            f"group size {group_size} does not divide the {what}'s reduction dim {k}; "
+            f"pick a divisor of {k} (e.g. 32, 64, 128 where they divide it)"
+        )
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise QuantError(f"{bits}-bit quantization is not supported (bits: {', '.join(map(str, SUPPORTED_BITS))})")
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """ggml's ``roundf``, computed the way gguf-py does (floor(|x|+0.5) can round 2.4999999 up)."""
+    a = x.abs()
+    floored = a.floor()
+    return torch.sign(x) * (floored + (2 * (a - floored)).floor())
+
+
+def group_scales(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 scale (and integer zero point) per group; ``groups`` is [..., group_size]."""
+    if symmetric:
+        if bits == 4:
+            idx = groups.abs().argmax(dim=-1, keepdim=True)
+            return torch.gather(groups, -1, idx).squeeze(-1) / -8, None
+        return groups.abs().amax(dim=-1) / 127, None
+    qmax = 2**bits - 1
+    lo = groups.amin(dim=-1).clamp(max=0)
+    hi = groups.amax(dim=-1).clamp(min=0)
+    scale = (hi - lo) / qmax
+    zero = torch.where(scale > 0, torch.round(-lo / torch.where(scale > 0, scale, 1)), 0).clamp(0, qmax)
+    return scale, zero
+
+
+def quantize_groups(
+    groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """Codes for ``groups`` [..., g] given per-group fp32 ``scale`` (and zero point) [...]."""
+    inv = torch.where(scale == 0, 0, 1 / torch.where(scale == 0, 1, scale)).unsqueeze(-1)
+    if zero is not None:
+        return (torch.round(groups * inv) + zero.unsqueeze(-1)).clamp(0, 2**bits - 1)
+    if bits == 4:  # ggml Q4_0: trunc(x/d + 8.5) − 8, clamped
+        return (torch.trunc(groups * inv + 8.5).clamp(0, 15) - 8)
+    return round_half_away(groups * inv).clamp(-127, 127)
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = True) -> QuantizedTensor:
+    """Round-to-nearest group-wise quantization of ``weight``."""
+    _check_bits(bits)
+    w = as_matrix(weight)
+    n, k = w.shape
+    check_group(k, group_size)
+    groups = w.view(n, k // group_size, group_size)
+    scale, zero = group_scales(groups, bits, symmetric)
+    codes = quantize_groups(groups, scale, zero, bits).reshape(n, k)
+    return QuantizedTensor(
+        codes=codes.to(torch.int16),
+        scales=scale.to(torch.float16),
+        zero_points=None if zero is None else zero.to(torch.uint8),
+        bits=bits,
+        group_size=group_size,
+        shape=tuple(weight.shape),
+    )
+
+
+def relative_error(weight: torch.Tensor, qt: QuantizedTensor) -> float:
+    """‖W − Ŵ‖ / ‖W‖."""
+    w = weight.detach().float()
+    return float((w - qt.dequantize()).norm() / w.norm().clamp_min(1e-12))

@@ -1,0 +1,195 @@
+"""Quantize a MultimodalLM's weights by a scheme: the one entry point every command and export uses.
+
+Decoder blocks are processed in order on calibration sequences (GPTQ / AWQ): each block sees the
+outputs of the already-quantized blocks before it, as it will at run time. The model's weights are
+replaced in place by their dequantized values, so the PyTorch model computes what the quantized
+runtimes compute; the integer codes come back for packing into each runtime's format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from edge_mllm.errors import QuantError
+from edge_mllm.model.llama import LlamaDecoderLayer
+from edge_mllm.model.mllm import MultimodalLM
+from edge_mllm.quant.awq import apply_scales, search_scales
+from edge_mllm.quant.gptq import HessianAccumulator, gptq_quantize
+from edge_mllm.quant.groupwise import QuantizedTensor, as_matrix, quantize_rtn
+from edge_mllm.quant.scheme import QuantScheme, TensorPlan, plan_tensor
+
+LLM_PREFIX = "language_model."
+
+
+@dataclass
+class TensorReport:
+    bits: int
+    group_size: int
+    method: str
+    weight_error: float  # ‖W − Ŵ‖ / ‖W‖
+    output_error: float | None = None  # ‖(W − Ŵ)X‖² / ‖WX‖² on calibration inputs (GPTQ's objective)
+
+
+@dataclass
+class QuantizationResult:
+    scheme: QuantScheme
+    tensors: dict[str, QuantizedTensor]  # parameter name → codes
+    report: dict[str, TensorReport] = field(default_factory=dict)
+
+    def nbytes(self, model: MultimodalLM) -> int:
+        """Bytes of the quantized model: packed codes, plus fp16 for every tensor kept in float."""
+        total = sum(qt.nbytes() for qt in self.tensors.values())
+        for name, param in unique_parameters(model).items():
+            if name not in self.tensors:
+                total += 2 * param.numel()
+        return total
+
+
+def unique_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters by name, tied ones once (under their first name)."""
+    return dict(model.named_parameters())
+
+
+def fp16_bytes(model: nn.Module) -> int:
+    return 2 * sum(p.numel() for p in unique_parameters(model).values())
+
+
+def _output_error(weight: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor) -> float:
+    w = as_matrix(weight)
+    delta = w - as_matrix(qt.dequantize())
+    return float(((delta @ hessian) * delta).sum() / ((w @ hessian) * w).sum().clamp_min(1e-12))
+
+
+def _quantize_one(weight: torch.Tensor, plan: TensorPlan, hessian: torch.Tensor | None) -> QuantizedTensor:
+    group = plan.group_size or as_matrix(weight).shape[1]
+    if plan.method == "gptq" and hessian is not None:
+        return gptq_quantize(weight, hessian, plan.bits, group, plan.symmetric)
+    return quantize_rtn(weight, plan.bits, group, plan.symmetric)
+
+
+class _InputRecorder:
+    """Forward pre-hooks that keep each linear's inputs (rows) for one block's calibration pass."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.inputs: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
+        self._handles = [
+            lin.register_forward_pre_hook(lambda _m, args, name=name: self.inputs[name].append(args[0].detach()))
+            for name, lin in linears.items()
+        ]
+
+    def rows(self, name: str) -> torch.Tensor:
+        return torch.cat([x.reshape(-1, x.shape[-1]) for x in self.inputs[name]])
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _awq_block(layer: LlamaDecoderLayer, rec: _InputRecorder, names: dict[str, str], plan: TensorPlan) -> None:
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = [
+        (layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "q_proj"),
+        (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], "gate_proj"),
+        (mlp.up_proj, [mlp.down_proj], "down_proj"),
+    ]
+    if attn.num_heads == attn.num_kv_heads:  # with GQA, v's rows feed several heads' o_proj columns
+        groups.append((attn.v_proj, [attn.o_proj], "o_proj"))
+    for producer, consumers, reader in groups:
+        scales = search_scales(consumers, rec.rows(names[reader]), plan.bits, plan.group_size, plan.symmetric)
+        apply_scales(producer, consumers, scales)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: MultimodalLM,
+    scheme: QuantScheme,
+    calibration: Sequence[torch.Tensor] | None = None,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Quantize ``model`` in place by ``scheme``.
+
+    ``calibration``: inputs_embeds [1, T, D] sequences (text and image prompts from the model's own
+    domain), needed by GPTQ and AWQ. Returns the codes and a per-tensor error report.
+    """
+    if scheme.needs_calibration and not calibration:
+        raise QuantError(f"{scheme.name} needs calibration data (--calib)")
+    model.eval()
+    llm = model.language_model
+    llm.clear_cache()
+    num_layers = llm.config.num_hidden_layers
+    params = unique_parameters(model)
+    plans = {name: plan_tensor(scheme, name, tuple(p.shape), num_layers) for name, p in params.items()}
+    result = QuantizationResult(scheme, {})
+
+    def store(name: str, qt: QuantizedTensor, hessian: torch.Tensor | None = None) -> None:
+        param = params[name]
+        plan = plans[name]
+        weight_error = float((param.float() - qt.dequantize()).norm() / param.float().norm().clamp_min(1e-12))
+        out_err = None if hessian is None else _output_error(param, qt, hessian)
+        result.report[name] = TensorReport(plan.bits, plan.group_size, plan.method, weight_error, out_err)
+        result.tensors[name] = qt
+        param.copy_(qt.dequantize().to(param.dtype))
+
+    if calibration:
+        _quantize_blocks(model, plans, calibration, store, progress)
+    for name, plan in plans.items():
+        if plan is not None and name not in result.tensors:
+            store(name, _quantize_one(params[name], plan, None))
+    return result
+
+
+def _quantize_blocks(
+    model: MultimodalLM,
+    plans: dict[str, TensorPlan | None],
+    calibration: Sequence[torch.Tensor],
+    store: Callable[..., None],
+    progress: bool,
+) -> None:
+    llm = model.language_model
+    hidden = [x.detach().float() for x in calibration]
+    params = unique_parameters(model)
+    for index, layer in enumerate(tqdm(llm.model.layers, desc="calibrating blocks", disable=not progress)):
+        prefix = f"{LLM_PREFIX}model.layers.{index}."
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        short = {n.rsplit(".", 1)[-1]: n for n in linears}
+        rec = _InputRecorder(linears)
+        for x in hidden:
+            _run_layer(llm, layer, x)
+        rec.remove()
+        plan_any = next(p for n, p in plans.items() if n.startswith(prefix) and p is not None)
+        if plan_any.method == "awq":
+            _awq_block(layer, rec, short, plan_any)
+            # inputs changed by the folded scales: record again for the error report
+            rec = _InputRecorder(linears)
+            for x in hidden:
+                _run_layer(llm, layer, x)
+            rec.remove()
+        for name in linears:
+            full = f"{prefix}{name}.weight"
+            plan = plans.get(full)
+            if plan is None:
+                continue
+            acc = HessianAccumulator(params[full].shape[1])
+            for x in rec.inputs[name]:
+                acc.add(x)
+            hessian = acc.hessian
+            store(full, _quantize_one(params[full], plan, hessian), hessian)
+        hidden = [_run_layer(llm, layer, x) for x in hidden]
+    head = f"{LLM_PREFIX}lm_head.weight" if f"{LLM_PREFIX}lm_head.weight" in params else f"{LLM_PREFIX}model.embed_tokens.weight"
+    plan = plans.get(head)
+    if plan is not None:
+        acc = HessianAccumulator(params[head].shape[1])
+        for x in hidden:
+            acc.add(llm.model.norm(x))
+        store(head, _quantize_one(params[head], plan, acc.hessian), acc.hessian)
+
+
+def _run_layer(llm: nn.Module, layer: LlamaDecoderLayer, x: torch.Tensor) -> torch.Tensor:
+    t = x.shape[1]
+    positions = torch.arange(t)
+    return layer(x, llm.rope_cos[positions], llm.rope_sin[positions], None)

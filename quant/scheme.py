@@ -1,0 +1,91 @@
+"""Quantization schemes by name, and the policy that says which tensor gets how many bits.
+
+Names: ``{method}-w{bits}-g{group}[-asym][-mixed]``, e.g. ``rtn-w4-g32``, ``gptq-w4-g64-asym``,
+``awq-w4-g32-mixed``, ``rtn-w8-g32``. Methods: ``rtn`` (round to nearest), ``gptq``, ``awq``
+(activation-aware scaling, then round to nearest); ``gptq``/``awq`` need calibration data.
+``-mixed`` keeps the sensitive tensors at 8 bits: the token embedding / LM head and the first and
+last decoder blocks. The vision tower, patch embedding and projector are 8-bit in every scheme
+(convs per output channel, since their reduction dims rarely divide a group size).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from edge_mllm.errors import QuantError
+
+METHODS = ("rtn", "gptq", "awq")
+GROUP_SIZES = (32, 64, 128)
+_NAME = re.compile(r"^(?P<method>[a-z]+)-w(?P<bits>\d+)-g(?P<group>\d+)(?P<asym>-asym)?(?P<mixed>-mixed)?$")
+VISION_BITS = 8
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    method: str
+    bits: int
+    group_size: int
+    symmetric: bool = True
+    mixed: bool = False
+
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.method}-w{self.bits}-g{self.group_size}"
+            + ("" if self.symmetric else "-asym")
+            + ("-mixed" if self.mixed else "")
+        )
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in ("gptq", "awq")
+
+    @classmethod
+    def parse(cls, name: str) -> QuantScheme:
+        m = _NAME.match(name.strip().lower())
+        if not m:
+            raise QuantError(
+                f"unknown quantization scheme {name!r}: expected METHOD-wBITS-gGROUP[-asym][-mixed], "
+                "e.g. rtn-w4-g32, gptq-w4-g64-asym, awq-w4-g32-mixed"
+            )
+        method, bits, group = m["method"], int(m["bits"]), int(m["group"])
+        if method not in METHODS:
+            raise QuantError(f"unknown quantization method {method!r} (methods: {', '.join(METHODS)})")
+        if bits not in (4, 8):
+            raise QuantError(f"{bits}-bit weights are not supported (4 or 8)")
+        if group not in GROUP_SIZES:
+            raise QuantError(f"group size {group} is not supported ({', '.join(map(str, GROUP_SIZES))})")
+        return cls(method, bits, group, symmetric=not m["asym"], mixed=bool(m["mixed"]))
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one tensor is quantized; ``group_size`` 0 means one group per output row."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    method: str  # the scheme's method, or "rtn" where it does not apply
+
+
+def plan_tensor(scheme: QuantScheme, name: str, shape: tuple[int, ...], num_layers: int) -> TensorPlan | None:
+    """The plan for parameter ``name`` of a MultimodalLM, or None to keep it in floating point."""
+    if len(shape) < 2 or name.endswith("position_embedding.weight"):
+        return None  # norms, biases, class/position embeddings: tiny, and sensitive
+    k = 1
+    for d in shape[1:]:
+        k *= d
+    if not name.startswith("language_model."):
+        group = scheme.group_size if len(shape) == 2 and k % scheme.group_size == 0 else 0
+        return TensorPlan(VISION_BITS, group, True, "rtn")
+    block = re.search(r"\.layers\.(\d+)\.", name)
+    embedding = name.endswith(("embed_tokens.weight", "lm_head.weight"))
+    sensitive = embedding or (block is not None and int(block[1]) in (0, num_layers - 1))
+    bits = 8 if scheme.mixed and sensitive else scheme.bits
+    if k % scheme.group_size:
+        raise QuantError(f"group size {scheme.group_size} does not divide {name}'s reduction dim {k}")
+    # The (usually tied) embedding / LM head cannot take AWQ's scales, which the lookup would see,
+    # so data-aware schemes give it GPTQ on the LM head's inputs.
+    method = ("gptq" if scheme.needs_calibration else "rtn") if embedding else scheme.method
+    return TensorPlan(bits, scheme.group_size, scheme.symmetric, method)
