@@ -266,6 +266,69 @@ def distill(teacher, student_layers, data_path, images, output, temperature, alp
         click.echo(f"distilled {stats['steps']} steps, final loss {stats['final_loss']:.4f}; saved {output}", err=True)
 
 
+def _parse_scheme(_ctx, _param, value: str):
+    from edge_mllm.errors import QuantError
+    from edge_mllm.quant.scheme import QuantScheme
+
+    try:
+        return QuantScheme.parse(value)
+    except QuantError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@cli.command()
+@MODEL_ARG
+@click.option("--scheme", required=True, callback=_parse_scheme,
+              help="METHOD-wBITS-gGROUP[-asym][-mixed]: rtn|gptq|awq, 4|8 bits, group 32|64|128 (e.g. awq-w4-g32).")
+@click.option("--calib", "calib_path", type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="LLaVA-format folder for GPTQ/AWQ calibration (default: a synthetic val split + stdlib text).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output model folder.")
+@click.option("--report", is_flag=True, help="Measure perplexity, KL, top-1 agreement and VQA/POPE vs unquantized.")
+@click.option("--eval-data", type=click.Path(exists=True, path_type=str),
+              help="VQA/POPE set for --report (default: a held-out synthetic test split).")
+@click.option("--eval-scenes", default=40, show_default=True, type=click.IntRange(min=1),
+              help="Scenes in the default synthetic test split (~11 questions each).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def quantize(model, scheme, calib_path, output, report, eval_data, eval_scenes, as_json) -> None:
+    """Quantize MODEL's weights by SCHEME and save it; --report measures what it cost.
+
+    The folder holds the codes (loadable by every command) and quant_report.json."""
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    from edge_mllm.checkpoint import detect_layout, load_model, save_native
+    from edge_mllm.data.synth import write_split
+    from edge_mllm.quant.calibration import calibration_set
+    from edge_mllm.quant.quantize import quantize_model
+    from edge_mllm.quant.report import format_report, quality_report, size_report
+
+    loaded = load_model(model)
+    reference = copy.deepcopy(loaded) if report else None
+    calibration = calibration_set(loaded, calib_path) if scheme.needs_calibration else None
+    result = quantize_model(loaded.model, scheme, calibration)
+    loaded.quantization = result.weights()
+    summary: dict = {"model": model or "default", "scheme": scheme.name,
+                     "size": size_report(loaded.quantization, loaded), "notes": []}
+    if model is None or detect_layout(Path(model)).name == "gguf":
+        summary["notes"].append("the source weights come from a GGUF (the embedded SmolLM2-135M-Instruct ships as "
+                                "Q4_1): 'reference' is their dequantized fp32 values, not the original bf16 model")
+    summary["tensors"] = {name: vars(r) for name, r in sorted(result.report.items())}
+    if report:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = eval_data
+            if data is None and loaded.model.config.has_vision:
+                data = write_split(Path(tmp) / "test", "test", seed=0, n=eval_scenes)
+            summary.update(quality_report(reference, loaded, vqa_data=data))
+    save_native(loaded, output, extra_files={"quant_report.json": json.dumps(summary, indent=2) + "\n"})
+    summary["output"] = output
+    if as_json:
+        _emit_json(summary)
+    else:
+        click.echo(format_report(summary))
+        click.echo(f"saved {output}", err=True)
+
+
 @cli.command("eval")
 @MODEL_ARG
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=str),

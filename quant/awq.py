@@ -9,9 +9,8 @@ calibration inputs to minimise the quantized output error.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from edge_mllm.quant.groupwise import quantize_rtn
+from torch import nn
 
 GRID = 20
 MAX_ROWS = 2048  # calibration rows used by the search (a random subset when there are more)

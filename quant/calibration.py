@@ -79,7 +79,8 @@ def calibration_set(
     """Calibration inputs_embeds: ``text_count`` text chunks plus, for a model that sees,
     ``image_count`` scene conversations (from ``data``, or a synthetic val split made on the fly)."""
     embed = loaded.model.language_model.embed
-    out = [embed(ids) for ids in text_sequences(loaded, "calib", text_count, seq_len)]
+    context = loaded.model.config.text.max_position_embeddings
+    out = [embed(ids) for ids in text_sequences(loaded, "calib", text_count, min(seq_len, context))]
     if loaded.model.config.has_vision and image_count:
         if data is None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -87,4 +88,4 @@ def calibration_set(
                 out += conversation_embeds(loaded, folder, image_count)
         else:
             out += conversation_embeds(loaded, Path(data), image_count)
-    return out
+    return [x[:, :context] for x in out]

@@ -8,9 +8,9 @@ order and pack into any group-wise format.
 from __future__ import annotations
 
 import torch
+from edge_mllm.quant.groupwise import QuantizedTensor, as_matrix, check_group, group_scales, quantize_groups
 
 from edge_mllm.errors import QuantError
-from edge_mllm.quant.groupwise import QuantizedTensor, as_matrix, check_group, group_scales, quantize_groups
 
 
 class HessianAccumulator:

@@ -48,6 +48,11 @@ class QuantizedTensor:
             codes = codes - self.zero_points.float().unsqueeze(-1)
         return (codes * self.scales.float().unsqueeze(-1)).reshape(self.shape)
 
+    def unsigned_codes(self) -> torch.Tensor:
+        """Codes as unsigned ``bits``-bit values: symmetric ones offset by 2^(bits−1) (the implicit
+        zero point of ONNX Runtime's and ggml's symmetric types)."""
+        return self.codes + (2 ** (self.bits - 1) if self.symmetric else 0)
+
     def nbytes(self) -> int:
         """Bytes of the packed codes, fp16 scales and packed zero points."""
         n, k = self.codes.shape
@@ -133,3 +138,22 @@ def relative_error(weight: torch.Tensor, qt: QuantizedTensor) -> float:
     """‖W − Ŵ‖ / ‖W‖."""
     w = weight.detach().float()
     return float((w - qt.dequantize()).norm() / w.norm().clamp_min(1e-12))
+
+
+def pack_unsigned(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned ``bits``-bit values [..., n] → uint8 [..., ceil(n·bits/8)], two 4-bit values per byte
+    with the first in the low nibble (ONNX Runtime's MatMulNBits layout; also our checkpoints')."""
+    values = values.to(torch.uint8)
+    if bits == 8:
+        return values
+    if values.shape[-1] % 2:
+        values = torch.cat([values, values.new_zeros(*values.shape[:-1], 1)], dim=-1)
+    return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+def unpack_unsigned(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_unsigned`: the first ``n`` values of each row, as int16."""
+    data = data.to(torch.int16)
+    if bits == 8:
+        return data[..., :n]
+    return torch.stack([data & 0xF, data >> 4], dim=-1).flatten(-2)[..., :n]

@@ -12,16 +12,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from edge_mllm.quant.awq import apply_scales, search_scales
+from edge_mllm.quant.gptq import HessianAccumulator, gptq_quantize
+from edge_mllm.quant.groupwise import QuantizedTensor, as_matrix, quantize_rtn
+from edge_mllm.quant.scheme import QuantScheme, TensorPlan, plan_tensor
+from edge_mllm.quant.storage import QuantizedWeights
 from torch import nn
 from tqdm import tqdm
 
 from edge_mllm.errors import QuantError
 from edge_mllm.model.llama import LlamaDecoderLayer
 from edge_mllm.model.mllm import MultimodalLM
-from edge_mllm.quant.awq import apply_scales, search_scales
-from edge_mllm.quant.gptq import HessianAccumulator, gptq_quantize
-from edge_mllm.quant.groupwise import QuantizedTensor, as_matrix, quantize_rtn
-from edge_mllm.quant.scheme import QuantScheme, TensorPlan, plan_tensor
 
 LLM_PREFIX = "language_model."
 
@@ -41,22 +42,14 @@ class QuantizationResult:
     tensors: dict[str, QuantizedTensor]  # parameter name → codes
     report: dict[str, TensorReport] = field(default_factory=dict)
 
-    def nbytes(self, model: MultimodalLM) -> int:
-        """Bytes of the quantized model: packed codes, plus fp16 for every tensor kept in float."""
-        total = sum(qt.nbytes() for qt in self.tensors.values())
-        for name, param in unique_parameters(model).items():
-            if name not in self.tensors:
-                total += 2 * param.numel()
-        return total
+    def weights(self) -> QuantizedWeights:
+        """The codes, as stored in a checkpoint and packed by exporters."""
+        return QuantizedWeights(self.scheme.name, self.tensors)
 
 
 def unique_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters by name, tied ones once (under their first name)."""
     return dict(model.named_parameters())
-
-
-def fp16_bytes(model: nn.Module) -> int:
-    return 2 * sum(p.numel() for p in unique_parameters(model).values())
 
 
 def _output_error(weight: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor) -> float:
@@ -180,7 +173,9 @@ def _quantize_blocks(
             hessian = acc.hessian
             store(full, _quantize_one(params[full], plan, hessian), hessian)
         hidden = [_run_layer(llm, layer, x) for x in hidden]
-    head = f"{LLM_PREFIX}lm_head.weight" if f"{LLM_PREFIX}lm_head.weight" in params else f"{LLM_PREFIX}model.embed_tokens.weight"
+    head = f"{LLM_PREFIX}lm_head.weight"
+    if head not in params:  # tied to the embedding
+        head = f"{LLM_PREFIX}model.embed_tokens.weight"
     plan = plans.get(head)
     if plan is not None:
         acc = HessianAccumulator(params[head].shape[1])

@@ -31,9 +31,6 @@ TEXTS = [
 ]
 PROMPT = "A chat between a curious user and an artificial intelligence assistant. USER: what is 42?"
 Q8 = GGMLQuantizationType.Q8_0
-# Files that our reader (edge_mllm.checkpoint.gguf) must read back: it knows the pre-tokenizer names
-# "default"/"gpt2"/"smollm"/"starcoder" but not llama.cpp's "gpt-2". Logits do not depend on it.
-READABLE = {"pre_tokenizer": "default"}
 
 
 def run_llamacpp(path, ids: list[int]) -> np.ndarray:
@@ -160,7 +157,7 @@ def test_lora_is_written_merged(llama_folder, tmp_path):
 def test_round_trip_through_our_reader(llama_folder, tmp_path):
     loaded = load_model(llama_folder[0])
     loaded.tokenizer.hf.chat_template = "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"
-    path = write_llama_gguf(loaded, tmp_path / "rt.gguf", float_type="f32", **READABLE)
+    path = write_llama_gguf(loaded, tmp_path / "rt.gguf", float_type="f32")
     back = load_gguf(path, progress=False)
     ours, theirs = loaded.model.language_model.state_dict(), back.model.language_model.state_dict()
     assert ours.keys() == theirs.keys()
@@ -189,7 +186,7 @@ def test_raw_tensors_are_written_as_given(tiny, tmp_path):
     state = tiny.model.language_model.state_dict()
     names = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
     raw = {name: (gguf.quants.quantize(state[name].numpy(), Q8), Q8) for name in names}
-    path = write_llama_gguf(tiny, tmp_path / "raw.gguf", float_type="f32", raw_tensors=raw, **READABLE)
+    path = write_llama_gguf(tiny, tmp_path / "raw.gguf", float_type="f32", raw_tensors=raw)
 
     tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
     q, down = tensors["blk.0.attn_q.weight"], tensors["blk.1.ffn_down.weight"]
@@ -272,7 +269,7 @@ def assert_runs_its_own_weights(path, original: LoadedModel, ids: list[int]) -> 
 
 
 def test_llamacpp_quantize_q4_0(tiny, tmp_path):
-    src = write_llama_gguf(tiny, tmp_path / "f32.gguf", float_type="f32", **READABLE)
+    src = write_llama_gguf(tiny, tmp_path / "f32.gguf", float_type="f32")
     path = llamacpp_quantize(src, tmp_path / "q4_0.gguf", "q4_0")
     types = tensor_types(path)
     assert {types[f"blk.{i}.{t}.weight"] for i in (0, 1) for t in ("attn_q", "attn_k", "ffn_up")} == {"Q4_0"}
@@ -285,7 +282,7 @@ def test_llamacpp_quantize_q4_k_m(hf_builders, tmp_path):
     # K-quants pack rows in 256-value super-blocks: every matrix needs 256·k columns.
     hf_builders.llama(tmp_path / "wide", hidden_size=256, intermediate_size=256, num_hidden_layers=1)
     loaded = load_model(tmp_path / "wide")
-    src = write_llama_gguf(loaded, tmp_path / "wide-f16.gguf", float_type="f16", **READABLE)
+    src = write_llama_gguf(loaded, tmp_path / "wide-f16.gguf", float_type="f16")
     path = llamacpp_quantize(src, tmp_path / "q4_k_m.gguf", "Q4_K_M")
     types = tensor_types(path)
     assert types["blk.0.attn_q.weight"] == types["blk.0.ffn_up.weight"] == "Q4_K"

@@ -41,6 +41,7 @@ TENSOR_NAMES = {
 BPE_PRE_TOKENIZERS = {
     "default": [],
     "gpt2": [],
+    "gpt-2": [],  # llama.cpp's name for plain GPT-2 byte-level BPE
     "smollm": [pre_tokenizers.Digits(individual_digits=True)],
     "starcoder": [pre_tokenizers.Digits(individual_digits=True)],
 }
