@@ -344,3 +344,36 @@ def test_default_smollm2_f16_runs_in_llamacpp(tmp_path):
     got, expected = run_llamacpp(path, ids), run_torch(loaded, ids)
     assert relative_error(got, expected) < 1e-2  # f16 weights (2.6e-3 measured)
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("scheme", ["gptq-w4-g32", "awq-w4-g32-asym", "rtn-w8-g32"])
+def test_our_quantized_codes_run_in_llamacpp_as_in_pytorch(tiny, scheme, tmp_path):
+    """GPTQ / AWQ codes go into GGUF as Q4_0 / Q4_1 / Q8_0 blocks unchanged: llama.cpp computes what our
+    dequantized PyTorch model computes (not what re-quantizing the floats would give)."""
+    import copy
+
+    from edge_mllm.export.gguf.blocks import llm_raw_tensors
+    from edge_mllm.quant.quantize import quantize_model
+    from edge_mllm.quant.scheme import QuantScheme
+
+    quantized = copy.deepcopy(tiny)
+    embed = quantized.model.language_model.embed
+    calibration = [embed(torch.randint(3, 300, (1, 48), generator=torch.Generator().manual_seed(s))) for s in range(4)]
+    result = quantize_model(quantized.model, QuantScheme.parse(scheme), calibration, progress=False)
+    raw = llm_raw_tensors(result.tensors)
+    path = write_llama_gguf(quantized, tmp_path / "q.gguf", float_type="f32", raw_tensors=raw)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    expected_type = {"gptq-w4-g32": "Q4_0", "awq-w4-g32-asym": "Q4_1", "rtn-w8-g32": "Q8_0"}[scheme]
+    assert types["blk.1.ffn_down.weight"] == types["token_embd.weight"] == expected_type
+
+    # the weights llama.cpp reads are our dequantized weights (Q4_1 stores −d·zero_point as fp16)
+    back = load_gguf(path, progress=False).model.language_model.state_dict()
+    for name, param in quantized.model.language_model.state_dict().items():
+        atol = 0 if expected_type != "Q4_1" else 1e-2 * float(param.abs().max())
+        torch.testing.assert_close(back[name], param, rtol=0, atol=atol)
+    # and it runs them: llama.cpp quantizes activations to 8 bits for its dot products, hence the tolerance
+    ids = quantized.tokenizer.encode(PROMPT)
+    got = run_llamacpp(path, ids)
+    assert relative_error(got, run_torch(quantized, ids)) < 0.04
+    if expected_type != "Q8_0":  # closer to the quantized model than to the float one
+        assert relative_error(got, run_torch(quantized, ids)) < relative_error(got, run_torch(tiny, ids))
