@@ -1,0 +1,184 @@
+"""Export bundles: one small interface every format implements, and the steps they share.
+
+A bundle is a folder: the format's artifacts, the tokenizer files and ``manifest.json`` (format,
+quantization, every file with its size and sha256, model config, chat template, image preprocessing,
+image token count, max sequence length, special token ids, edge-mllm version). ``export_bundle``
+writes it atomically (nothing is left at the destination on failure) and deterministically.
+
+Formats register themselves with :func:`register`; nothing outside a format's module knows its
+details. The stages mirror ExecuTorch's ``extension/llm`` export: resolve the quantization, check the
+model is exportable (before any slow work), write the artifacts, describe them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from edge_mllm.quant.scheme import QuantScheme
+from edge_mllm.quant.storage import QuantizedWeights
+
+from edge_mllm import __version__
+from edge_mllm.checkpoint.base import LoadedModel
+from edge_mllm.errors import ConfigError
+from edge_mllm.fsutil import atomic_output_dir
+
+MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+class Backend(ABC):
+    """One export format."""
+
+    name: ClassVar[str]
+    # Quantization types the format's own tools produce (e.g. llama.cpp's "q4_k_m"), besides our schemes.
+    native_quant: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def check(self, loaded: LoadedModel, scheme: QuantScheme | None, native_quant: str | None) -> None:
+        """Raise ConfigError / QuantError if this model or quantization cannot be exported. Runs before
+        any slow work (quantization included), so it must be fast."""
+
+    @abstractmethod
+    def write(
+        self,
+        loaded: LoadedModel,
+        out_dir: Path,
+        weights: QuantizedWeights | None,
+        native_quant: str | None,
+        progress: bool,
+    ) -> dict:
+        """Write the artifacts into ``out_dir`` (an empty temporary folder); return the format's part
+        of the manifest (e.g. which file is the decoder, method names, runtime settings)."""
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make a format available to ``export_bundle`` under ``cls.name``."""
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def backend(name: str) -> Backend:
+    _load_backends()
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown export format {name!r}; choose one of {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name]()
+
+
+def _load_backends() -> None:
+    """Import the format modules (each registers itself); one that cannot import is simply absent."""
+    import importlib
+
+    for module in ("executorch", "gguf", "onnx"):
+        try:
+            importlib.import_module(f"edge_mllm.export.{module}.bundle")
+        except ModuleNotFoundError as exc:
+            if not exc.name or not exc.name.startswith("edge_mllm.export."):
+                raise
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def image_preprocessing(loaded: LoadedModel) -> dict | None:
+    """What an app must do to an image before the vision encoder (``edge_mllm.preprocess``)."""
+    config = loaded.model.config
+    if not config.has_vision:
+        return None
+    v = config.vision
+    return {
+        "image_size": v.image_size,
+        "resize": "shortest_side_bicubic_then_center_crop",
+        "aspect_ratio": config.image_aspect_ratio,  # "pad": pad to square with the mean colour first
+        "rescale_factor": 1 / 255,
+        "image_mean": list(v.image_mean),
+        "image_std": list(v.image_std),
+        "layout": "NCHW float32 RGB",
+    }
+
+
+def build_manifest(
+    loaded: LoadedModel, fmt: str, out_dir: Path, quant: str | None, format_info: dict
+) -> dict:
+    """The manifest of the bundle in ``out_dir`` (every file there is listed)."""
+    tok = loaded.tokenizer
+    files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {
+        "format": fmt,
+        "edge_mllm_version": __version__,
+        "quantization": quant,
+        "files": [{"path": p.relative_to(out_dir).as_posix(), "size": p.stat().st_size, "sha256": sha256(p)}
+                  for p in files],
+        "model": loaded.model.config.to_dict(),
+        "tokenizer": f"{TOKENIZER_DIR}/tokenizer.json",
+        "chat_template": loaded.chat_template,
+        "image_preprocessing": image_preprocessing(loaded),
+        "image_token_count": loaded.model.num_image_tokens,
+        "max_seq_len": loaded.model.config.text.max_position_embeddings,
+        "special_tokens": {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "stop": list(tok.stop_token_ids())},
+        format_info.get("key", fmt): {k: v for k, v in format_info.items() if k != "key"},
+    }
+
+
+def parse_quant(loaded: LoadedModel, target: Backend, quant: str | None) -> tuple[QuantScheme | None, str | None]:
+    """``quant`` → (our scheme, or the format's native type). None keeps a quantized model's own codes
+    (or exports floats)."""
+    if quant is None:
+        return (None if loaded.quantization is None else QuantScheme.parse(loaded.quantization.scheme)), None
+    if quant.lower() in target.native_quant:
+        if loaded.quantization is not None:
+            raise ConfigError(f"the model is already quantized ({loaded.quantization.scheme}); "
+                              f"{quant} would quantize it again: export it without --quant")
+        return None, quant.lower()
+    scheme = QuantScheme.parse(quant)  # a QuantError lists the valid names
+    if loaded.quantization is not None and loaded.quantization.scheme != scheme.name:
+        raise ConfigError(f"the model is already quantized ({loaded.quantization.scheme}); export it without --quant")
+    return scheme, None
+
+
+def quantized_weights(
+    loaded: LoadedModel, scheme: QuantScheme | None, calibration: Sequence[torch.Tensor] | None = None
+) -> QuantizedWeights | None:
+    """The codes to export: the model's own, or ``scheme`` applied to ``loaded`` (in place)."""
+    from edge_mllm.quant.calibration import calibration_set
+    from edge_mllm.quant.quantize import quantize_model
+
+    if scheme is None or loaded.quantization is not None:
+        return loaded.quantization
+    if scheme.needs_calibration and calibration is None:
+        calibration = calibration_set(loaded)
+    loaded.quantization = quantize_model(loaded.model, scheme, calibration).weights()
+    return loaded.quantization
+
+
+def export_bundle(
+    loaded: LoadedModel, fmt: str, out_dir: str | Path, *, quant: str | None = None, progress: bool = True
+) -> Path:
+    """Export ``loaded`` as a ``fmt`` bundle at ``out_dir`` (replaced only on success).
+
+    ``quant``: one of our schemes (``awq-w4-g32``…), a format-native type (``q4_k_m`` for GGUF…), or
+    None (floats, or a quantized model's own codes)."""
+    target = backend(fmt)
+    scheme, native = parse_quant(loaded, target, quant)
+    target.check(loaded, scheme, native)
+    weights = quantized_weights(loaded, scheme)
+    with atomic_output_dir(out_dir) as tmp:
+        format_info = target.write(loaded, tmp, weights, native, progress)
+        loaded.tokenizer.save(tmp / TOKENIZER_DIR)
+        label = native or (weights.scheme if weights is not None else None)
+        manifest = build_manifest(loaded, fmt, tmp, label, format_info)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
