@@ -329,6 +329,28 @@ def quantize(model, scheme, calib_path, output, report, eval_data, eval_scenes, 
         click.echo(f"saved {output}", err=True)
 
 
+@cli.command()
+@MODEL_ARG
+@click.option("--format", "fmt", required=True, type=click.Choice(["executorch", "gguf", "onnx"]))
+@click.option("--quant", help="Our scheme (e.g. awq-w4-g32) or the format's own type (gguf: q4_0, q8_0, q4_k_m). "
+                              "Default: floats, or a quantized MODEL's own codes.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Bundle folder (replaced).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export(model, fmt, quant, output, as_json) -> None:
+    """Export MODEL as a bundle for a phone runtime: artifacts + tokenizer + manifest.json."""
+    from edge_mllm.checkpoint import load_model
+    from edge_mllm.export.bundle import MANIFEST, export_bundle
+
+    out = export_bundle(load_model(model), fmt, output, quant=quant)
+    manifest = json.loads((out / MANIFEST).read_text())
+    if as_json:
+        _emit_json(manifest)
+        return
+    for f in manifest["files"]:
+        click.echo(f"{f['size'] / 1e6:9.2f} MB  {f['path']}")
+    click.echo(f"exported {fmt} bundle ({manifest['quantization'] or 'float'}) to {output}", err=True)
+
+
 @cli.command("eval")
 @MODEL_ARG
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=str),

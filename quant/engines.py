@@ -34,7 +34,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from edge_mllm.quant.quantize import LLM_PREFIX, fp16_bytes, quantize_model, unique_parameters
+from edge_mllm.quant.groupwise import QuantizedTensor, check_group, unpack_unsigned
+from edge_mllm.quant.quantize import LLM_PREFIX, quantize_model
 from edge_mllm.quant.scheme import QuantScheme
 from torch import nn
 
@@ -70,8 +71,9 @@ def _copy(model: MultimodalLM) -> MultimodalLM:
 
 
 def _float_bytes(llm: nn.Module, quantized: set[str]) -> int:
-    """fp16 bytes of the parameters not in ``quantized`` (tied ones once)."""
-    return fp16_bytes(llm) - 2 * sum(p.numel() for n, p in unique_parameters(llm).items() if n in quantized)
+    """fp16 bytes of the parameters not named in ``quantized`` (tied ones once, by any of their names)."""
+    done = {id(llm.get_parameter(name)) for name in quantized}
+    return 2 * sum(p.numel() for p in llm.parameters() if id(p) not in done)
 
 
 def _needs(engine: Engine, calibration: Sequence[torch.Tensor] | None) -> None:
@@ -139,7 +141,7 @@ class TorchaoEngine:
                 nbytes += weight.qdata.numel() * self.bits // 8 + 2 * weight.scale.numel()
             else:  # ExecuTorch's embedding_{4bit,byte}: packed codes, fp32 scales
                 nbytes += weight.qdata.numel() * self.embedding_bits // 8 + 4 * weight.scale.numel()
-        nbytes += sum(2 * p.numel() for n, p in llm.named_parameters() if n not in names)
+        nbytes += _float_bytes(llm, names)
         emb = f"g{self.embedding_group}" if self.embedding_group else "per-row"
         note = (
             f"torchao {torchao.__version__} 8da{self.bits}w g{self.group_size} ({self.algorithm}, bf16 scales as "
@@ -152,52 +154,44 @@ class TorchaoEngine:
 # ONNX Runtime
 
 
-def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """uint8 bytes → 4-bit values (uint8), low nibble first: ORT's int4 packing everywhere."""
-    flat = np.asarray(packed, dtype=np.uint8).reshape(-1)
-    return np.stack([flat & 0x0F, flat >> 4], axis=-1).reshape(-1)
+def matmulnbits_tensor(
+    packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, block_size: int
+) -> QuantizedTensor:
+    """MatMulNBits 4-bit initializers → our codes for the torch Linear weight [N, K] (``B``'s transpose).
 
-
-def dequantize_matmulnbits(
-    packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, block_size: int
-) -> torch.Tensor:
-    """MatMulNBits 4-bit tensors → the float weight [N, K] (a torch Linear's layout; ``B`` is its transpose).
-
-    Layout (as ``DefaultWeightOnlyQuantizer.qbits_block_quant`` writes it): ``packed`` uint8
-    [N, n_blocks, block_size / 2], the K values of each output column in blocks, low nibble first;
-    ``scales`` [N, n_blocks] (any shape with N·n_blocks values); ``zero_points`` uint8
-    [N, ceil(n_blocks / 2)], two blocks per byte, low nibble first, or None: 8 for every block
-    (symmetric). ``W[n, k] = (code − zp) · scale`` of k's block; K padded up to whole blocks is cut off.
+    Layout, as ``DefaultWeightOnlyQuantizer.qbits_block_quant`` writes it: ``packed`` uint8
+    [N, n_blocks, block_size / 2], each output column's K values in blocks, two per byte, low nibble
+    first; ``scales`` [N, n_blocks] (N·n_blocks values, fp32 for an fp32 model); ``zero_points`` uint8
+    [N, ceil(n_blocks / 2)], packed the same way, or None: 8 for every block (symmetric).
+    ``W[n, k] = (code − zero_point) · scale`` of k's block.
     """
-    n, n_blocks = packed.shape[0], packed.shape[1]
-    codes = unpack_nibbles(packed).reshape(n, n_blocks, block_size).astype(np.float32)
+    n, n_blocks = packed.shape[:2]
+    codes = unpack_unsigned(torch.from_numpy(packed).reshape(n, -1), 4, n_blocks * block_size)
+    scales_t = torch.from_numpy(np.asarray(scales, dtype=np.float32).reshape(n, n_blocks))
+    shape = (n, n_blocks * block_size)
     if zero_points is None:
-        zp = np.full((n, n_blocks), 8, dtype=np.float32)
-    else:
-        zp = unpack_nibbles(zero_points).reshape(n, -1)[:, :n_blocks].astype(np.float32)
-    w = (codes - zp[..., None]) * np.asarray(scales, dtype=np.float32).reshape(n, n_blocks, 1)
-    return torch.from_numpy(w.reshape(n, -1)[:, :k].copy())
+        return QuantizedTensor(codes - 8, scales_t, None, 4, block_size, shape)
+    zp = unpack_unsigned(torch.from_numpy(zero_points).reshape(n, -1), 4, n_blocks).to(torch.uint8)
+    return QuantizedTensor(codes, scales_t, zp, 4, block_size, shape)
 
 
-def dequantize_gather_block(
-    packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, shape: tuple[int, int], block_size: int
-) -> torch.Tensor:
-    """GatherBlockQuantized 4-bit tensors (``quantize_ndarray`` along axis 1) → the float table [V, D].
+def gather_block_tensor(
+    packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, block_size: int
+) -> QuantizedTensor:
+    """GatherBlockQuantized 4-bit initializers (``quantize_ndarray`` along axis 1) → our codes [V, D].
 
-    ``packed``: the [V, D] values flattened row-major, two per byte, low nibble first; signed int4
-    (two's complement) when symmetric, else uint4 with ``zero_points`` packed the same way over
-    [V, n_blocks]. ``scales`` [V, n_blocks].
+    ``packed``: the [V, D] values flattened row-major, two per byte, low nibble first: signed int4
+    (two's complement, no zero point) when symmetric, else uint4 with ``zero_points`` packed the same
+    way over [V, n_blocks]; ``scales`` [V, n_blocks].
     """
-    v, d = shape
-    n_blocks = scales.shape[1]
-    codes = unpack_nibbles(packed)[: v * d].reshape(v, n_blocks, block_size).astype(np.int16)
+    v, n_blocks = scales.shape
+    d = n_blocks * block_size
+    codes = unpack_unsigned(torch.from_numpy(packed), 4, v * d).reshape(v, d)
+    scales_t = torch.from_numpy(scales.astype(np.float32))
     if zero_points is None:
-        codes = (codes ^ 8) - 8  # sign-extend the int4 nibbles
-        zp = np.zeros((v, n_blocks), dtype=np.int16)
-    else:
-        zp = unpack_nibbles(zero_points)[: v * n_blocks].reshape(v, n_blocks).astype(np.int16)
-    w = (codes - zp[..., None]).astype(np.float32) * scales.astype(np.float32)[..., None]
-    return torch.from_numpy(w.reshape(v, d))
+        return QuantizedTensor((codes ^ 8) - 8, scales_t, None, 4, block_size, (v, d))  # sign-extend
+    zp = unpack_unsigned(torch.from_numpy(zero_points), 4, v * n_blocks).reshape(v, n_blocks).to(torch.uint8)
+    return QuantizedTensor(codes, scales_t, zp, 4, block_size, (v, d))
 
 
 @dataclass
@@ -234,24 +228,34 @@ class OrtMatMulNBitsEngine:
                 if not isinstance(module, nn.Linear):
                     continue
                 w = module.weight
+                check_group(w.shape[1], self.block_size)  # ORT would zero-pad K to whole blocks
                 # ONNX MatMul's B is [K, N]: the transpose of a torch Linear's weight.
                 packed, scales, zp = quantizer.qbits_block_quant(w.detach().float().T.contiguous().numpy())
                 zp = None if self.symmetric else zp
-                w.copy_(dequantize_matmulnbits(packed, scales, zp, w.shape[1], self.block_size))
+                w.copy_(matmulnbits_tensor(packed, scales, zp, self.block_size).dequantize())
                 nbytes += packed.nbytes + scales.nbytes + (0 if zp is None else zp.nbytes)
                 names.add(f"{name}.weight")
             emb = llm.model.embed_tokens.weight
             if not llm.config.tie_word_embeddings:
+                check_group(emb.shape[1], self.block_size, "embedding")
                 table = emb.detach().float().numpy()
                 packed, scales, zp = quantizer.quantize_ndarray(table, 1, self.block_size, self.symmetric)
-                emb.copy_(dequantize_gather_block(packed, scales, zp, table.shape, self.block_size))
+                emb.copy_(gather_block_tensor(packed, scales, zp, self.block_size).dequantize())
                 nbytes += packed.nbytes + scales.nbytes + (0 if zp is None else zp.nbytes)
                 names.add("model.embed_tokens.weight")
         nbytes += _float_bytes(llm, names)
         kind = "sym" if self.symmetric else "asym"
         note = f"onnxruntime {onnxruntime.__version__} MatMulNBits 4-bit {kind} block {self.block_size}, fp32 scales"
-        return EngineResult(model, nbytes, note + (", embedding shared with LM head" if llm.config.tie_word_embeddings
-                                                   else ", embedding GatherBlockQuantized"))
+        return EngineResult(
+            model,
+            nbytes,
+            note
+            + (
+                ", embedding shared with LM head"
+                if llm.config.tie_word_embeddings
+                else ", embedding GatherBlockQuantized"
+            ),
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,8 +349,6 @@ class NncfEngine:
                 llm.model.embed_tokens.weight.copy_(lookup.embedding.weight)
             nbytes += emb_bytes
             names.add("model.embed_tokens.weight")
-        names = {"model.embed_tokens.weight" if n == "lm_head.weight" and llm.config.tie_word_embeddings else n
-                 for n in names}
         nbytes += _float_bytes(llm, names)
         extras = "".join(f", {n}" for n, on in (("AWQ", self.awq), ("scale estimation", self.scale_estimation)) if on)
         head = "all layers" if self.all_layers else "embedding/LM head INT8_ASYM (NNCF backup)"
@@ -384,11 +386,13 @@ class LlamaCppEngine:
             llamacpp_quantize(src, dst, self.ftype, nthread=self.nthread)
             tensors = GGUFReader(str(dst)).tensors
             nbytes = sum(int(t.n_bytes) for t in tensors)
-            types = Counter(t.tensor_type.name for t in tensors if len(t.shape) > 1 or t.shape[0] > 1)
+            types = Counter(t.tensor_type.name for t in tensors if len(t.shape) > 1)  # matrices only
             state = load_gguf(dst, progress=False).model.language_model.state_dict()
         model.language_model.load_state_dict(state)
         kinds = ", ".join(f"{k}×{v}" for k, v in sorted(types.items()))
-        return EngineResult(model, nbytes, f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) {self.ftype}: {kinds}")
+        return EngineResult(
+            model, nbytes, f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) {self.ftype}: {kinds}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,4 +456,3 @@ def get_engine(name: str) -> Engine:
         return ENGINES[name]
     except KeyError:
         raise QuantError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}") from None
-

@@ -1,0 +1,131 @@
+"""The steps every export format shares: manifest, atomic writes, quantization resolution, errors.
+
+A minimal format registered here writes the language model's weights with safetensors, so these tests
+exercise the shared code alone; each real format has its own tests against its runtime."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from edge_mllm.export.bundle import BACKENDS, MANIFEST, Backend, backend, export_bundle, register, sha256
+from safetensors.torch import save_file
+
+from edge_mllm.checkpoint import load_model
+from edge_mllm.errors import ConfigError, QuantError
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def weights_format():
+    @register
+    class WeightsBackend(Backend):
+        name = "test-weights"
+        native_quant = ("native8",)
+        fail_after_first_file = False
+
+        def check(self, loaded, scheme, native_quant):
+            if scheme is not None and scheme.group_size != 32:
+                raise QuantError("this format packs group size 32 only")
+
+        def write(self, loaded, out_dir, weights, native_quant, progress):
+            state = {k: v.contiguous() for k, v in loaded.model.language_model.state_dict().items()
+                     if k != "lm_head.weight" or not loaded.model.config.text.tie_word_embeddings}
+            save_file(state, str(out_dir / "llm.safetensors"))
+            if type(self).fail_after_first_file:
+                raise Interrupted("disk full")
+            return {"model_file": "llm.safetensors", "native": native_quant}
+
+    yield WeightsBackend
+    del BACKENDS["test-weights"]
+
+
+@pytest.fixture(scope="module")
+def tiny(mobilevlm_v2):
+    return load_model(mobilevlm_v2.path)
+
+
+def test_manifest_describes_every_file(tiny, tmp_path):
+    out = export_bundle(copy.deepcopy(tiny), "test-weights", tmp_path / "b", progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    listed = {f["path"]: f for f in manifest["files"]}
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
+    assert set(listed) == on_disk and "llm.safetensors" in listed and manifest["tokenizer"] in listed
+    for path, entry in listed.items():
+        assert entry["size"] == (out / path).stat().st_size and entry["sha256"] == sha256(out / path)
+    config = tiny.model.config
+    assert manifest["format"] == "test-weights" and manifest["quantization"] is None
+    assert manifest["image_token_count"] == tiny.model.num_image_tokens > 0
+    assert manifest["image_preprocessing"]["image_size"] == config.vision.image_size
+    assert manifest["image_preprocessing"]["image_mean"] == list(config.vision.image_mean)
+    assert manifest["max_seq_len"] == config.text.max_position_embeddings
+    assert manifest["special_tokens"]["eos"] == tiny.tokenizer.eos_token_id
+    assert manifest["model"] == json.loads(json.dumps(config.to_dict()))
+    assert manifest["test-weights"] == {"model_file": "llm.safetensors", "native": None}
+
+
+def test_export_is_deterministic(tiny, tmp_path):
+    a = export_bundle(copy.deepcopy(tiny), "test-weights", tmp_path / "a", progress=False)
+    b = export_bundle(copy.deepcopy(tiny), "test-weights", tmp_path / "b", progress=False)
+    assert (a / MANIFEST).read_bytes() == (b / MANIFEST).read_bytes()
+
+
+def test_our_scheme_quantizes_and_is_recorded(tiny, tmp_path):
+    loaded = copy.deepcopy(tiny)
+    out = export_bundle(loaded, "test-weights", tmp_path / "q", quant="rtn-w4-g32", progress=False)
+    assert json.loads((out / MANIFEST).read_text())["quantization"] == "rtn-w4-g32"
+    assert loaded.quantization.scheme == "rtn-w4-g32"
+    name = "language_model.model.layers.0.mlp.up_proj.weight"
+    weight = dict(loaded.model.named_parameters())[name]
+    assert torch.equal(weight.detach(), loaded.quantization.tensors[name].dequantize())
+
+
+def test_native_types_pass_through(tiny, tmp_path):
+    out = export_bundle(copy.deepcopy(tiny), "test-weights", tmp_path / "n", quant="NATIVE8", progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["quantization"] == "native8" and manifest["test-weights"]["native"] == "native8"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "quant", "error", "message"),
+    [("nope", None, ConfigError, "unknown export format 'nope'"),
+     ("test-weights", "int3", QuantError, "unknown quantization scheme"),
+     ("test-weights", "rtn-w4-g64", QuantError, "group size 32 only")],
+)
+def test_bad_requests_fail_before_any_work(tiny, tmp_path, fmt, quant, error, message):
+    loaded = copy.deepcopy(tiny)
+    with pytest.raises(error, match=message):
+        export_bundle(loaded, fmt, tmp_path / "x", quant=quant, progress=False)
+    assert not (tmp_path / "x").exists() and loaded.quantization is None  # refused before quantizing
+
+
+def test_already_quantized_model_refuses_another_scheme(tiny, tmp_path):
+    loaded = copy.deepcopy(tiny)
+    export_bundle(loaded, "test-weights", tmp_path / "a", quant="rtn-w4-g32", progress=False)
+    with pytest.raises(ConfigError, match="already quantized"):
+        export_bundle(loaded, "test-weights", tmp_path / "b", quant="rtn-w8-g32", progress=False)
+
+
+def test_interrupted_export_leaves_nothing_and_keeps_the_old_bundle(tiny, tmp_path, weights_format):
+    out = export_bundle(copy.deepcopy(tiny), "test-weights", tmp_path / "b", progress=False)
+    before = (out / MANIFEST).read_bytes()
+    weights_format.fail_after_first_file = True
+    try:
+        with pytest.raises(Interrupted):
+            export_bundle(copy.deepcopy(tiny), "test-weights", tmp_path / "b", progress=False)
+        with pytest.raises(Interrupted):
+            export_bundle(copy.deepcopy(tiny), "test-weights", tmp_path / "new", progress=False)
+    finally:
+        weights_format.fail_after_first_file = False
+    assert (out / MANIFEST).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_backend_lookup_lists_formats():
+    with pytest.raises(ConfigError, match="test-weights"):
+        backend("tflite")
