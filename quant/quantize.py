@@ -60,7 +60,7 @@ def _output_error(weight: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tens
 
 def _quantize_one(weight: torch.Tensor, plan: TensorPlan, hessian: torch.Tensor | None) -> QuantizedTensor:
     group = plan.group_size or as_matrix(weight).shape[1]
-    if plan.method == "gptq" and hessian is not None:
+    if plan.method in ("gptq", "awq+gptq") and hessian is not None:
         return gptq_quantize(weight, hessian, plan.bits, group, plan.symmetric)
     return quantize_rtn(weight, plan.bits, group, plan.symmetric)
 
@@ -155,7 +155,7 @@ def _quantize_blocks(
             _run_layer(llm, layer, x)
         rec.remove()
         plan_any = next(p for n, p in plans.items() if n.startswith(prefix) and p is not None)
-        if plan_any.method == "awq":
+        if plan_any.method in ("awq", "awq+gptq"):
             _awq_block(layer, rec, short, plan_any)
             # inputs changed by the folded scales: record again for the error report
             rec = _InputRecorder(linears)

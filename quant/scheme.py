@@ -2,7 +2,8 @@
 
 Names: ``{method}-w{bits}-g{group}[-asym][-mixed]``, e.g. ``rtn-w4-g32``, ``gptq-w4-g64-asym``,
 ``awq-w4-g32-mixed``, ``rtn-w8-g32``. Methods: ``rtn`` (round to nearest), ``gptq``, ``awq``
-(activation-aware scaling, then round to nearest); ``gptq``/``awq`` need calibration data.
+(activation-aware scaling, then round to nearest), ``awq+gptq`` (AWQ's scaling, then GPTQ's
+rounding); all but ``rtn`` need calibration data.
 ``-mixed`` keeps the sensitive tensors at 8 bits: the token embedding / LM head and the first and
 last decoder blocks. The vision tower, patch embedding and projector are 8-bit in every scheme
 (convs per output channel, since their reduction dims rarely divide a group size).
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 
 from edge_mllm.errors import QuantError
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 GROUP_SIZES = (32, 64, 128)
-_NAME = re.compile(r"^(?P<method>[a-z]+)-w(?P<bits>\d+)-g(?P<group>\d+)(?P<asym>-asym)?(?P<mixed>-mixed)?$")
+_NAME = re.compile(r"^(?P<method>[a-z+]+)-w(?P<bits>\d+)-g(?P<group>\d+)(?P<asym>-asym)?(?P<mixed>-mixed)?$")
 VISION_BITS = 8
 
 
@@ -39,7 +40,7 @@ class QuantScheme:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("gptq", "awq")
+        return self.method != "rtn"
 
     @classmethod
     def parse(cls, name: str) -> QuantScheme:

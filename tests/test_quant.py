@@ -235,7 +235,7 @@ def test_bad_scheme_names_are_clear(name, message):
 
 
 def test_scheme_names_round_trip():
-    for name in ("rtn-w4-g32", "gptq-w4-g64-asym", "awq-w4-g128-mixed", "rtn-w8-g32-asym-mixed"):
+    for name in ("rtn-w4-g32", "gptq-w4-g64-asym", "awq-w4-g128-mixed", "rtn-w8-g32-asym-mixed", "awq+gptq-w4-g32"):
         assert QuantScheme.parse(name).name == name
     assert QuantScheme.parse("AWQ-W4-G32").needs_calibration
 
@@ -272,7 +272,9 @@ def _logits(model, ids):
         return lm(lm.embed(ids))[0]
 
 
-@pytest.mark.parametrize("scheme_name", ["rtn-w4-g32", "gptq-w4-g32", "awq-w4-g32-mixed", "rtn-w8-g32-asym"])
+@pytest.mark.parametrize(
+    "scheme_name", ["rtn-w4-g32", "gptq-w4-g32", "awq-w4-g32-mixed", "awq+gptq-w4-g64-asym", "rtn-w8-g32-asym"]
+)
 def test_quantize_model_replaces_weights_by_their_codes(tiny_mllm, scheme_name):
     model = copy.deepcopy(tiny_mllm.model)
     ids = torch.tensor([[1, 5, 9, 40, 77, 3, 120, 8]])
