@@ -133,7 +133,9 @@ def _detect_pre_tokenizer(spec: dict) -> str:
     )
 
 
-def _add_tokenizer(writer: GGUFWriter, tokenizer: Tokenizer, vocab_size: int, pre_tokenizer: str | None) -> None:
+def _add_tokenizer(
+    writer: GGUFWriter, tokenizer: Tokenizer, vocab_size: int, pre_tokenizer: str | None, chat_template: str | None
+) -> None:
     """``tokenizer.ggml.*`` for a byte-level BPE, laid out as convert_hf_to_gguf's ``get_vocab_base``."""
     hf = tokenizer.hf
     backend = getattr(hf, "backend_tokenizer", None)
@@ -178,8 +180,10 @@ def _add_tokenizer(writer: GGUFWriter, tokenizer: Tokenizer, vocab_size: int, pr
     with_special, plain = hf("a").input_ids, hf("a", add_special_tokens=False).input_ids
     writer.add_add_bos_token(len(with_special) > len(plain) and with_special[0] == hf.bos_token_id)
     writer.add_add_eos_token(len(with_special) > len(plain) and with_special[-1] == hf.eos_token_id)
-    if isinstance(tokenizer.chat_template, str):
-        writer.add_chat_template(tokenizer.chat_template)
+    if chat_template is None and isinstance(tokenizer.chat_template, str):
+        chat_template = tokenizer.chat_template
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
 
 def _add_hparams(writer: GGUFWriter, lm: LlamaForCausalLM) -> None:
@@ -246,6 +250,8 @@ def write_llama_gguf(
     raw_tensors: Mapping[str, tuple[np.ndarray, GGMLQuantizationType]] | None = None,
     pre_tokenizer: str | None = None,
     name: str = "edge-mllm",
+    chat_template: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Write the language model of ``loaded`` as a llama.cpp GGUF (architecture ``llama``).
 
@@ -261,6 +267,8 @@ def write_llama_gguf(
             structure; anything else must be named, as nothing in a tokenizer (least of all one rebuilt
             from a GGUF) says which of llama.cpp's pre-tokenizer regexes it corresponds to.
         name: ``general.name``.
+        chat_template: Jinja ``tokenizer.chat_template``; None writes the tokenizer's own (if any).
+        progress: show a progress bar while the tensors are written.
 
     Returns:
         ``path``. The same inputs always give a byte-identical file.
@@ -285,7 +293,7 @@ def write_llama_gguf(
         writer.add_file_type(file_type)
         writer.add_quantization_version(GGML_QUANT_VERSION)
         _add_hparams(writer, lm)
-        _add_tokenizer(writer, loaded.tokenizer, c.vocab_size, pre_tokenizer)
+        _add_tokenizer(writer, loaded.tokenizer, c.vocab_size, pre_tokenizer, chat_template)
         for hf_name, tensor in tensors.items():
             gguf_name = gguf_tensor_name(hf_name)
             if hf_name in raw:
@@ -301,7 +309,7 @@ def write_llama_gguf(
             writer.add_tensor(gguf_name, np.ascontiguousarray(data), raw_dtype=tensor_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_tensors_to_file(progress=progress)
         writer.close()
     return path
 
