@@ -332,8 +332,8 @@ def quantize(model, scheme, calib_path, output, report, eval_data, eval_scenes, 
 @cli.command()
 @MODEL_ARG
 @click.option("--format", "fmt", required=True, type=click.Choice(["executorch", "gguf", "onnx"]))
-@click.option("--quant", help="Our scheme (e.g. awq-w4-g32) or the format's own type (gguf: f32, f16, q8_0, q4_0, q4_k_m). "
-                              "Default: floats, or a quantized MODEL's own codes.")
+@click.option("--quant", help="Our scheme (e.g. awq-w4-g32) or the format's own type "
+                              "(gguf: f32, f16, q8_0, q4_0, q4_k_m). Default: floats, or a quantized MODEL's codes.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Bundle folder (replaced).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(model, fmt, quant, output, as_json) -> None:
