@@ -1,0 +1,200 @@
+"""The three graphs of an ONNX bundle, as export-only wrappers around the model's own modules, and
+their export with ``torch.onnx.export``.
+
+Names and layouts are onnxruntime-genai's (``genai_config.json``, Phi-3-vision's three-model split):
+- ``vision.onnx``: ``pixel_values`` [num_images, 3, H, W] → ``image_features``
+  [num_images · image_tokens, D] (vision tower + projector; genai pre-allocates that 2-D buffer);
+- ``embedding.onnx``: ``input_ids`` [B, S] (+ ``image_features``) → ``inputs_embeds`` [B, S, D];
+  every negative id (LLaVA's ``IMAGE_TOKEN_INDEX``, Phi-3-vision's image ids) takes the next
+  row of ``image_features``, in order, as ``MultimodalLM.embed_prompt`` splices images;
+- ``decoder.onnx``: ``inputs_embeds`` + ``past_key_values.N.key/value`` [B, H_kv, P, head_dim] →
+  ``logits`` [B, S, V] + ``present.N.key/value`` [B, H_kv, P + S, head_dim].
+
+Each wrapper keeps the model's attribute names, so the exported initializers are named exactly
+as the model's parameters (the exporter keeps only the ones a graph reads).
+
+The decoder's positions are its cache slots (P … P + S − 1), as in ``edge_mllm.generate``; it has
+no ``attention_mask`` / ``position_ids`` inputs (both optional in genai), so batches must be
+unpadded (every row the same length).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import onnx
+import torch
+from torch import nn
+
+from edge_mllm.model.llama import LlamaForCausalLM
+from edge_mllm.model.mllm import MultimodalLM
+
+PIXEL_VALUES = "pixel_values"
+IMAGE_FEATURES = "image_features"
+INPUT_IDS = "input_ids"
+INPUTS_EMBEDS = "inputs_embeds"
+LOGITS = "logits"
+PAST_KEY = "past_key_values.%d.key"
+PAST_VALUE = "past_key_values.%d.value"
+PRESENT_KEY = "present.%d.key"
+PRESENT_VALUE = "present.%d.value"
+
+# Dynamic axes, with onnxruntime-genai's names.
+BATCH = "batch_size"
+SEQUENCE = "sequence_length"
+PAST = "past_sequence_length"
+TOTAL = "total_sequence_length"
+IMAGES = "num_images"
+IMAGE_TOKENS = "num_image_tokens"
+OPSET = 20  # the TorchScript exporter's newest
+
+
+class VisionGraph(nn.Module):
+    """Pixels → image features, flattened over images (genai's 2-D ``image_features``)."""
+
+    def __init__(self, model: MultimodalLM):
+        super().__init__()
+        self.vision_tower = model.vision_tower
+        self.mm_projector = model.mm_projector
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.mm_projector(self.vision_tower(pixel_values)).flatten(0, 1)
+
+
+class EmbeddingGraph(nn.Module):
+    """Token ids → embeddings; with ``image_features``, negative ids take image rows in order."""
+
+    def __init__(self, model: MultimodalLM):
+        super().__init__()
+        self.language_model = model.language_model  # only the embedding is traced
+
+    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        is_image = input_ids < 0
+        embeds = self.language_model.embed(input_ids.clamp_min(0))
+        if image_features is None:
+            return embeds
+        # The k-th image position (row-major over the batch) reads row k of [zeros; image_features]:
+        # row 0 is a dummy so that a text-only step, with zero image rows, still gathers in range.
+        index = torch.cumsum(is_image.flatten().long(), 0).view_as(input_ids) * is_image
+        table = torch.cat([image_features.new_zeros(1, image_features.shape[1]), image_features])
+        return torch.where(is_image.unsqueeze(-1), table[index], embeds)
+
+
+class ConcatKVCache(nn.Module):
+    """Export-only stand-in for ``KVCache`` (same ``update``): the past comes in as graph inputs
+    and the concatenation goes out as ``present`` outputs, instead of a static buffer written in
+    place (a source transform, as ExecuTorch's export does with its own cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.past: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.present: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past_k, past_v = self.past
+        self.present = (torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2))
+        return self.present
+
+
+class DecoderGraph(nn.Module):
+    """inputs_embeds + past → logits + present, running the model's own decoder layers."""
+
+    def __init__(self, model: MultimodalLM):
+        super().__init__()
+        self.language_model = model.language_model
+
+    def forward(self, inputs_embeds: torch.Tensor, past: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+        lm = self.language_model
+        past_len, seq_len = past[0][0].shape[2], inputs_embeds.shape[1]
+        input_pos = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)
+        cos = lm.rope_cos[input_pos].to(inputs_embeds.dtype)
+        sin = lm.rope_sin[input_pos].to(inputs_embeds.dtype)
+        x, present = inputs_embeds, []
+        for layer, (past_k, past_v) in zip(lm.model.layers, past, strict=True):
+            cache = layer.self_attn.kv_cache
+            cache.past = (past_k, past_v)
+            x = layer(x, cos, sin, input_pos)
+            present.extend(cache.present)
+        return (lm.lm_head(lm.model.norm(x)), *present)
+
+
+@contextmanager
+def concat_caches(lm: LlamaForCausalLM):
+    """Give every attention layer a ``ConcatKVCache`` for the duration; restore the model after."""
+    saved = [layer.self_attn.kv_cache for layer in lm.model.layers], lm.max_cache_len
+    try:
+        for layer in lm.model.layers:
+            layer.self_attn.kv_cache = ConcatKVCache()
+        yield
+    finally:
+        for layer, cache in zip(lm.model.layers, saved[0], strict=True):
+            layer.self_attn.kv_cache = cache
+        lm.max_cache_len = saved[1]
+
+
+def _export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+            dynamic_axes: dict[str, dict[int, str]]) -> onnx.ModelProto:
+    """``torch.onnx.export`` with the TorchScript exporter, without constant folding.
+
+    Why TorchScript rather than dynamo (``dynamo=True`` also exports these wrappers): on this CPU it
+    exports the 2-layer test decoder in 1 s against 20 s and the 30-layer default in 20–40 s against
+    145 s, and its output is byte-identical run to run. The price is torch's deprecation warning
+    for this exporter (silenced here) and opset 20 at most. Why no folding: every
+    parameter then stays an initializer named after it and every linear ``MatMul(x, Transpose(W))``,
+    so ``surgery`` can find the weights again; the rest is folded afterwards (``files``).
+    """
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(
+            module, args, buffer, dynamo=False, opset_version=OPSET, do_constant_folding=False,
+            input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@torch.no_grad()
+def export_vision(model: MultimodalLM) -> onnx.ModelProto:
+    """``vision.onnx``: pixel_values [num_images, 3, H, W] → image_features [num_images · N, D]."""
+    v = model.config.vision
+    pixels = torch.zeros(2, v.num_channels, v.image_size, v.image_size)
+    return _export(VisionGraph(model).eval(), (pixels,), [PIXEL_VALUES], [IMAGE_FEATURES],
+                   {PIXEL_VALUES: {0: IMAGES}, IMAGE_FEATURES: {0: IMAGE_TOKENS}})
+
+
+@torch.no_grad()
+def export_embedding(model: MultimodalLM) -> onnx.ModelProto:
+    """``embedding.onnx``: input_ids [B, S] (+ image_features [rows, D] for a model with vision)
+    → inputs_embeds [B, S, D]."""
+    ids = torch.tensor([[1, -1, -1, 2], [3, -1, -1, 4]])
+    axes = {INPUT_IDS: {0: BATCH, 1: SEQUENCE}, INPUTS_EMBEDS: {0: BATCH, 1: SEQUENCE}}
+    if not model.config.has_vision:
+        return _export(EmbeddingGraph(model).eval(), (ids,), [INPUT_IDS], [INPUTS_EMBEDS], axes)
+    features = torch.zeros(4, model.config.text.hidden_size)
+    return _export(EmbeddingGraph(model).eval(), (ids, features), [INPUT_IDS, IMAGE_FEATURES], [INPUTS_EMBEDS],
+                   {**axes, IMAGE_FEATURES: {0: IMAGE_TOKENS}})
+
+
+def cache_names(num_layers: int, past: bool) -> list[str]:
+    """past_key_values.N.key/value (inputs) or present.N.key/value (outputs), layer by layer."""
+    key, value = (PAST_KEY, PAST_VALUE) if past else (PRESENT_KEY, PRESENT_VALUE)
+    return [name % i for i in range(num_layers) for name in (key, value)]
+
+
+@torch.no_grad()
+def export_decoder(model: MultimodalLM) -> onnx.ModelProto:
+    """``decoder.onnx``: inputs_embeds [B, S, D] + past_key_values.N.key/value [B, H_kv, P, head_dim]
+    → logits [B, S, V] + present.N.key/value [B, H_kv, P + S, head_dim]."""
+    c = model.config.text
+    embeds = torch.zeros(2, 3, c.hidden_size)
+    past = [(torch.zeros(2, c.num_key_value_heads, 4, c.head_dim),) * 2 for _ in range(c.num_hidden_layers)]
+    inputs = [INPUTS_EMBEDS, *cache_names(c.num_hidden_layers, past=True)]
+    outputs = [LOGITS, *cache_names(c.num_hidden_layers, past=False)]
+    axes = {INPUTS_EMBEDS: {0: BATCH, 1: SEQUENCE}, LOGITS: {0: BATCH, 1: SEQUENCE}}
+    axes.update({name: {0: BATCH, 2: PAST} for name in inputs[1:]})
+    axes.update({name: {0: BATCH, 2: TOTAL} for name in outputs[1:]})
+    with concat_caches(model.language_model):
+        return _export(DecoderGraph(model).eval(), (embeds, past), inputs, outputs, axes)

@@ -1,0 +1,213 @@
+"""Generation from an ONNX bundle with plain ``onnxruntime``: image → ``vision.onnx`` → image
+features spliced at the image positions by ``embedding.onnx`` → ``decoder.onnx`` prefill, then
+greedy decoding one token at a time with each step's ``present`` fed back as the next ``past``.
+
+This is the loop onnxruntime-genai runs for the bundle (its ``phi3v`` pipeline), written out so the
+bundle can be checked, and used, where onnxruntime-genai is not installed. Model files and I/O
+names come from ``genai_config.json``; the tokenizer, chat template, image preprocessing and stop
+tokens from the bundle's ``tokenizer/`` and ``manifest.json`` (only needed for text prompts and
+image files: token ids and pixel arrays work without them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from edge_mllm.errors import ContextLengthError, EdgeMLLMError
+from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
+from edge_mllm.pipeline import GenerationResult
+from edge_mllm.preprocess import ImageInput
+
+Images = Sequence[ImageInput] | np.ndarray | torch.Tensor
+
+
+class OnnxRunner:
+    """An ONNX bundle loaded into onnxruntime sessions.
+
+    ``OnnxRunner(bundle_dir).generate("What is in the picture?", ["cat.png"], max_new_tokens=32)``;
+    ``prompt`` may also be token ids with ``IMAGE_TOKEN_INDEX`` placeholders, and ``images`` a
+    normalised pixel array [N, 3, H, W].
+    """
+
+    def __init__(self, bundle_dir: str | Path, *, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 threads: int | None = None):
+        self.path = Path(bundle_dir)
+        config_path = self.path / "genai_config.json"
+        if not config_path.is_file():
+            raise EdgeMLLMError(f"{self.path} is not an ONNX bundle: genai_config.json is missing")
+        config = json.loads(config_path.read_text())["model"]
+        manifest_path = self.path / "manifest.json"
+        self.manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        decoder = config["decoder"]
+        self.num_layers = decoder["num_hidden_layers"]
+        self.num_kv_heads = decoder["num_key_value_heads"]
+        self.head_size = decoder["head_size"]
+        self.hidden_size = decoder["hidden_size"]
+        self.context_length = config["context_length"]
+        self.io = {"decoder": decoder, "embedding": config.get("embedding", {}), "vision": config.get("vision", {})}
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+
+        def session(filename: str) -> ort.InferenceSession:
+            return ort.InferenceSession(str(self.path / filename), options, providers=list(providers))
+
+        # Text-only bundles name their files in the decoder's pipeline (genai "decoder-pipeline").
+        stages = {name: stage for entry in decoder.get("pipeline", []) for name, stage in entry.items()}
+        self.vision = session(config["vision"]["filename"]) if "vision" in config else None
+        self.embedding = session(config.get("embedding", stages.get("embedding", {})).get("filename", "embedding.onnx"))
+        self.decoder = session(decoder.get("filename") or stages["decoder"]["filename"])
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------------------------------
+    # the three graphs
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Normalised pixels [N, 3, H, W] → image features [N, image_tokens, D]."""
+        if self.vision is None:
+            raise EdgeMLLMError("this bundle has no vision encoder: it cannot take images")
+        io = self.io["vision"]
+        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        (features,) = self.vision.run([io["outputs"]["image_features"]], {io["inputs"]["pixel_values"]: pixels})
+        return features.reshape(pixels.shape[0], -1, features.shape[-1])
+
+    def embed(self, token_ids: Sequence[int], image_features: np.ndarray | None = None) -> np.ndarray:
+        """Token ids with one ``IMAGE_TOKEN_INDEX`` per image → inputs_embeds [1, T, D], each
+        placeholder replaced by its image's features (as ``MultimodalLM.embed_prompt``)."""
+        token_ids = list(token_ids)
+        n_images = 0 if image_features is None else image_features.shape[0]
+        if token_ids.count(IMAGE_TOKEN_INDEX) != n_images:
+            raise EdgeMLLMError(f"prompt has {token_ids.count(IMAGE_TOKEN_INDEX)} image placeholder(s) "
+                                f"but {n_images} image(s) were given")
+        feeds = {"input_ids": np.asarray([self._expand(token_ids, image_features)], dtype=np.int64)}
+        if self.vision is not None:
+            width = self.hidden_size
+            rows = np.zeros((0, width), np.float32) if image_features is None else image_features.reshape(-1, width)
+            feeds["image_features"] = np.ascontiguousarray(rows, dtype=np.float32)
+        return self.embedding.run(None, feeds)[0]
+
+    @staticmethod
+    def _expand(token_ids: Sequence[int], image_features: np.ndarray | None) -> list[int]:
+        """Each image placeholder → one (negative) id per image token: the embedding graph fills
+        negative positions with image feature rows in order."""
+        per_image = 0 if image_features is None else image_features.shape[1]
+        out: list[int] = []
+        for tok in token_ids:
+            out.extend([IMAGE_TOKEN_INDEX] * per_image if tok == IMAGE_TOKEN_INDEX else [tok])
+        return out
+
+    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+        """Zero-length past keys/values for a first (prefill) step."""
+        return [np.zeros((batch, self.num_kv_heads, 0, self.head_size), np.float32)] * (2 * self.num_layers)
+
+    def forward(self, inputs_embeds: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder step: inputs_embeds [B, S, D] after ``past`` → (logits [B, S, V], present)."""
+        io = self.io["decoder"]
+        names = [io["inputs"]["past_key_names"], io["inputs"]["past_value_names"]]
+        feeds = {io["inputs"]["inputs_embeds"]: np.ascontiguousarray(inputs_embeds, dtype=np.float32)}
+        feeds.update({names[i % 2] % (i // 2): kv for i, kv in enumerate(past)})
+        logits, *present = self.decoder.run(None, feeds)
+        return logits, present
+
+    # ------------------------------------------------------------------------------------------
+    # generation
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        images: Images = (),
+        *,
+        max_new_tokens: int = 256,
+        raw: bool = False,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> GenerationResult:
+        """Greedy answer to ``prompt`` about ``images``.
+
+        ``prompt``: text (rendered with the bundle's chat template unless ``raw``, ``<image>`` marking
+        images in raw text) or token ids with ``IMAGE_TOKEN_INDEX`` placeholders. ``images``: image
+        files / PIL images / arrays, or pixels already normalised [N, 3, H, W].
+        ``stop_token_ids``: default the bundle's stop tokens; ``()`` generates ``max_new_tokens``.
+        """
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        pixels = self._pixels(images)
+        n_images = 0 if pixels is None else pixels.shape[0]
+        token_ids = self._tokenize(prompt, n_images, raw) if isinstance(prompt, str) else list(prompt)
+        if stop_token_ids is None:
+            stop_token_ids = self.manifest.get("special_tokens", {}).get("stop", [])
+        stop = set(stop_token_ids)
+
+        t0 = time.perf_counter()
+        features = None if pixels is None else self.encode_images(pixels)
+        t_vision = time.perf_counter()
+        embeds = self.embed(token_ids, features)
+        prompt_len = embeds.shape[1]
+        if prompt_len + max_new_tokens > self.context_length:
+            raise ContextLengthError(
+                f"prompt ({prompt_len} tokens, images included) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"the model's context of {self.context_length} tokens")
+        logits, past = self.forward(embeds, self.empty_cache())
+        t_first = time.perf_counter()
+        tokens, finish = [], "length"
+        while True:
+            token = int(np.argmax(logits[0, -1]))
+            if token in stop:
+                finish = "stop"
+                break
+            tokens.append(token)
+            if len(tokens) == max_new_tokens:
+                break
+            logits, past = self.forward(self.embed([token]), past)
+        t_end = time.perf_counter()
+        steps = max(len(tokens) - 1, 0)
+        timings = {
+            "vision_encode_s": t_vision - t0,
+            "prefill_s": t_first - t_vision,
+            "decode_s": t_end - t_first,
+            "time_to_first_token_s": t_first - t0,
+            "prefill_tokens_per_s": prompt_len / max(t_first - t_vision, 1e-9),
+            "decode_tokens_per_s": steps / (t_end - t_first) if steps else 0.0,
+        }
+        text = self.tokenizer.decode(tokens) if (self.path / "tokenizer").is_dir() else ""
+        return GenerationResult(text, tokens, prompt_len, finish, timings)
+
+    # ------------------------------------------------------------------------------------------
+    # text and images
+
+    @property
+    def tokenizer(self):
+        """The bundle's tokenizer (``tokenizer/``), loaded on first use."""
+        if self._tokenizer is None:
+            from edge_mllm.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_folder(self.path / "tokenizer")
+        return self._tokenizer
+
+    def _tokenize(self, prompt: str, n_images: int, raw: bool) -> list[int]:
+        from edge_mllm.chat import ChatTemplate, user_message
+
+        if not raw:
+            template = ChatTemplate(self.manifest.get("chat_template", "tokenizer"))
+            prompt = template.render([user_message(prompt, n_images)], self.tokenizer)
+        return self.tokenizer.encode_with_images(prompt)
+
+    def _pixels(self, images: Images) -> np.ndarray | None:
+        if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
+            return np.asarray(images, dtype=np.float32)
+        if len(images) == 0:
+            return None
+        spec = self.manifest.get("image_preprocessing")
+        if not spec:
+            raise EdgeMLLMError("this bundle has no image preprocessing in manifest.json: pass normalised pixels")
+        from edge_mllm.preprocess import ImageProcessor
+
+        processor = ImageProcessor(spec["image_size"], tuple(spec["image_mean"]), tuple(spec["image_std"]),
+                                   spec["aspect_ratio"])
+        return torch.stack([processor(image) for image in images]).numpy()

@@ -1,0 +1,139 @@
+"""Put our quantized codes into an exported float graph: each linear's ``MatMul`` becomes a
+``com.microsoft.MatMulNBits`` and the token embedding's ``Gather`` a ``GatherBlockQuantized``, with
+initializers packed by :func:`~edge_mllm.export.onnx.nbits.pack_nbits` from the exact integers our
+quantizer chose.
+
+ONNX Runtime's own ``MatMulNBitsQuantizer`` would re-quantize the float weights (and lose what GPTQ
+/ AWQ chose), so the swap is done here with ``onnx.helper``. The exporter leaves every linear as
+``MatMul(x, Transpose(W))`` and every parameter as an initializer named after it, which is how a
+weight is found again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import onnx
+from edge_mllm.export.onnx.nbits import NBitsWeight, pack_nbits
+from edge_mllm.quant.groupwise import QuantizedTensor
+from onnx import helper, numpy_helper
+
+from edge_mllm.errors import QuantError
+
+MS_DOMAIN = "com.microsoft"
+
+
+def packable(qt: QuantizedTensor) -> bool:
+    """Whether ONNX Runtime's block-quantized kernels can take these codes as they are."""
+    g = qt.group_size
+    return len(qt.shape) == 2 and qt.bits in (4, 8) and g >= 16 and not g & (g - 1) and qt.shape[1] % g == 0
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _add_initializers(graph: onnx.GraphProto, prefix: str, packed: NBitsWeight, data_shape) -> list[str]:
+    """The packed codes as initializers named ``<weight>.qweight/.scales[/.zero_points]`` (our
+    checkpoints' names); returns them in the operators' input order (zero points last)."""
+    tensors = [(f"{prefix}.qweight", packed.data.reshape(data_shape)), (f"{prefix}.scales", packed.scales)]
+    if packed.zero_points is not None:
+        tensors.append((f"{prefix}.zero_points", packed.zero_points.reshape(packed.rows, -1)))
+    graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in tensors)
+    return [name for name, _ in tensors]
+
+
+def _replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], uses_ms_domain: bool) -> None:
+    """Install the rewritten node list, import ``com.microsoft`` if used, drop what became unused."""
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if uses_ms_domain and all(op.domain != MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    prune(model)
+
+
+def to_matmul_nbits(
+    model: onnx.ModelProto, codes: Mapping[str, QuantizedTensor], accuracy_level: int
+) -> set[str]:
+    """Replace ``MatMul(A, Transpose(W))`` by ``MatMulNBits(A, codes of W)`` for every initializer
+    ``W`` named in ``codes`` whose codes ONNX Runtime can take; returns the weights replaced.
+
+    ``accuracy_level``: MatMulNBits' minimum precision of A (1 fp32 … 4 int8, the mobile default)."""
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    packed_inputs: dict[str, tuple[NBitsWeight, list[str]]] = {}  # a weight read twice is packed once
+    nodes = []
+    for node in graph.node:
+        src = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        weight = src.input[0] if src is not None and src.op_type == "Transpose" else None
+        if weight not in codes or not packable(codes[weight]) or list(_attr(src, "perm", [])) != [1, 0]:
+            nodes.append(node)
+            continue
+        if weight not in packed_inputs:
+            packed = pack_nbits(codes[weight])
+            shape = (packed.rows, packed.cols // packed.block_size, -1)
+            packed_inputs[weight] = packed, _add_initializers(graph, weight, packed, shape)
+        packed, inputs = packed_inputs[weight]
+        nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], *inputs], list(node.output), name=f"{node.name}_nbits", domain=MS_DOMAIN,
+            K=packed.cols, N=packed.rows, bits=packed.bits, block_size=packed.block_size, accuracy_level=accuracy_level,
+        ))
+    _replace_nodes(model, nodes, bool(packed_inputs))
+    return set(packed_inputs)
+
+
+def to_gather_block_quantized(model: onnx.ModelProto, codes: Mapping[str, QuantizedTensor]) -> set[str]:
+    """Replace ``Gather(W, ids)`` (an embedding lookup) by ``GatherBlockQuantized`` for every
+    initializer ``W`` named in ``codes`` whose codes ONNX Runtime can take; returns those replaced."""
+    graph = model.graph
+    packed_inputs: dict[str, tuple[NBitsWeight, list[str]]] = {}
+    nodes = []
+    for node in graph.node:
+        weight = node.input[0] if node.op_type == "Gather" else None
+        if weight not in codes or not packable(codes[weight]) or _attr(node, "axis", 0) != 0:
+            nodes.append(node)
+            continue
+        if weight not in packed_inputs:
+            packed = pack_nbits(codes[weight])
+            packed_inputs[weight] = packed, _add_initializers(graph, weight, packed, (packed.rows, -1))
+        packed, (data, scales, *zero_points) = packed_inputs[weight]
+        nodes.append(helper.make_node(
+            "GatherBlockQuantized", [data, node.input[1], scales, *zero_points], list(node.output),
+            name=f"{node.name}_block_quantized", domain=MS_DOMAIN,
+            gather_axis=0, quantize_axis=1, block_size=packed.block_size, bits=packed.bits,
+        ))
+    _replace_nodes(model, nodes, bool(packed_inputs))
+    return set(packed_inputs)
+
+
+def float_weights_left(model: onnx.ModelProto, codes: Mapping[str, QuantizedTensor]) -> list[str]:
+    """Initializers that still hold a quantized weight in floating point."""
+    return sorted(init.name for init in model.graph.initializer if init.name in codes)
+
+
+def require_quantized(model: onnx.ModelProto, codes: Mapping[str, QuantizedTensor], what: str) -> None:
+    """Refuse a graph in which a quantized weight was left in floating point (an unexpected
+    pattern or codes ONNX Runtime cannot take): the bundle would silently not be the scheme."""
+    left = float_weights_left(model, codes)
+    if left:
+        shown = ", ".join(f"{n} ({codes[n].bits}-bit, group {codes[n].group_size})" for n in left[:3])
+        raise QuantError(f"{what}: cannot express these quantized weights as ONNX Runtime block-quantized "
+                         f"operators: {shown}{' …' if len(left) > 3 else ''}")
+
+
+def prune(model: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nothing reads and initializers no node reads (the float weights and
+    their Transposes once replaced); graph inputs and outputs are kept."""
+    graph = model.graph
+    needed = {out.name for out in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+    inits = [init for init in graph.initializer if init.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
