@@ -87,7 +87,8 @@ def _needs(engine: Engine, calibration: Sequence[torch.Tensor] | None) -> None:
 
 @dataclass
 class TorchaoEngine:
-    """torchao 8daXw on every linear + IntxWeightOnly on the embedding: ExecuTorch's XNNPACK recipe.
+    """torchao 8daXw on every linear + IntxWeightOnly on the embedding: ExecuTorch's XNNPACK recipe
+    (or, with ``dynamic_activations=False``, IntxWeightOnly on the linears too: ExecuTorch's "4w").
 
     A tied LM head is untied, as ExecuTorch's Llama export does: the embedding becomes a quantized
     lookup and the head an 8da4w linear, stored separately.
@@ -99,6 +100,7 @@ class TorchaoEngine:
     embedding_bits: int = 4
     embedding_group: int = 32  # 0: one group per row (ExecuTorch's "8,0")
     algorithm: str = "hqq_scale_only"  # ExecuTorch's export default (use_hqq=True); or "affine"
+    dynamic_activations: bool = True  # False: weight-only ("4w"), to isolate the int8 activations' cost
     needs_calibration: bool = False
 
     def quantize(self, loaded: LoadedModel, calibration: Sequence[torch.Tensor] | None = None) -> EngineResult:
@@ -119,13 +121,23 @@ class TorchaoEngine:
             ),
             filter_fn=lambda m, _fqn: isinstance(m, nn.Embedding),
         )
-        quantize_(
-            llm,
+        weight_dtype = getattr(torch, f"int{self.bits}")
+        linear_config = (
             Int8DynamicActivationIntxWeightConfig(
-                weight_dtype=getattr(torch, f"int{self.bits}"),
+                weight_dtype=weight_dtype,
                 weight_granularity=PerGroup(self.group_size),
                 intx_choose_qparams_algorithm=self.algorithm,
-            ),
+            )
+            if self.dynamic_activations
+            else IntxWeightOnlyConfig(
+                weight_dtype=weight_dtype,
+                granularity=PerGroup(self.group_size),
+                intx_choose_qparams_algorithm=self.algorithm,
+            )
+        )
+        quantize_(
+            llm,
+            linear_config,
             # ExecuTorch's filter: linears whose rows are whole groups
             filter_fn=lambda m, _fqn: isinstance(m, nn.Linear) and m.in_features % self.group_size == 0,
         )
@@ -143,9 +155,10 @@ class TorchaoEngine:
                 nbytes += weight.qdata.numel() * self.embedding_bits // 8 + 4 * weight.scale.numel()
         nbytes += _float_bytes(llm, names)
         emb = f"g{self.embedding_group}" if self.embedding_group else "per-row"
+        scheme = f"{'8da' if self.dynamic_activations else ''}{self.bits}w g{self.group_size}"
         note = (
-            f"torchao {torchao.__version__} 8da{self.bits}w g{self.group_size} ({self.algorithm}, bf16 scales as "
-            f"XNNPACK), embedding int{self.embedding_bits} {emb}"
+            f"torchao {torchao.__version__} {scheme} ({self.algorithm}, bf16 scales as XNNPACK), "
+            f"embedding int{self.embedding_bits} {emb}"
         )
         return EngineResult(model, nbytes, note)
 
@@ -245,17 +258,12 @@ class OrtMatMulNBitsEngine:
                 names.add("model.embed_tokens.weight")
         nbytes += _float_bytes(llm, names)
         kind = "sym" if self.symmetric else "asym"
-        note = f"onnxruntime {onnxruntime.__version__} MatMulNBits 4-bit {kind} block {self.block_size}, fp32 scales"
-        return EngineResult(
-            model,
-            nbytes,
-            note
-            + (
-                ", embedding shared with LM head"
-                if llm.config.tie_word_embeddings
-                else ", embedding GatherBlockQuantized"
-            ),
+        embedding = "shared with the LM head" if llm.config.tie_word_embeddings else "GatherBlockQuantized"
+        note = (
+            f"onnxruntime {onnxruntime.__version__} MatMulNBits 4-bit {kind} block {self.block_size}, fp32 scales, "
+            f"embedding {embedding}"
         )
+        return EngineResult(model, nbytes, note)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,8 +409,8 @@ class LlamaCppEngine:
 
 @dataclass
 class EdgeMllmEngine:
-    """Our own ``quantize_model`` with a scheme (``rtn-w4-g32``, ``awq-w4-g32``, …), language model only
-    counted in ``nbytes`` (the vision tower is quantized too, as every scheme does, but not counted)."""
+    """Our own ``quantize_model`` with a scheme (``rtn-w4-g32``, ``awq-w4-g32``, …); the vision tower and
+    projector it also quantizes are put back, as the other engines leave them."""
 
     name: str
     scheme: str = "awq-w4-g32"
@@ -414,7 +422,12 @@ class EdgeMllmEngine:
     def quantize(self, loaded: LoadedModel, calibration: Sequence[torch.Tensor] | None = None) -> EngineResult:
         _needs(self, calibration)
         model = _copy(loaded.model)
-        result = quantize_model(model, QuantScheme.parse(self.scheme), calibration, progress=False)
+        scheme = QuantScheme.parse(self.scheme)
+        # Data-free schemes would only use calibration for their error report: skip the block passes.
+        result = quantize_model(model, scheme, calibration if scheme.needs_calibration else None, progress=False)
+        for part in ("vision_tower", "mm_projector"):  # engines quantize the language model only
+            if getattr(model, part) is not None:
+                getattr(model, part).load_state_dict(getattr(loaded.model, part).state_dict())
         llm_tensors = {n[len(LLM_PREFIX) :]: qt for n, qt in result.tensors.items() if n.startswith(LLM_PREFIX)}
         nbytes = sum(qt.nbytes() for qt in llm_tensors.values()) + _float_bytes(model.language_model, set(llm_tensors))
         return EngineResult(model, nbytes, f"edge-mllm {self.scheme}")
@@ -433,6 +446,7 @@ ENGINES: dict[str, Engine] = _registry(
     TorchaoEngine("torchao-8da4w-g32-emb8", embedding_bits=8, embedding_group=0),
     TorchaoEngine("torchao-8da4w-g64", group_size=64, embedding_group=64),
     TorchaoEngine("torchao-8da4w-g32-affine", algorithm="affine"),
+    TorchaoEngine("torchao-4w-g32", dynamic_activations=False),
     OrtMatMulNBitsEngine("ort-matmulnbits-w4-g32"),
     OrtMatMulNBitsEngine("ort-matmulnbits-w4-g32-asym", symmetric=False),
     OrtMatMulNBitsEngine("ort-matmulnbits-w4-g64", block_size=64),
