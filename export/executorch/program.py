@@ -1,0 +1,208 @@
+"""Build the ``.pte``: the staging of ExecuTorch's ``extension/llm`` export, for three methods.
+
+source transform (``modules`` + ``quantize``) → ``torch.export`` per method → ``to_edge_transform_and_lower``
+(one partitioner list per method, from ``targets``) → ``to_executorch`` → bytes. The constant methods the
+LLM runners read (``extension/llm/runner/constants.h``: ``get_max_seq_len``, ``get_eos_ids``…) are added
+at lowering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from edge_mllm.quant.storage import QuantizedWeights
+from torch.export import Dim, ExportedProgram
+from tqdm import tqdm
+
+from edge_mllm.checkpoint.base import LoadedModel
+
+from .modules import TextDecoder, TokenEmbedding, VisionEncoder, load_custom_ops
+from .quantize import NativeQuant, apply_codes, apply_native, load_quantized_ops
+
+VISION_METHOD = "vision_encoder"
+EMBEDDING_METHOD = "token_embedding"
+DECODER_METHOD = "text_decoder"
+
+
+@dataclass
+class MethodSpec:
+    """One method to export: the module, example inputs and torch.export dynamic shapes."""
+
+    module: torch.nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    dynamic_shapes: tuple | None = None
+
+
+def method_specs(
+    vision: torch.nn.Module | None, embedding: torch.nn.Module, decoder: torch.nn.Module,
+    image_size: int, hidden_size: int, max_seq_len: int,
+) -> dict[str, MethodSpec]:
+    """The methods of a multimodal program with ExecuTorch's names. Prompt length is dynamic up to the
+    cache length; the image is one fixed-size normalised NCHW image (our preprocessing makes it)."""
+    tokens = Dim("tokens", min=1, max=max_seq_len)
+    specs = {
+        EMBEDDING_METHOD: MethodSpec(embedding, (torch.zeros(1, 4, dtype=torch.long),), ({1: tokens},)),
+        DECODER_METHOD: MethodSpec(
+            decoder,
+            (torch.zeros(1, 4, hidden_size), torch.tensor([0], dtype=torch.long)),
+            ({1: tokens}, None),
+        ),
+    }
+    if vision is not None:
+        specs[VISION_METHOD] = MethodSpec(vision, (torch.zeros(1, 3, image_size, image_size),))
+    return specs
+
+
+def runner_metadata(loaded: LoadedModel, max_seq_len: int) -> dict[str, object]:
+    """Constant methods read by ExecuTorch's LLM runners (``get_llm_metadata`` / ``get_eos_ids`` in
+    ``llm_runner_helper.cpp``) and by Android's ``LlmModule``."""
+    tok = loaded.tokenizer
+    text = loaded.model.config.text
+    meta: dict[str, object] = {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_seq_len,
+        "get_vocab_size": text.vocab_size,
+        "get_n_layers": text.num_hidden_layers,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "get_eos_ids": list(tok.stop_token_ids()),
+    }
+    if tok.bos_token_id is not None:
+        meta["get_bos_id"] = tok.bos_token_id
+    return meta
+
+
+def export_methods(specs: dict[str, MethodSpec], progress: bool) -> dict[str, ExportedProgram]:
+    """``torch.export`` each method (non-strict, as ExecuTorch's LLM export does)."""
+    programs = {}
+    for name, spec in tqdm(sorted(specs.items()), desc="torch.export", disable=not progress):
+        with torch.no_grad():
+            programs[name] = torch.export.export(
+                spec.module.eval(), spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, strict=False
+            )
+    return programs
+
+
+def lower_to_pte(
+    programs: dict[str, ExportedProgram],
+    partitioners: Callable[[str], list],
+    constant_methods: dict[str, object],
+) -> bytes:
+    """Edge dialect + delegation + ExecuTorch program, serialized."""
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    edge = to_edge_transform_and_lower(
+        programs,
+        partitioner={name: partitioners(name) for name in programs},
+        constant_methods=constant_methods,
+        # the llama:: and quantized_decomposed:: ops are not core ATen: skip the IR validity check, as
+        # ExecuTorch's own LLM exports do
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
+    program = edge.to_executorch(
+        ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            # inputs come from the caller's buffers; planning them would copy every prompt
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            # plan dynamic shapes for their upper bound (the cache length), not the example's size
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        )
+    )
+    return program.buffer
+
+
+@dataclass
+class BuiltProgram:
+    """A serialized program and what went into it (for the manifest)."""
+
+    pte: bytes
+    max_seq_len: int
+    metadata: dict[str, object]
+    methods: dict[str, dict] = field(default_factory=dict)
+    quantized_tensors: list[str] = field(default_factory=list)
+
+    @property
+    def delegates(self) -> dict[str, dict[str, int]]:
+        return delegates(self.pte)
+
+
+def delegates(pte: bytes) -> dict[str, dict[str, int]]:
+    """Delegate backends per method of a serialized program, with their partition counts."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    out: dict[str, dict[str, int]] = {}
+    for plan in deserialize_pte_binary(pte).program.execution_plan:
+        counts: dict[str, int] = {}
+        for d in plan.delegates:
+            counts[d.id] = counts.get(d.id, 0) + 1
+        if counts or plan.name in (VISION_METHOD, EMBEDDING_METHOD, DECODER_METHOD):
+            out[plan.name] = counts
+    return out
+
+
+def build_program(
+    loaded: LoadedModel,
+    weights: QuantizedWeights | None,
+    native: NativeQuant | None,
+    partitioners: Callable[[str, bool], list],
+    max_seq_len: int,
+    progress: bool = True,
+) -> BuiltProgram:
+    """``loaded`` → a serialized multimodal ExecuTorch program.
+
+    ``weights``: our codes (4-bit linears → 8da4w, embedding → quantized lookup); ``native``: torchao's
+    quantizer instead; neither: fp32. ``partitioners(method, quantized)`` picks the delegates.
+    """
+    load_custom_ops()
+    load_quantized_ops()
+    model = loaded.model.eval()
+    config = model.config
+    steps = tqdm(total=4, desc="executorch export", disable=not progress)
+    steps.set_postfix_str("source transform")
+    vision = VisionEncoder(model) if config.has_vision else None
+    embedding = TokenEmbedding(model.language_model)
+    decoder = TextDecoder(model.language_model, max_seq_len)
+    used: list[str] = []
+    if weights is not None:
+        used = apply_codes(decoder, embedding, weights, prefix="language_model.")
+    elif native is not None:
+        apply_native(decoder, embedding, native)
+    quantized = weights is not None or native is not None
+    image_size = config.vision.image_size if vision is not None else 0
+    specs = method_specs(vision, embedding, decoder, image_size, config.text.hidden_size, max_seq_len)
+    steps.update()
+    steps.set_postfix_str("torch.export")
+    programs = export_methods(specs, progress=False)
+    steps.update()
+    steps.set_postfix_str("lower")
+    metadata = runner_metadata(loaded, max_seq_len)
+    pte = lower_to_pte(programs, lambda name: partitioners(name, quantized), metadata)
+    steps.update(2)
+    steps.close()
+    return BuiltProgram(pte, max_seq_len, metadata, describe_methods(specs, model, max_seq_len), used)
+
+
+def describe_methods(specs: dict[str, MethodSpec], model: torch.nn.Module, max_seq_len: int) -> dict[str, dict]:
+    """Inputs and outputs of each method, for apps that call them directly."""
+    d = model.config.text.hidden_size
+    out = {
+        EMBEDDING_METHOD: {"inputs": [{"name": "input_ids", "dtype": "int64", "shape": [1, f"T<={max_seq_len}"]}],
+                           "output": {"dtype": "float32", "shape": [1, "T", d]}},
+        DECODER_METHOD: {"inputs": [{"name": "inputs_embeds", "dtype": "float32", "shape": [1, "T", d]},
+                                    {"name": "start_pos", "dtype": "int64", "shape": [1]}],
+                         "output": {"dtype": "float32", "shape": [1, model.config.text.vocab_size],
+                                    "note": "logits of the last position; the KV cache is updated in place"}},
+    }
+    if VISION_METHOD in specs:
+        s = model.config.vision.image_size
+        out[VISION_METHOD] = {
+            "inputs": [{"name": "pixel_values", "dtype": "float32", "shape": [1, 3, s, s],
+                        "note": "normalised RGB, see image_preprocessing"}],
+            "output": {"dtype": "float32", "shape": [1, model.num_image_tokens, d]},
+        }
+    return out

@@ -1,0 +1,253 @@
+"""Quantized weights for the ExecuTorch program: our integer codes, or torchao's own quantizer.
+
+4-bit linears become torchao ``IntxUnpackedToInt8Tensor`` weights with int8 per-token dynamic
+activation quantization: what ``Int8DynamicActivationIntxWeightConfig`` (ExecuTorch's ``8da4w`` qmode)
+produces, and what XNNPACK's dynamically-quantized partitioner turns into its ``qd8-f32-qb4w`` GEMMs.
+They are built from our codes and scales (the tensor's constructor takes ``qdata`` / ``scale`` /
+``zero_point``), not re-quantized; where XNNPACK's format cannot hold a group as is (negative Q4_0
+scales, zero points) an exact per-group offset term is added (``xnnpack_int4``).
+
+The token embedding becomes ExecuTorch's ``quantized_decomposed::embedding_{4bit,byte}.dtype`` lookup
+(the ops behind ``EmbeddingQuantHandler``, kernels in the runtime's quantized library), again from
+our codes.
+
+Native quantization (``8da4w``, ``8da4w-g64``…, ``8da8w``) runs torchao's ``quantize_`` with the
+configs ExecuTorch's Llama export uses (``hqq_scale_only`` scales) on the float model instead.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from edge_mllm.quant.groupwise import QuantizedTensor
+from edge_mllm.quant.storage import QuantizedWeights
+from torch import nn
+
+from edge_mllm.errors import QuantError
+
+# ExecuTorch's embedding kernels and torchao's int4 type take signed codes; ours are signed for
+# symmetric schemes and unsigned (0..2^bits-1, with a zero point) for asymmetric ones.
+_BITS_DTYPE = {4: torch.int4, 8: torch.int8}
+
+
+def signed_codes(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, zero points) as int8 in the signed range [-2^(b-1), 2^(b-1)-1]: asymmetric codes and
+    their zero points shift together, so ``(code - zero) * scale`` is unchanged."""
+    codes = qt.codes
+    zero = torch.zeros(qt.scales.shape, dtype=torch.int16)
+    if qt.zero_points is not None:
+        offset = 2 ** (qt.bits - 1)
+        codes, zero = codes - offset, qt.zero_points.to(torch.int16) - offset
+    return codes.to(torch.int8), zero.to(torch.int8)
+
+
+def xnnpack_int4(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Our 4-bit codes in the form XNNPACK's ``qb4w`` GEMM takes, exactly: (torchao int4 weight with
+    positive scales, per-group offsets [N, K/group] or None).
+
+    XNNPACK rejects scales that are not positive normal numbers and ignores zero points, while our
+    groups are ``scale · (code − zero)`` with Q4_0's signed scale (``d = m / −8``: negative when the
+    group's largest-magnitude weight is positive) or an asymmetric zero point. Every group is rewritten
+    as ``s · q + o`` with ``s > 0`` and ``q`` in [−8, 7]:
+    - symmetric, d > 0: ``d · c``;
+    - symmetric, d < 0: ``|d| · (−c − 1) + |d|`` (−c reaches 8, which int4 cannot hold);
+    - asymmetric: ``d · (u − 8) + (8 − z) · d``;
+    - d = 0 (an all-zero group): codes 0 with a tiny positive scale.
+    Products of an fp16 scale and a small integer are exact in fp32, so the rewrite is exact too.
+    ``linear(x) = qb4w(x) + group_sums(x) @ offsets.T``: the same weights, no re-quantization.
+    """
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8TensorActivationQuantization as ActQuant,
+    )
+
+    if len(qt.shape) != 2 or qt.bits != 4:
+        raise QuantError(f"expected 4-bit codes of a linear weight, got {qt.bits}-bit {list(qt.shape)}")
+    n, k = qt.codes.shape
+    g = qt.group_size
+    codes = qt.codes.view(n, k // g, g).to(torch.int16)
+    d = qt.scales.float()
+    if qt.zero_points is None:
+        negative = d < 0
+        q = torch.where(negative.unsqueeze(-1), -codes - 1, codes)
+        scale, offset = d.abs(), torch.where(negative, d.abs(), 0.0)
+    else:
+        q = codes - 8
+        scale, offset = d, (8 - qt.zero_points.float()) * d
+    # a zero scale makes the whole group 0: codes 0 with any positive scale give the same zeros (2^-100
+    # is a normal number in bf16, which XNNPACK stores its group scales as)
+    zero = scale == 0
+    q = torch.where(zero.unsqueeze(-1), 0, q)
+    scale = torch.where(zero, 2.0**-100, scale)
+    weight = IntxUnpackedToInt8Tensor(
+        qdata=q.reshape(n, k).to(torch.int8),
+        scale=scale,
+        zero_point=torch.zeros(scale.shape, dtype=torch.int8),
+        target_dtype=torch.int4,
+        block_size=(1, g),
+        dtype=torch.float32,
+        activation_quantization=ActQuant.INT8_ASYM_PER_TOKEN,
+    )
+    return weight, (offset if bool((offset != 0).any()) else None)
+
+
+class CodesLinear(nn.Module):
+    """A linear computing with our 4-bit codes: XNNPACK's dynamically quantized 4-bit GEMM plus, where
+    the codes need it, the per-group offsets of ``xnnpack_int4`` times the input's group sums.
+
+    The group sums are a GEMM with a 0/1 matrix rather than ``sum``: XNNPACK has no sum kernel, and a
+    CPU-kernel op between delegates would split every layer into more partitions."""
+
+    def __init__(self, linear: nn.Linear, qt: QuantizedTensor):
+        super().__init__()
+        if tuple(qt.shape) != tuple(linear.weight.shape):
+            raise QuantError(f"codes of shape {list(qt.shape)} do not fit a linear of {list(linear.weight.shape)}")
+        weight, offsets = xnnpack_int4(qt)
+        self.linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.linear.weight = nn.Parameter(weight, requires_grad=False)
+        if linear.bias is not None:
+            self.linear.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.group_sums = self.offsets = None
+        if offsets is not None:
+            groups = offsets.shape[1]
+            self.group_sums = nn.Linear(linear.in_features, groups, bias=False)
+            self.group_sums.weight = nn.Parameter(
+                torch.eye(groups).repeat_interleave(qt.group_size, dim=1), requires_grad=False
+            )
+            self.offsets = nn.Linear(groups, linear.out_features, bias=False)
+            self.offsets.weight = nn.Parameter(offsets, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        if self.offsets is None:
+            return y
+        return y + self.offsets(self.group_sums(x))
+
+
+class QuantizedEmbedding(nn.Module):
+    """Group-wise 4/8-bit embedding through ExecuTorch's quantized embedding ops."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, bits: int):
+        super().__init__()
+        if bits not in (4, 8):
+            raise QuantError(f"ExecuTorch's embedding ops take 4- or 8-bit codes, not {bits}-bit")
+        self.bits = bits
+        codes = codes.to(torch.int8)
+        if bits == 4:  # two codes a byte, offset to unsigned, even column in the high nibble (_pack_embedding_weight)
+            u = (codes.to(torch.int16) + 8).to(torch.uint8).view(codes.shape[0], -1, 2)
+            codes = (u[..., 0] << 4) | u[..., 1]
+        self.register_buffer("weight", codes.contiguous())
+        self.register_buffer("scales", scales.to(torch.float16).contiguous())
+        zeros = None if zero_points is None else zero_points.to(torch.float16).contiguous()
+        self.register_buffer("zero_points", zeros)
+
+    @classmethod
+    def from_codes(cls, qt: QuantizedTensor) -> QuantizedEmbedding:
+        codes, zero = signed_codes(qt)
+        return cls(codes, qt.scales, None if qt.symmetric else zero, qt.bits)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4:
+            op, qmin, qmax = torch.ops.quantized_decomposed.embedding_4bit.dtype, -8, 7
+        else:
+            op, qmin, qmax = torch.ops.quantized_decomposed.embedding_byte.dtype, -128, 127
+        return op(self.weight, self.scales, self.zero_points, qmin, qmax, indices, dtype=torch.float32)
+
+
+def load_quantized_ops() -> None:
+    """Register ``quantized_decomposed::embedding_*`` (definitions and fake kernels) with PyTorch."""
+    from executorch.exir.passes import _quant_patterns_and_replacements  # noqa: F401
+
+
+# ----------------------------------------------------------------------------------------------
+# our codes
+
+
+def apply_codes(decoder: nn.Module, embedding: nn.Module, weights: QuantizedWeights, prefix: str) -> list[str]:
+    """Give the decoder's linears and the token embedding our codes; returns the parameter names used.
+
+    ``decoder`` is a ``modules.TextDecoder`` (its linears keep the LLM's module names under ``layers.``
+    and ``lm_head``), ``embedding`` a ``modules.TokenEmbedding``; ``prefix`` is the LLM's parameter
+    prefix (``language_model.``). 4-bit linears become ``CodesLinear``. XNNPACK has no group-wise 8-bit
+    GEMM, so 8-bit linears (``-mixed`` schemes, ``w8``) keep their dequantized values in fp32: the same
+    weights, at 4 bytes each. The embedding takes 4- and 8-bit codes.
+    """
+    used = []
+    tied = f"{prefix}model.embed_tokens.weight"
+    linears = [(name, module) for name, module in decoder.named_modules() if isinstance(module, nn.Linear)]
+    for name, module in linears:
+        if name.startswith("layers."):
+            key = f"{prefix}model.{name}.weight"
+        else:  # lm_head: under its own name, or the embedding's when tied
+            key = f"{prefix}{name}.weight" if f"{prefix}{name}.weight" in weights.tensors else tied
+        qt = weights.tensors.get(key)
+        if qt is None or qt.bits != 4:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(decoder.get_submodule(parent_name), attr, CodesLinear(module, qt))
+        used.append(key)
+    qt = weights.tensors.get(tied)
+    if qt is not None:
+        embedding.embed_tokens = QuantizedEmbedding.from_codes(qt)
+        used.append(tied)
+    return sorted(set(used))
+
+
+# ----------------------------------------------------------------------------------------------
+# torchao's own quantizer
+
+
+@dataclass(frozen=True)
+class NativeQuant:
+    """``8da{bits}w[-g{group}]``: int8 dynamic activations, ``bits``-bit weights (group 0: per channel)."""
+
+    bits: int
+    group_size: int
+
+    @property
+    def name(self) -> str:
+        return f"8da{self.bits}w" + (f"-g{self.group_size}" if self.group_size else "")
+
+
+NATIVE_NAMES = ("8da4w", "8da4w-g32", "8da4w-g64", "8da4w-g128", "8da8w")
+# 32 (not ExecuTorch's 128) by default: it divides the widths of compact LLMs (SmolLM2's 576 is not a
+# multiple of 128) and is what ExecuTorch's SpinQuant/QAT Llama 3.2 configs use.
+DEFAULT_GROUP = 32
+
+
+def parse_native(name: str) -> NativeQuant:
+    m = re.fullmatch(r"8da([48])w(?:-g(\d+))?", name)
+    if name not in NATIVE_NAMES or m is None:
+        raise QuantError(f"unknown ExecuTorch quantization {name!r} (choose from {', '.join(NATIVE_NAMES)})")
+    bits = int(m[1])
+    group = int(m[2]) if m[2] else (DEFAULT_GROUP if bits == 4 else 0)
+    return NativeQuant(bits, group)
+
+
+def apply_native(decoder: nn.Module, embedding: nn.Module, native: NativeQuant) -> None:
+    """torchao ``quantize_`` on the decoder's linears (those whose width the group divides, as in
+    ExecuTorch's Llama export) and on the embedding (then packed for ExecuTorch's embedding op)."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    granularity = PerGroup(native.group_size) if native.group_size else PerAxis(0)
+    dtype = _BITS_DTYPE[native.bits]
+
+    def fits(module: nn.Module, _fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and (not native.group_size or module.in_features % native.group_size == 0)
+
+    quantize_(
+        decoder,
+        Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=dtype, weight_granularity=granularity, intx_choose_qparams_algorithm="hqq_scale_only"
+        ),
+        filter_fn=fits,
+    )
+    table = embedding.embed_tokens
+    if native.group_size and table.embedding_dim % native.group_size:
+        return
+    quantize_(table, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity), filter_fn=lambda m, _: True)
+    w = table.weight
+    embedding.embed_tokens = QuantizedEmbedding(w.qdata, w.scale.reshape(w.shape[0], -1), None, native.bits)

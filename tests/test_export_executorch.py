@@ -1,0 +1,331 @@
+"""ExecuTorch bundles, run in ExecuTorch's own runtime (the pip wheel): fp32 logits equal PyTorch's,
+4-bit greedy tokens agree with the PyTorch model carrying the same codes, ExecuTorch's C++
+``MultimodalRunner`` drives the bundle with an image, mobile targets lower, bad input leaves nothing.
+
+Exports take about a minute each on two cores, so each bundle is built once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("executorch.runtime", reason="executorch is not installed")
+
+from edge_mllm.export.bundle import MANIFEST, backend, export_bundle  # noqa: E402
+from edge_mllm.export.executorch import program as et_program  # noqa: E402
+from edge_mllm.export.executorch.quantize import CodesLinear, xnnpack_int4  # noqa: E402
+from edge_mllm.export.executorch.runtime import ExecuTorchRunner, multimodal_runner  # noqa: E402
+from edge_mllm.quant.groupwise import quantize_rtn  # noqa: E402
+
+from edge_mllm.checkpoint import load_model  # noqa: E402
+from edge_mllm.errors import ConfigError, ContextLengthError, EdgeMLLMError, QuantError  # noqa: E402
+from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX  # noqa: E402
+from edge_mllm.pipeline import Pipeline  # noqa: E402
+
+QUESTION = "describe the image."
+
+
+def prompt_ids(pipe: Pipeline) -> list[int]:
+    return pipe.tokenizer.encode_with_images(pipe.render_prompt(QUESTION, 1))
+
+
+def reference_logits(pipe: Pipeline, ids: list[int], image, tokens: list[int]) -> list[torch.Tensor]:
+    """PyTorch logits after the prompt and after each of ``tokens`` (teacher forcing)."""
+    model = pipe.model
+    lm = model.language_model
+    with torch.inference_mode():
+        embeds = model.embed_prompt(ids, pipe.encode_images([image]))
+        n = embeds.shape[1]
+        lm.setup_cache(1, n + len(tokens))
+        try:
+            out = [lm(embeds, torch.arange(n))[0, -1]]
+            for i, tok in enumerate(tokens[:-1]):
+                out.append(lm(lm.embed(torch.tensor([[tok]])), torch.tensor([n + i]))[0, -1])
+        finally:
+            lm.clear_cache()
+    return out
+
+
+def runtime_logits(runner: ExecuTorchRunner, ids: list[int], image, tokens: list[int]) -> list[torch.Tensor]:
+    """The bundle's logits for the same teacher-forced sequence, through executorch.runtime."""
+    embeds = runner.embed_prompt(ids, [image])
+    out = [runner.decode(embeds, 0)]
+    for i, tok in enumerate(tokens[:-1]):
+        out.append(runner.decode(runner.embed_tokens([tok]), embeds.shape[0] + i))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(mobilevlm_v2, tmp_path_factory):
+    """(loaded model, fp32 XNNPACK bundle) of the tiny MobileVLM V2 (LDPv2 projector)."""
+    loaded = load_model(mobilevlm_v2.path)
+    out = export_bundle(loaded, "executorch", tmp_path_factory.mktemp("et") / "fp32", progress=False)
+    return loaded, out
+
+
+@pytest.fixture(scope="module")
+def q4_bundle(llava, tmp_path_factory):
+    """(PyTorch model carrying the rtn-w4-g32 codes, its bundle) of the tiny LLaVA (MLP projector)."""
+    loaded = load_model(llava.path)
+    out = export_bundle(loaded, "executorch", tmp_path_factory.mktemp("et") / "q4", quant="rtn-w4-g32",
+                        progress=False)
+    return loaded, out  # export_bundle quantized ``loaded`` in place: its weights are the codes' values
+
+
+# ----------------------------------------------------------------------------------------------
+# fp32
+
+
+def test_bundle_has_the_runner_methods_and_metadata(fp32_bundle):
+    loaded, out = fp32_bundle
+    manifest = json.loads((out / MANIFEST).read_text())
+    info = manifest["executorch"]
+    assert manifest["format"] == "executorch" and info["backend"] == "xnnpack"
+    assert {f["path"] for f in manifest["files"]} >= {"model.pte", "tokenizer/tokenizer.json"}
+    runner = ExecuTorchRunner(out)
+    names = runner.program.method_names
+    assert {"vision_encoder", "token_embedding", "text_decoder"} <= names
+    metadata = {name: runner.method(name).execute([]) for name in info["metadata_methods"]}
+    text = loaded.model.config.text
+    assert metadata["get_max_seq_len"] == [text.max_position_embeddings] == [info["max_seq_len"]]
+    assert metadata["get_max_context_len"] == [text.max_position_embeddings]
+    assert metadata["get_eos_ids"] == list(loaded.tokenizer.stop_token_ids())
+    assert metadata["get_bos_id"] == [loaded.tokenizer.bos_token_id]
+    assert metadata["use_kv_cache"] == [True] and metadata["get_vocab_size"] == [text.vocab_size]
+    assert info["delegates"]["vision_encoder"]["XnnpackBackend"] >= 1
+    assert info["delegates"]["text_decoder"]["XnnpackBackend"] >= 1
+    assert info["quantization"]["linears"] == "fp32"
+
+
+def test_fp32_logits_and_greedy_tokens_match_pytorch(fp32_bundle, test_image):
+    loaded, out = fp32_bundle
+    pipe, runner = Pipeline(loaded), ExecuTorchRunner(out)
+    ids = prompt_ids(pipe)
+
+    pixels = pipe.image_processor(test_image)
+    with torch.inference_mode():
+        ref_image = loaded.model.encode_images(pixels[None])[0]
+    assert torch.allclose(runner.encode_image(test_image), ref_image, atol=1e-4, rtol=0)
+
+    ref = pipe.generate(QUESTION, [test_image], max_new_tokens=32)
+    got = runner.generate(ids, [test_image], max_new_tokens=32)
+    assert got.token_ids == ref.token_ids and got.text == ref.text
+    assert got.prompt_tokens == ref.prompt_tokens and got.finish_reason == ref.finish_reason
+
+    # logits at every step of a 32-token continuation (stop tokens ignored: a fixed length)
+    tokens = runner.generate(ids, [test_image], max_new_tokens=32, stop=False).token_ids
+    expected = reference_logits(pipe, ids, test_image, tokens)
+    actual = runtime_logits(runner, ids, test_image, tokens)
+    worst = max(float((a - e).abs().max()) for a, e in zip(actual, expected, strict=True))
+    assert worst < 1e-3, worst
+    assert [int(e.argmax()) for e in expected] == tokens
+
+
+def id_tokenizer(folder: Path, vocab_size: int) -> Path:
+    """A tokenizer.json whose token i decodes to "<i>": what ExecuTorch's C++ runner generates can be
+    read back as ids exactly (the tiny random model emits byte fragments that are not UTF-8, which the
+    runner's Python callback cannot pass, and pads its vocabulary past the real tokenizer's)."""
+    from tokenizers import Tokenizer, models
+
+    folder.mkdir(parents=True, exist_ok=True)
+    Tokenizer(models.BPE(vocab={f"<{i}>": i for i in range(vocab_size)}, merges=[])).save(str(folder / "ids.json"))
+    return folder / "ids.json"
+
+
+def test_multimodal_runner_generates_with_an_image(fp32_bundle, test_image, tmp_path):
+    from executorch.extension.llm.runner import GenerationConfig, make_image_input, make_token_input
+
+    loaded, out = fp32_bundle
+    pipe = Pipeline(loaded)
+    ids = prompt_ids(pipe)
+    k = ids.index(IMAGE_TOKEN_INDEX)
+    n = 16
+    ref = pipe.generate(QUESTION, [test_image], max_new_tokens=n)
+
+    runner = multimodal_runner(out, tokenizer=id_tokenizer(tmp_path, loaded.model.config.text.vocab_size))
+    pieces, stats = [], []
+    inputs = [make_token_input(ids[:k]), make_image_input(pipe.image_processor(test_image)),
+              make_token_input(ids[k + 1:])]
+    runner.generate(inputs, GenerationConfig(max_new_tokens=n, temperature=0.0, echo=False),
+                    pieces.append, stats.append)
+    generated = [int(i) for i in re.findall(r"<(\d+)>", "".join(pieces))]
+    stop = set(loaded.tokenizer.stop_token_ids())
+    cut = next((i for i, t in enumerate(generated) if t in stop), len(generated))
+    assert generated[:cut] == ref.token_ids
+    assert stats and stats[0].num_prompt_tokens == loaded.model.prompt_length(ids)
+
+    # with the bundle's own tokenizer the runner loads, reads the metadata and encodes text itself
+    runner = multimodal_runner(out)
+    runner.generate([make_token_input(ids[:k]), make_image_input(pipe.image_processor(test_image)),
+                     make_token_input(ids[k + 1:])], GenerationConfig(max_new_tokens=1, temperature=0.0, echo=False),
+                    None, stats.append)
+    assert stats[-1].num_prompt_tokens == loaded.model.prompt_length(ids)
+
+
+def test_runner_errors_are_clear(fp32_bundle, test_image):
+    _, out = fp32_bundle
+    runner = ExecuTorchRunner(out)
+    with pytest.raises(EdgeMLLMError, match="placeholder"):
+        runner.generate([1, 5, IMAGE_TOKEN_INDEX], [], max_new_tokens=2)
+    with pytest.raises(ContextLengthError, match="KV cache"):
+        runner.generate([1, 5, IMAGE_TOKEN_INDEX], [test_image], max_new_tokens=runner.max_seq_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-bit
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_our_4bit_codes_become_exact_xnnpack_weights(symmetric):
+    """XNNPACK takes only positive group scales and no zero points; the rewrite keeps the weights."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 96, generator=g)
+    w[2, :32] = 0  # an all-zero group: scale 0
+    qt = quantize_rtn(w, 4, 32, symmetric)
+    weight, offsets = xnnpack_int4(qt)
+    assert bool((weight.scale > 0).all()) and int(weight.qdata.min()) >= -8 and int(weight.qdata.max()) <= 7
+    assert bool((weight.zero_point == 0).all())
+    rebuilt = weight.dequantize() + offsets.repeat_interleave(32, dim=1)
+    assert torch.equal(rebuilt, qt.dequantize())
+    linear = torch.nn.Linear(96, 24, bias=False)
+    x = torch.randn(5, 96, generator=g)
+    y = CodesLinear(linear, qt)(x)  # with int8 dynamic activation quantization, as XNNPACK runs it
+    assert float((y - x @ qt.dequantize().T).abs().max()) < 0.05 * float((x @ qt.dequantize().T).abs().max())
+
+
+def test_4bit_bundle_agrees_with_the_quantized_pytorch_model(q4_bundle, test_image):
+    loaded, out = q4_bundle
+    manifest = json.loads((out / MANIFEST).read_text())
+    info = manifest["executorch"]
+    assert manifest["quantization"] == "rtn-w4-g32" and info["quantization"]["source"] == "rtn-w4-g32"
+    llm_linears = {n for n in loaded.quantization.tensors if n.startswith("language_model.")}
+    assert set(info["quantization"]["tensors"]) == llm_linears  # every LLM tensor from its codes
+    assert info["delegates"]["text_decoder"]["XnnpackBackend"] >= 1
+
+    pipe, runner = Pipeline(loaded), ExecuTorchRunner(out)
+    ids = prompt_ids(pipe)
+    tokens = pipe.generate(QUESTION, [test_image], max_new_tokens=32).token_ids
+    n = 32
+    if len(tokens) < n:  # stopped early: continue past the stop token for a fixed-length comparison
+        tokens = runner.generate(ids, [test_image], max_new_tokens=n, stop=False).token_ids
+    expected = reference_logits(pipe, ids, test_image, tokens)
+    actual = runtime_logits(runner, ids, test_image, tokens)
+    agree = sum(int(a.argmax()) == int(e.argmax()) for a, e in zip(actual, expected, strict=True)) / n
+    assert agree >= 0.95, agree
+    # 8da4w quantizes activations to int8 per token: logits move a little, not a lot
+    scale = max(float(e.abs().max()) for e in expected)
+    assert max(float((a - e).abs().max()) for a, e in zip(actual, expected, strict=True)) < 0.1 * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# targets and bad input
+
+
+def test_formats_are_registered():
+    for name in ("executorch", "executorch-coreml", "executorch-vulkan", "executorch-qnn", "executorch-mediatek"):
+        assert backend(name).name == name
+
+
+def test_vendor_sdks_missing_give_clear_errors(mobilevlm_v2, tmp_path, monkeypatch):
+    loaded = load_model(mobilevlm_v2.path)
+    monkeypatch.delenv("QNN_SDK_ROOT", raising=False)
+    with pytest.raises(ConfigError, match=r"QNN \(QAIRT\) SDK.*QNN_SDK_ROOT"):
+        export_bundle(loaded, "executorch-qnn", tmp_path / "qnn", progress=False)
+    if __import__("importlib").util.find_spec("mtk_converter") is None:
+        with pytest.raises(ConfigError, match="NeuroPilot.*mtk_converter"):
+            export_bundle(loaded, "executorch-mediatek", tmp_path / "mtk", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_fails_fast_and_leaves_nothing(mobilevlm_v2, tmp_path, monkeypatch):
+    loaded = load_model(mobilevlm_v2.path)
+    with pytest.raises(QuantError, match="unknown quantization"):
+        export_bundle(loaded, "executorch", tmp_path / "a", quant="8da3w", progress=False)
+    with pytest.raises(QuantError):
+        export_bundle(loaded, "executorch", tmp_path / "a", quant="rtn-w3-g32", progress=False)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OSError):
+        export_bundle(loaded, "executorch", tmp_path / "file" / "bundle", progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(et_program, "lower_to_pte", interrupted)  # after torch.export, before the .pte
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(loaded, "executorch", tmp_path / "b", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# ----------------------------------------------------------------------------------------------
+# slow: mobile targets, determinism, native quantization, the default model
+
+
+def delegate_ids(out: Path, method: str) -> set[str]:
+    return set(json.loads((out / MANIFEST).read_text())["executorch"]["delegates"][method])
+
+
+@pytest.mark.slow
+def test_coreml_and_vulkan_lowering_succeeds(mobilevlm_v2, tmp_path):
+    pytest.importorskip("coremltools", reason="the Core ML target needs coremltools")
+    loaded = load_model(mobilevlm_v2.path)
+    out = export_bundle(loaded, "executorch-coreml", tmp_path / "coreml", progress=False)
+    assert "CoreMLBackend" in delegate_ids(out, "vision_encoder")
+    assert "XnnpackBackend" in delegate_ids(out, "text_decoder")
+    out = export_bundle(loaded, "executorch-vulkan", tmp_path / "vulkan", progress=False)
+    assert "VulkanBackend" in delegate_ids(out, "vision_encoder")
+    assert "VulkanBackend" in delegate_ids(out, "text_decoder")
+
+
+@pytest.mark.slow
+def test_export_is_deterministic(fp32_bundle, mobilevlm_v2, tmp_path):
+    _, first = fp32_bundle
+    again = export_bundle(load_model(mobilevlm_v2.path), "executorch", tmp_path / "again", progress=False)
+    assert (again / "model.pte").read_bytes() == (first / "model.pte").read_bytes()
+    assert (again / MANIFEST).read_text() == (first / MANIFEST).read_text()
+
+
+@pytest.mark.slow
+def test_native_8da4w_runs(mobilevlm_v2, tmp_path, test_image):
+    loaded = load_model(mobilevlm_v2.path)
+    out = export_bundle(loaded, "executorch", tmp_path / "native", quant="8da4w", progress=False)
+    assert json.loads((out / MANIFEST).read_text())["quantization"] == "8da4w"
+    pipe, runner = Pipeline(loaded), ExecuTorchRunner(out)
+    ids = prompt_ids(pipe)
+    tokens = runner.generate(ids, [test_image], max_new_tokens=16, stop=False).token_ids
+    expected = reference_logits(pipe, ids, test_image, tokens)  # the float model: torchao re-quantized it
+    actual = runtime_logits(runner, ids, test_image, tokens)
+    agree = sum(int(a.argmax()) == int(e.argmax()) for a, e in zip(actual, expected, strict=True)) / len(tokens)
+    assert agree >= 0.8, agree
+
+
+@pytest.mark.slow
+def test_default_model_bundle_matches_pytorch(tmp_path):
+    from executorch.extension.llm.runner import GenerationConfig, make_image_input, make_token_input
+    from PIL import Image
+
+    loaded = load_model(None)
+    pipe = Pipeline(loaded)
+    image = Image.new("RGB", (336, 336), (200, 30, 30))
+    out = export_bundle(loaded, "executorch", tmp_path / "default", progress=False)
+    runner = ExecuTorchRunner(out)
+    ids = prompt_ids(pipe)
+    ref = pipe.generate(QUESTION, [image], max_new_tokens=24)
+    got = runner.generate(ids, [image], max_new_tokens=24)
+    assert got.token_ids == ref.token_ids
+
+    tokens = runner.generate(ids, [image], max_new_tokens=8, stop=False).token_ids
+    expected = reference_logits(pipe, ids, image, tokens)
+    actual = runtime_logits(runner, ids, image, tokens)
+    assert max(float((a - e).abs().max()) for a, e in zip(actual, expected, strict=True)) < 1e-3
+
+    k = ids.index(IMAGE_TOKEN_INDEX)
+    text = multimodal_runner(out).generate_text(
+        [make_token_input(ids[:k]), make_image_input(pipe.image_processor(image)), make_token_input(ids[k + 1:])],
+        GenerationConfig(max_new_tokens=24, temperature=0.0, echo=False),
+    )
+    assert text.strip().startswith(ref.text.strip()[:20])
