@@ -1,4 +1,4 @@
-"""Every 4/8-bit quantizer side by side on the same weights and data: ours (RTN, GPTQ, AWQ, AWQ+GPTQ)
+"""Every 4/8-bit quantizer side by side on the same weights and data: ours (RTN, GPTQ, AWQ)
 and the field's engines (torchao 8da4w, ONNX Runtime MatMulNBits, NNCF, llama.cpp Q4_0 / Q4_K_M...).
 
     python benchmarks/quant_quality.py [--model DIR] [--engines NAME ...] [--vqa-scenes N] [--json OUT]
@@ -29,7 +29,7 @@ from edge_mllm.checkpoint import LoadedModel, load_model
 from edge_mllm.data.synth import write_split
 
 DEFAULT_ENGINES = (
-    "edge-mllm-rtn-w4-g32", "edge-mllm-gptq-w4-g32", "edge-mllm-awq-w4-g32", "edge-mllm-awq+gptq-w4-g32",
+    "edge-mllm-rtn-w4-g32", "edge-mllm-gptq-w4-g32", "edge-mllm-awq-w4-g32",
     "torchao-8da4w-g32", "ort-matmulnbits-w4-g32", "nncf-int4-sym-g64-awq-se",
     "llamacpp-q4_0", "llamacpp-q4_1", "llamacpp-q4_k_m", "llamacpp-q8_0",
 )
