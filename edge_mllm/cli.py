@@ -14,6 +14,7 @@ import traceback
 import click
 
 from edge_mllm import __version__
+from edge_mllm.export import FORMATS as EXPORT_FORMATS
 
 # Library chatter (transformers' advisory warnings) would break --json output and one-line errors.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -86,17 +87,19 @@ def info(model: str | None, as_json: bool) -> None:
 @click.option("--raw", is_flag=True, help="No chat template: the prompt is fed as is; <image> marks images.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def run(model, prompt, images, max_new_tokens, temperature, top_p, seed, raw, as_json) -> None:
-    """Answer a prompt (optionally about images)."""
-    from edge_mllm.pipeline import Pipeline
+    """Answer a prompt (optionally about images) with MODEL, or with a bundle in its own runtime."""
+    from edge_mllm import runtime
     from edge_mllm.preprocess import load_image
 
+    bundle = runtime.is_bundle(model)
+    if bundle and (temperature > 0 or top_p < 1 or seed is not None):
+        raise click.UsageError("exported bundles generate greedily: --temperature/--top-p/--seed are for models")
     loaded_images = [load_image(path) for path in images]  # fail on a bad image before loading the model
-    pipeline = Pipeline.load(model)
+    pipeline = runtime.load(model)
     stream = None if as_json else (lambda delta: click.echo(delta, nl=False))
-    result = pipeline.generate(
-        prompt, loaded_images, raw=raw, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, seed=seed, stream=stream,
-    )
+    sampling = {} if bundle else {"temperature": temperature, "top_p": top_p, "seed": seed}
+    result = pipeline.generate(prompt, loaded_images, raw=raw, max_new_tokens=max_new_tokens, stream=stream,
+                               **sampling)
     if as_json:
         _emit_json(
             {
@@ -331,9 +334,11 @@ def quantize(model, scheme, calib_path, output, report, eval_data, eval_scenes, 
 
 @cli.command()
 @MODEL_ARG
-@click.option("--format", "fmt", required=True, type=click.Choice(["executorch", "gguf", "onnx"]))
+@click.option("--format", "fmt", required=True, type=click.Choice(list(EXPORT_FORMATS)),
+              help="executorch (XNNPACK) and its -coreml/-vulkan/-qnn/-mediatek delegates, gguf, onnx.")
 @click.option("--quant", help="Our scheme (e.g. awq-w4-g32) or the format's own type "
-                              "(gguf: f32, f16, q8_0, q4_0, q4_k_m). Default: floats, or a quantized MODEL's codes.")
+                              "(gguf: f32, f16, q8_0, q4_0, q4_k_m; executorch: 8da4w[-gN], 8da8w; "
+                              "onnx: ort-int4[-gN]). Default: floats, or a quantized MODEL's codes.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Bundle folder (replaced).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(model, fmt, quant, output, as_json) -> None:
@@ -358,12 +363,13 @@ def export(model, fmt, quant, output, as_json) -> None:
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N questions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (with every prediction) as JSON.")
 def eval_command(model: str | None, data_path: str, limit: int | None, as_json: bool) -> None:
-    """VQA accuracy per question type and POPE metrics per negative-sampling setting."""
+    """VQA accuracy per question type and POPE metrics per negative-sampling setting, for MODEL or for
+    an exported bundle in its own runtime."""
+    from edge_mllm import runtime
     from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
-    from edge_mllm.pipeline import Pipeline
 
     questions = load_eval_set(data_path, limit)
-    report = evaluate(pipeline_answer(Pipeline.load(model)), questions)
+    report = evaluate(pipeline_answer(runtime.load(model)), questions)
     if as_json:
         _emit_json(report)
         return

@@ -55,8 +55,13 @@ class Pipeline:
         self._image_cache: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> Pipeline:
-        """Load any supported checkpoint (``None``: the embedded default)."""
+    def load(cls, path: str | Path | None = None):
+        """Load any supported checkpoint (``None``: the embedded default) as a ``Pipeline``, or an
+        exported bundle into its own runtime (``edge_mllm.runtime``): both have this ``generate``."""
+        from edge_mllm import runtime
+
+        if runtime.is_bundle(path):
+            return runtime.load(path)
         return cls(load_model(path))
 
     def render_prompt(self, prompt: str, num_images: int, raw: bool = False) -> str:
@@ -93,15 +98,18 @@ class Pipeline:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
         stream: Callable[[str], None] | None = None,
     ) -> GenerationResult:
-        """Answer ``prompt`` about ``images``; ``stream`` receives text as it is generated."""
+        """Answer ``prompt`` about ``images``; ``stream`` receives text as it is generated.
+        ``stop_token_ids``: default the tokenizer's; ``()`` generates ``max_new_tokens``."""
         text = self.render_prompt(prompt, len(images), raw)
         token_ids = self.tokenizer.encode_with_images(text)
         n_markers = token_ids.count(IMAGE_TOKEN_INDEX)
         if n_markers != len(images):
             raise EdgeMLLMError(f"the prompt has {n_markers} {IMAGE_MARKER} marker(s) but {len(images)} image(s)")
-        config = GenerationConfig(max_new_tokens, temperature, top_p, seed, self.tokenizer.stop_token_ids())
+        stops = self.tokenizer.stop_token_ids() if stop_token_ids is None else tuple(stop_token_ids)
+        config = GenerationConfig(max_new_tokens, temperature, top_p, seed, stops)
         prompt_len = self.model.prompt_length(token_ids)
         # Fail before the (slow) image encoding when the request cannot fit.
         check_context(prompt_len, max_new_tokens, self.model.config.text.max_position_embeddings)

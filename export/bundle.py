@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from edge_mllm.export import FORMATS
 from edge_mllm.quant.scheme import QuantScheme
 from edge_mllm.quant.storage import QuantizedWeights
 
@@ -67,22 +68,14 @@ def register(cls: type[Backend]) -> type[Backend]:
 
 
 def backend(name: str) -> Backend:
-    _load_backends()
+    """The registered backend called ``name`` (one of ``FORMATS``)."""
+    if name in FORMATS and name not in BACKENDS:
+        import importlib
+
+        importlib.import_module(f"edge_mllm.export.{FORMATS[name]}.bundle")
     if name not in BACKENDS:
-        raise ConfigError(f"unknown export format {name!r}; choose one of {', '.join(sorted(BACKENDS))}")
+        raise ConfigError(f"unknown export format {name!r}; choose one of {', '.join({**FORMATS, **BACKENDS})}")
     return BACKENDS[name]()
-
-
-def _load_backends() -> None:
-    """Import the format modules (each registers itself); one that cannot import is simply absent."""
-    import importlib
-
-    for module in ("executorch", "gguf", "onnx"):
-        try:
-            importlib.import_module(f"edge_mllm.export.{module}.bundle")
-        except ModuleNotFoundError as exc:
-            if not exc.name or not exc.name.startswith("edge_mllm.export."):
-                raise
 
 
 def sha256(path: Path) -> str:

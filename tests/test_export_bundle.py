@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from edge_mllm.export import FORMATS
 from edge_mllm.export.bundle import BACKENDS, MANIFEST, Backend, backend, export_bundle, register, sha256
 from safetensors.torch import save_file
 
@@ -127,5 +128,14 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_bundle(tiny, tmp_pa
 
 
 def test_backend_lookup_lists_formats():
-    with pytest.raises(ConfigError, match="test-weights"):
+    with pytest.raises(ConfigError, match="executorch-coreml, .*gguf, onnx, test-weights"):
         backend("tflite")
+
+
+def test_format_table_names_what_each_package_registers():
+    import importlib
+
+    for package in set(FORMATS.values()):
+        importlib.import_module(f"edge_mllm.export.{package}.bundle")
+    registered = {name: cls.__module__.split(".")[2] for name, cls in BACKENDS.items() if name != "test-weights"}
+    assert registered == FORMATS

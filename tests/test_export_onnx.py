@@ -15,7 +15,7 @@ import pytest
 import torch
 from edge_mllm.export.bundle import export_bundle
 from edge_mllm.export.onnx import graphs
-from edge_mllm.export.onnx.bundle import codes_by_name, write_onnx
+from edge_mllm.export.onnx.bundle import codes_by_name
 from edge_mllm.export.onnx.nbits import pack_nbits
 from edge_mllm.export.onnx.runtime import OnnxRunner
 from edge_mllm.quant.groupwise import quantize_rtn
@@ -90,11 +90,10 @@ def float_bundle(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["rtn-w4-g32", "gptq-w4-g32"])
 def quantized(request, tiny, tmp_path_factory):
-    """(quantized model, its bundle at accuracy_level 1) per 4-bit scheme."""
+    """(quantized model, its bundle: MatMulNBits at accuracy_level 1, the default) per 4-bit scheme."""
     loaded = quantized_copy(tiny, request.param)
-    out = tmp_path_factory.mktemp("onnx") / request.param
-    out.mkdir()
-    write_onnx(loaded, out, loaded.quantization, accuracy_level=1)
+    out = export_bundle(copy.deepcopy(loaded), "onnx", tmp_path_factory.mktemp("onnx") / request.param,
+                        progress=False)
     return loaded, out
 
 

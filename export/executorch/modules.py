@@ -35,15 +35,20 @@ def mean_last(x: torch.Tensor, inv_dim: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(x, inv_dim)
 
 
+def _eps(eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """eps as a [1] tensor: coremltools' linear-bias fusion fails on a 1-wide linear plus a scalar."""
+    return torch.tensor([eps], dtype=dtype)
+
+
 class LinearRMSNorm(nn.Module):
     """``RMSNorm`` with ``mean_last``."""
 
     def __init__(self, norm: RMSNorm):
         super().__init__()
-        self.eps = norm.eps
         self.weight = norm.weight
         dim = norm.weight.shape[0]
         self.register_buffer("inv_dim", torch.full((1, dim), 1.0 / dim, dtype=norm.weight.dtype), persistent=False)
+        self.register_buffer("eps", _eps(norm.eps, norm.weight.dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight * (x * torch.rsqrt(mean_last(x * x, self.inv_dim) + self.eps))
@@ -54,10 +59,10 @@ class LinearLayerNorm(nn.Module):
 
     def __init__(self, norm: nn.LayerNorm):
         super().__init__()
-        self.eps = norm.eps
         self.weight, self.bias = norm.weight, norm.bias
         dim = norm.normalized_shape[-1]
         self.register_buffer("inv_dim", torch.full((1, dim), 1.0 / dim, dtype=norm.weight.dtype), persistent=False)
+        self.register_buffer("eps", _eps(norm.eps, norm.weight.dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centered = x - mean_last(x, self.inv_dim)

@@ -2,24 +2,25 @@
 
 ``ExecuTorchRunner`` does what ExecuTorch's C++ ``MultimodalRunner`` does, one method call at a time
 (vision_encoder → splice the image embeddings into the prompt → prefill with text_decoder → greedy
-decode with token_embedding + text_decoder), so tests and benchmarks can see logits and timings.
+decode with token_embedding + text_decoder), so tests and benchmarks can see logits and timings; its
+``generate`` is the shared :class:`BundleRuntime` loop.
 ``multimodal_runner`` opens the same bundle with the wheel's ``MultimodalRunner`` itself.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
+from edge_mllm.export import FORMATS
 
-from edge_mllm.errors import CheckpointError, ContextLengthError, EdgeMLLMError
+from edge_mllm.errors import CheckpointError, EdgeMLLMError
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.preprocess import ImageInput, ImageProcessor
-from edge_mllm.tokenizer import Tokenizer
+from edge_mllm.runtime.bundle import BundleRuntime
 
 from .program import DECODER_METHOD, EMBEDDING_METHOD, VISION_METHOD
 
@@ -32,40 +33,30 @@ def load_kernels() -> None:
     from executorch.kernels import quantized  # noqa: F401
 
 
-@dataclass
-class RunnerOutput:
-    token_ids: list[int]
-    text: str
-    prompt_tokens: int  # LLM positions of the prompt, image tokens included
-    finish_reason: str  # "stop" or "length"
-    logits: list[torch.Tensor] = field(default_factory=list)  # per generated token, when asked for
-    timings: dict[str, float] = field(default_factory=dict)
+class ExecuTorchRunner(BundleRuntime):
+    """A loaded ExecuTorch bundle: ``generate(prompt, images, max_new_tokens=…)``, plus each method."""
 
+    formats = tuple(name for name, package in FORMATS.items() if package == "executorch")
 
-class ExecuTorchRunner:
-    """A loaded ExecuTorch bundle: ``generate(prompt_ids, images, max_new_tokens)``."""
-
-    def __init__(self, bundle_dir: str | Path):
+    def __init__(self, bundle_dir: str | Path, manifest: dict | None = None, *, threads: int | None = None):
         from executorch.runtime import Runtime
 
-        self.bundle_dir = Path(bundle_dir)
-        try:
-            self.manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
-            info = self.manifest["executorch"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{self.bundle_dir} is not an ExecuTorch bundle: {exc}") from exc
+        super().__init__(bundle_dir, manifest)
+        if threads:  # XNNPACK's threadpool is process-wide
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+            _unsafe_reset_threadpool(threads)
+        info = self.manifest.get("executorch")
+        if not info or "program" not in info:
+            raise CheckpointError(f"{self.path} is not an ExecuTorch bundle: its manifest has no executorch.program")
         load_kernels()
-        self.program = Runtime.get().load_program(self.bundle_dir / info["program"])
-        self.max_seq_len = int(info["max_seq_len"])
-        self.tokenizer = Tokenizer.from_folder(self.bundle_dir / Path(self.manifest["tokenizer"]).parent)
-        self.stop_ids = set(self.manifest["special_tokens"]["stop"])
+        self.program = Runtime.get().load_program(self.path / info["program"])
+        self.context_length = self.max_seq_len = int(info["max_seq_len"])  # the static KV cache's positions
         self._methods: dict = {}
-        prep = self.manifest.get("image_preprocessing")
-        self.image_processor = None
-        if prep is not None and VISION_METHOD in self.program.method_names:
-            self.image_processor = ImageProcessor(
-                prep["image_size"], tuple(prep["image_mean"]), tuple(prep["image_std"]), prep["aspect_ratio"]
-            )
+
+    @cached_property
+    def image_processor(self) -> ImageProcessor | None:
+        return super().image_processor if VISION_METHOD in self.program.method_names else None
 
     def method(self, name: str):
         """A loaded method (loaded once: the decoder's KV cache lives in it)."""
@@ -88,7 +79,7 @@ class ExecuTorchRunner:
         return self.method(DECODER_METHOD).execute([embeds.unsqueeze(0), torch.tensor([start_pos])])[0][0]
 
     def embed_prompt(self, prompt_ids: Sequence[int], images: Sequence[ImageInput | torch.Tensor]) -> torch.Tensor:
-        """Token ids with ``IMAGE_TOKEN_INDEX`` placeholders + images → embeddings [T, D]."""
+        """Token ids with ``IMAGE_TOKEN_INDEX`` placeholders + images (or their embeddings) → embeddings [T, D]."""
         if list(prompt_ids).count(IMAGE_TOKEN_INDEX) != len(images):
             raise EdgeMLLMError(f"prompt has {list(prompt_ids).count(IMAGE_TOKEN_INDEX)} image placeholder(s) "
                                 f"but {len(images)} image(s) were given")
@@ -101,51 +92,24 @@ class ExecuTorchRunner:
                 pieces.append(self.embed_tokens(run))
                 run = []
             if tok == IMAGE_TOKEN_INDEX:
-                pieces.append(self.encode_image(images[next_image]))
+                image = images[next_image]
+                is_embeds = isinstance(image, torch.Tensor) and image.ndim == 2
+                pieces.append(image if is_embeds else self.encode_image(image))
                 next_image += 1
         return torch.cat(pieces)
 
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        images: Sequence[ImageInput | torch.Tensor] = (),
-        max_new_tokens: int = 256,
-        *,
-        stop: bool = True,
-        return_logits: bool = False,
-    ) -> RunnerOutput:
-        """Greedy generation. ``prompt_ids`` may hold ``IMAGE_TOKEN_INDEX`` placeholders, filled in order
-        by ``images``; ``stop=False`` ignores stop tokens (fixed-length comparisons)."""
-        t0 = time.perf_counter()
-        embeds = self.embed_prompt(prompt_ids, images)
-        t_embed = time.perf_counter()
-        prompt_len = embeds.shape[0]
-        if prompt_len + max_new_tokens > self.max_seq_len:
-            raise ContextLengthError(f"prompt ({prompt_len} positions) + {max_new_tokens} new tokens exceed the "
-                                     f"bundle's {self.max_seq_len}-position KV cache")
-        logits = self.decode(embeds, 0)
-        t_prefill = time.perf_counter()
-        tokens, kept, finish = [], [], "length"
-        for pos in range(prompt_len, prompt_len + max_new_tokens):
-            token = int(torch.argmax(logits))
-            if stop and token in self.stop_ids:
-                finish = "stop"
-                break
-            tokens.append(token)
-            if return_logits:
-                kept.append(logits.clone())
-            if len(tokens) == max_new_tokens:
-                break
-            logits = self.decode(self.embed_tokens([token]), pos)
-        t_end = time.perf_counter()
-        timings = {
-            "encode_s": t_embed - t0,
-            "prefill_s": t_prefill - t_embed,
-            "decode_s": t_end - t_prefill,
-            "prefill_tokens_per_s": prompt_len / max(t_prefill - t_embed, 1e-9),
-            "decode_tokens_per_s": max(len(tokens) - 1, 0) / max(t_end - t_prefill, 1e-9),
-        }
-        return RunnerOutput(tokens, self.tokenizer.decode(tokens), prompt_len, finish, kept, timings)
+    # BundleRuntime's steps: the KV cache lives in the loaded text_decoder method
+    def encode_images(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        return [self.encode_image(p) for p in pixels]
+
+    def prefill(self, token_ids: list[int], image_embeds: list[torch.Tensor] | None) -> torch.Tensor:
+        return self.decode(self.embed_prompt(token_ids, image_embeds or []), 0)
+
+    def decode_one(self, token: int, position: int) -> torch.Tensor:
+        return self.decode(self.embed_tokens([token]), position)
+
+
+RUNTIME = ExecuTorchRunner
 
 
 def multimodal_runner(bundle_dir: str | Path, tokenizer: str | Path | None = None):

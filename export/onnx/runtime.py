@@ -5,14 +5,12 @@ greedy decoding one token at a time with each step's ``present`` fed back as the
 This is the loop onnxruntime-genai runs for the bundle (its ``phi3v`` pipeline), written out so the
 bundle can be checked, and used, where onnxruntime-genai is not installed. Model files and I/O
 names come from ``genai_config.json``; the tokenizer, chat template, image preprocessing and stop
-tokens from the bundle's ``tokenizer/`` and ``manifest.json`` (only needed for text prompts and
-image files: token ids and pixel arrays work without them).
+tokens from the bundle's ``tokenizer/`` and ``manifest.json`` (:class:`BundleRuntime`).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,15 +18,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from edge_mllm.errors import ContextLengthError, EdgeMLLMError
+from edge_mllm.errors import EdgeMLLMError
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
-from edge_mllm.pipeline import GenerationResult
-from edge_mllm.preprocess import ImageInput
-
-Images = Sequence[ImageInput] | np.ndarray | torch.Tensor
+from edge_mllm.runtime.bundle import BundleRuntime
 
 
-class OnnxRunner:
+class OnnxRunner(BundleRuntime):
     """An ONNX bundle loaded into onnxruntime sessions.
 
     ``OnnxRunner(bundle_dir).generate("What is in the picture?", ["cat.png"], max_new_tokens=32)``;
@@ -36,15 +31,15 @@ class OnnxRunner:
     normalised pixel array [N, 3, H, W].
     """
 
-    def __init__(self, bundle_dir: str | Path, *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int | None = None):
-        self.path = Path(bundle_dir)
+    formats = ("onnx",)
+
+    def __init__(self, bundle_dir: str | Path, manifest: dict | None = None, *,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None):
+        super().__init__(bundle_dir, manifest)
         config_path = self.path / "genai_config.json"
         if not config_path.is_file():
             raise EdgeMLLMError(f"{self.path} is not an ONNX bundle: genai_config.json is missing")
         config = json.loads(config_path.read_text())["model"]
-        manifest_path = self.path / "manifest.json"
-        self.manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         decoder = config["decoder"]
         self.num_layers = decoder["num_hidden_layers"]
         self.num_kv_heads = decoder["num_key_value_heads"]
@@ -64,12 +59,12 @@ class OnnxRunner:
         self.vision = session(config["vision"]["filename"]) if "vision" in config else None
         self.embedding = session(config.get("embedding", stages.get("embedding", {})).get("filename", "embedding.onnx"))
         self.decoder = session(decoder.get("filename") or stages["decoder"]["filename"])
-        self._tokenizer = None
+        self._past: list[np.ndarray] = []
 
     # ------------------------------------------------------------------------------------------
     # the three graphs
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+    def encode_images(self, pixel_values: np.ndarray | torch.Tensor) -> np.ndarray:
         """Normalised pixels [N, 3, H, W] → image features [N, image_tokens, D]."""
         if self.vision is None:
             raise EdgeMLLMError("this bundle has no vision encoder: it cannot take images")
@@ -117,97 +112,15 @@ class OnnxRunner:
         return logits, present
 
     # ------------------------------------------------------------------------------------------
-    # generation
+    # BundleRuntime's steps: the cache is the last step's ``present``
 
-    def generate(
-        self,
-        prompt: str | Sequence[int],
-        images: Images = (),
-        *,
-        max_new_tokens: int = 256,
-        raw: bool = False,
-        stop_token_ids: Sequence[int] | None = None,
-    ) -> GenerationResult:
-        """Greedy answer to ``prompt`` about ``images``.
+    def prefill(self, token_ids: list[int], image_embeds: np.ndarray | None) -> torch.Tensor:
+        logits, self._past = self.forward(self.embed(token_ids, image_embeds), self.empty_cache())
+        return torch.from_numpy(logits[0, -1])
 
-        ``prompt``: text (rendered with the bundle's chat template unless ``raw``, ``<image>`` marking
-        images in raw text) or token ids with ``IMAGE_TOKEN_INDEX`` placeholders. ``images``: image
-        files / PIL images / arrays, or pixels already normalised [N, 3, H, W].
-        ``stop_token_ids``: default the bundle's stop tokens; ``()`` generates ``max_new_tokens``.
-        """
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        pixels = self._pixels(images)
-        n_images = 0 if pixels is None else pixels.shape[0]
-        token_ids = self._tokenize(prompt, n_images, raw) if isinstance(prompt, str) else list(prompt)
-        if stop_token_ids is None:
-            stop_token_ids = self.manifest.get("special_tokens", {}).get("stop", [])
-        stop = set(stop_token_ids)
+    def decode_one(self, token: int, position: int) -> torch.Tensor:
+        logits, self._past = self.forward(self.embed([token]), self._past)
+        return torch.from_numpy(logits[0, -1])
 
-        t0 = time.perf_counter()
-        features = None if pixels is None else self.encode_images(pixels)
-        t_vision = time.perf_counter()
-        embeds = self.embed(token_ids, features)
-        prompt_len = embeds.shape[1]
-        if prompt_len + max_new_tokens > self.context_length:
-            raise ContextLengthError(
-                f"prompt ({prompt_len} tokens, images included) + max_new_tokens ({max_new_tokens}) exceeds "
-                f"the model's context of {self.context_length} tokens")
-        logits, past = self.forward(embeds, self.empty_cache())
-        t_first = time.perf_counter()
-        tokens, finish = [], "length"
-        while True:
-            token = int(np.argmax(logits[0, -1]))
-            if token in stop:
-                finish = "stop"
-                break
-            tokens.append(token)
-            if len(tokens) == max_new_tokens:
-                break
-            logits, past = self.forward(self.embed([token]), past)
-        t_end = time.perf_counter()
-        steps = max(len(tokens) - 1, 0)
-        timings = {
-            "vision_encode_s": t_vision - t0,
-            "prefill_s": t_first - t_vision,
-            "decode_s": t_end - t_first,
-            "time_to_first_token_s": t_first - t0,
-            "prefill_tokens_per_s": prompt_len / max(t_first - t_vision, 1e-9),
-            "decode_tokens_per_s": steps / (t_end - t_first) if steps else 0.0,
-        }
-        text = self.tokenizer.decode(tokens) if (self.path / "tokenizer").is_dir() else ""
-        return GenerationResult(text, tokens, prompt_len, finish, timings)
 
-    # ------------------------------------------------------------------------------------------
-    # text and images
-
-    @property
-    def tokenizer(self):
-        """The bundle's tokenizer (``tokenizer/``), loaded on first use."""
-        if self._tokenizer is None:
-            from edge_mllm.tokenizer import Tokenizer
-
-            self._tokenizer = Tokenizer.from_folder(self.path / "tokenizer")
-        return self._tokenizer
-
-    def _tokenize(self, prompt: str, n_images: int, raw: bool) -> list[int]:
-        from edge_mllm.chat import ChatTemplate, user_message
-
-        if not raw:
-            template = ChatTemplate(self.manifest.get("chat_template", "tokenizer"))
-            prompt = template.render([user_message(prompt, n_images)], self.tokenizer)
-        return self.tokenizer.encode_with_images(prompt)
-
-    def _pixels(self, images: Images) -> np.ndarray | None:
-        if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
-            return np.asarray(images, dtype=np.float32)
-        if len(images) == 0:
-            return None
-        spec = self.manifest.get("image_preprocessing")
-        if not spec:
-            raise EdgeMLLMError("this bundle has no image preprocessing in manifest.json: pass normalised pixels")
-        from edge_mllm.preprocess import ImageProcessor
-
-        processor = ImageProcessor(spec["image_size"], tuple(spec["image_mean"]), tuple(spec["image_std"]),
-                                   spec["aspect_ratio"])
-        return torch.stack([processor(image) for image in images]).numpy()
+RUNTIME = OnnxRunner

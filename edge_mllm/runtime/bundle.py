@@ -1,0 +1,173 @@
+"""What every exported bundle's runtime shares: the manifest, tokenizer, chat template, image
+preprocessing and stop tokens, and the greedy generation loop with its timings.
+
+A format's runtime (``edge_mllm.export.<format>.runtime``) subclasses :class:`BundleRuntime` and
+supplies three steps — encode images, prefill a prompt, decode one token — in its own runtime; or,
+where the runtime owns the whole loop (llama.cpp's chat handler), overrides :meth:`generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from edge_mllm.chat import ChatTemplate, user_message
+from edge_mllm.errors import CheckpointError, ContextLengthError, EdgeMLLMError
+from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
+from edge_mllm.pipeline import GenerationResult
+from edge_mllm.preprocess import ImageInput, ImageProcessor
+from edge_mllm.tokenizer import IMAGE_MARKER, StreamDecoder, Tokenizer
+
+MANIFEST = "manifest.json"
+# Images: files / PIL images / arrays, or pixels already normalised [N, 3, H, W].
+Images = Sequence[ImageInput] | np.ndarray | torch.Tensor
+
+
+def read_manifest(bundle_dir: str | Path) -> dict:
+    """A bundle's ``manifest.json``, or a one-line error saying why the folder is not a bundle."""
+    path = Path(bundle_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{bundle_dir} is not an exported bundle: {MANIFEST} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is unreadable: {exc}") from exc
+
+
+class BundleRuntime(ABC):
+    """An exported bundle loaded in its runtime: ``generate(prompt, images, max_new_tokens=…)``."""
+
+    formats: ClassVar[tuple[str, ...]]  # the manifest ``format`` values this runtime loads
+
+    def __init__(self, bundle_dir: str | Path, manifest: dict | None = None):
+        self.path = Path(bundle_dir)
+        self.manifest = read_manifest(self.path) if manifest is None else manifest
+        fmt = self.manifest.get("format")
+        if fmt not in self.formats:
+            raise CheckpointError(f"{self.path} is a {fmt!r} bundle, not {' / '.join(self.formats)}")
+        self.stop_token_ids = tuple(self.manifest.get("special_tokens", {}).get("stop", ()))
+        self.context_length = int(self.manifest.get("max_seq_len") or 0)  # a format may cap it lower
+        self.image_token_count = int(self.manifest.get("image_token_count") or 0)
+
+    # ------------------------------------------------------------------------------------------
+    # text and images, the same for every format
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The bundle's tokenizer folder (named by the manifest), loaded on first use."""
+        return Tokenizer.from_folder(self.path / Path(self.manifest.get("tokenizer", "tokenizer/x")).parent)
+
+    @cached_property
+    def image_processor(self) -> ImageProcessor | None:
+        spec = self.manifest.get("image_preprocessing")
+        if not spec:
+            return None
+        return ImageProcessor(spec["image_size"], tuple(spec["image_mean"]), tuple(spec["image_std"]),
+                              spec["aspect_ratio"])
+
+    def prompt_ids(self, prompt: str | Sequence[int], num_images: int, raw: bool = False) -> list[int]:
+        """Token ids with one ``IMAGE_TOKEN_INDEX`` per image: ``prompt`` rendered with the bundle's chat
+        template (unless ``raw``: ``<image>`` then marks images), or ids passed through."""
+        if not isinstance(prompt, str):
+            ids = list(prompt)
+        else:
+            if not raw:
+                if IMAGE_MARKER in prompt:
+                    raise EdgeMLLMError(f"the prompt contains {IMAGE_MARKER}: images are placed for you (or use raw)")
+                template = ChatTemplate(self.manifest.get("chat_template", "tokenizer"))
+                prompt = template.render([user_message(prompt, num_images)], self.tokenizer)
+            ids = self.tokenizer.encode_with_images(prompt)
+        if ids.count(IMAGE_TOKEN_INDEX) != num_images:
+            raise EdgeMLLMError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} image placeholder(s) "
+                                f"but {num_images} image(s) were given")
+        return ids
+
+    def pixels(self, images: Images) -> torch.Tensor | None:
+        """Images → normalised pixels [N, 3, S, S] float32 (None for no images)."""
+        if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
+            return torch.as_tensor(images, dtype=torch.float32)
+        if len(images) == 0:
+            return None
+        if self.image_processor is None:
+            raise EdgeMLLMError("this bundle has no vision encoder: it cannot take images")
+        return torch.stack([self.image_processor(image) for image in images])
+
+    # ------------------------------------------------------------------------------------------
+    # the format's three steps
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> Any:
+        """Normalised pixels [N, 3, S, S] → image embeddings, in whatever form :meth:`prefill` takes."""
+
+    @abstractmethod
+    def prefill(self, token_ids: list[int], image_embeds: Any) -> torch.Tensor:
+        """Run the prompt (ids with ``IMAGE_TOKEN_INDEX`` placeholders) from an empty cache → logits of
+        its last position [V]."""
+
+    @abstractmethod
+    def decode_one(self, token: int, position: int) -> torch.Tensor:
+        """Feed one generated token at ``position`` → logits [V]."""
+
+    # ------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        images: Images = (),
+        *,
+        raw: bool = False,
+        max_new_tokens: int = 256,
+        stop_token_ids: Sequence[int] | None = None,
+        stream: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Greedy answer to ``prompt`` (text, or ids with ``IMAGE_TOKEN_INDEX`` placeholders) about
+        ``images``. ``stop_token_ids``: default the bundle's; ``()`` generates ``max_new_tokens``.
+        ``stream`` receives text as it is generated."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        pixels = self.pixels(images)
+        token_ids = self.prompt_ids(prompt, 0 if pixels is None else len(pixels), raw)
+        stop = set(self.stop_token_ids if stop_token_ids is None else stop_token_ids)
+        decoder = StreamDecoder(self.tokenizer) if stream else None
+        prompt_len = len(token_ids) + token_ids.count(IMAGE_TOKEN_INDEX) * (self.image_token_count - 1)
+        if self.context_length and prompt_len + max_new_tokens > self.context_length:  # before any work
+            raise ContextLengthError(
+                f"prompt ({prompt_len} tokens, images included) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"the bundle's context of {self.context_length} tokens")
+
+        t0 = time.perf_counter()
+        image_embeds = None if pixels is None else self.encode_images(pixels)
+        t_vision = time.perf_counter()
+        logits = self.prefill(token_ids, image_embeds)
+        t_first = time.perf_counter()
+        tokens, finish = [], "length"
+        for position in range(prompt_len, prompt_len + max_new_tokens):
+            token = int(torch.argmax(logits))
+            if token in stop:
+                finish = "stop"
+                break
+            tokens.append(token)
+            if decoder is not None:
+                stream(decoder.push(token))
+            if len(tokens) == max_new_tokens:
+                break
+            logits = self.decode_one(token, position)
+        t_end = time.perf_counter()
+        steps = max(len(tokens) - 1, 0)
+        timings = {
+            "vision_encode_s": t_vision - t0,
+            "prefill_s": t_first - t_vision,
+            "decode_s": t_end - t_first,
+            "time_to_first_token_s": t_first - t0,
+            "prefill_tokens_per_s": prompt_len / max(t_first - t_vision, 1e-9),
+            "decode_tokens_per_s": steps / (t_end - t_first) if steps else 0.0,
+        }
+        return GenerationResult(self.tokenizer.decode(tokens), tokens, prompt_len, finish, timings)
