@@ -29,7 +29,8 @@ from edge_mllm.checkpoint import LoadedModel, load_model
 from edge_mllm.data.synth import write_split
 
 DEFAULT_ENGINES = (
-    "edge-mllm-rtn-w4-g32", "edge-mllm-gptq-w4-g32", "edge-mllm-awq-w4-g32",
+    "edge-mllm-rtn-w4-g32", "edge-mllm-gptq-w4-g32", "edge-mllm-awq-w4-g32", "edge-mllm-rtn-w4-g32-min",
+    "edge-mllm-gptq-w4-g32-min",
     "torchao-8da4w-g32", "ort-matmulnbits-w4-g32", "nncf-int4-sym-g64-awq-se",
     "llamacpp-q4_0", "llamacpp-q4_1", "llamacpp-q4_k_m", "llamacpp-q8_0",
 )

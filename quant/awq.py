@@ -17,7 +17,8 @@ MAX_ROWS = 2048  # calibration rows used by the search (a random subset when the
 
 
 def search_scales(
-    linears: list[nn.Linear], x: torch.Tensor, bits: int, group_size: int, symmetric: bool
+    linears: list[nn.Linear], x: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+    float_min: bool = False,
 ) -> torch.Tensor:
     """Best per-input-channel scales [K] for ``linears`` that all read ``x`` [M, K]."""
     if x.shape[0] > MAX_ROWS:
@@ -33,7 +34,7 @@ def search_scales(
         s = s / (s.max() * s.min()).sqrt()  # keep the scales centred around 1
         err = 0.0
         for w, y in zip(weights, reference, strict=True):
-            w_q = quantize_rtn(w * s, bits, group_size, symmetric).dequantize() / s
+            w_q = quantize_rtn(w * s, bits, group_size, symmetric, float_min).dequantize() / s
             err += float((x @ w_q.T - y).pow(2).mean())
         if err < best:
             best, best_scales = err, s

@@ -461,6 +461,9 @@ ENGINES: dict[str, Engine] = _registry(
     EdgeMllmEngine("edge-mllm-rtn-w4-g32", "rtn-w4-g32"),
     EdgeMllmEngine("edge-mllm-gptq-w4-g32", "gptq-w4-g32"),
     EdgeMllmEngine("edge-mllm-awq-w4-g32", "awq-w4-g32"),
+    EdgeMllmEngine("edge-mllm-rtn-w4-g32-min", "rtn-w4-g32-min"),
+    EdgeMllmEngine("edge-mllm-gptq-w4-g32-min", "gptq-w4-g32-min"),
+    EdgeMllmEngine("edge-mllm-awq-w4-g32-min", "awq-w4-g32-min"),
 )
 
 

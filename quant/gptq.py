@@ -8,7 +8,16 @@ order and pack into any group-wise format.
 from __future__ import annotations
 
 import torch
-from edge_mllm.quant.groupwise import QuantizedTensor, as_matrix, check_group, group_scales, quantize_groups
+from edge_mllm.quant.groupwise import (
+    QuantizedTensor,
+    as_matrix,
+    check_float_min,
+    check_group,
+    group_scales,
+    minmax_params,
+    quantize_groups,
+    quantize_minmax,
+)
 
 from edge_mllm.errors import QuantError
 
@@ -40,8 +49,12 @@ def gptq_quantize(
     symmetric: bool = True,
     damp: float = 0.01,
     block_size: int = 128,
+    float_min: bool = False,
 ) -> QuantizedTensor:
-    """Quantize ``weight`` [N, K] (convs flattened) with GPTQ given the [K, K] input Hessian."""
+    """Quantize ``weight`` [N, K] (convs flattened) with GPTQ given the [K, K] input Hessian;
+    ``float_min``: the Q4_1 form (scale and minimum per group)."""
+    if float_min:
+        check_float_min(bits)
     w = as_matrix(weight).clone()
     n, k = w.shape
     check_group(k, group_size)
@@ -58,7 +71,7 @@ def gptq_quantize(
 
     codes = torch.zeros(n, k)
     scales = torch.zeros(n, k // group_size)
-    zeros = torch.zeros(n, k // group_size)
+    zeros = torch.zeros(n, k // group_size)  # integer zero points, or the float minimums
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
         w_block = w[:, start:end].clone()
@@ -68,16 +81,26 @@ def gptq_quantize(
             col = start + i
             if col % group_size == 0:
                 g = col // group_size
-                scale, zero = group_scales(w_block[:, i : i + group_size], bits, symmetric)
+                group = w_block[:, i : i + group_size]
+                if float_min:
+                    scale, zero = minmax_params(group, bits)
+                    zero = zero.half().float()
+                else:
+                    scale, zero = group_scales(group, bits, symmetric)
                 scale = scale.half().float()  # quantize against the scale the runtime will use
                 scales[:, g] = scale
                 if zero is not None:
                     zeros[:, g] = zero
             g = col // group_size
-            zero = None if symmetric else zeros[:, g]
-            q = quantize_groups(w_block[:, i : i + 1], scales[:, g], zero, bits).squeeze(-1)
+            column = w_block[:, i : i + 1]
+            if float_min:
+                q = quantize_minmax(column, scales[:, g], zeros[:, g], bits).squeeze(-1)
+                deq = q * scales[:, g] + zeros[:, g]
+            else:
+                zero = None if symmetric else zeros[:, g]
+                q = quantize_groups(column, scales[:, g], zero, bits).squeeze(-1)
+                deq = (q - (0 if zero is None else zero)) * scales[:, g]
             codes[:, col] = q
-            deq = (q - (0 if zero is None else zero)) * scales[:, g]
             err = (w_block[:, i] - deq) / hinv_block[i, i]
             w_block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
             err_block[:, i] = err
@@ -86,8 +109,9 @@ def gptq_quantize(
     return QuantizedTensor(
         codes=codes.to(torch.int16),
         scales=scales.to(torch.float16),
-        zero_points=None if symmetric else zeros.to(torch.uint8),
+        zero_points=None if symmetric or float_min else zeros.to(torch.uint8),
         bits=bits,
         group_size=group_size,
         shape=tuple(weight.shape),
+        mins=zeros.to(torch.float16) if float_min else None,
     )

@@ -10,8 +10,13 @@ ONNX Runtime / XNNPACK take them unchanged:
 - symmetric 4-bit (Q4_0): ``d = m / −8`` with ``m`` the group's signed value of largest magnitude,
   codes in [−8, 7], so the largest weight is exact;
 - symmetric 8-bit (Q8_0): ``d = max|w| / 127``, codes in [−127, 127], rounded half away from zero;
-- asymmetric: min/max (zero kept inside the range), integer zero point, codes in [0, 2^bits − 1].
-Scales are stored as fp16 (as every target format does) and dequantization uses the fp16 value.
+- asymmetric: min/max (zero kept inside the range), integer zero point, codes in [0, 2^bits − 1];
+- float minimum (Q4_1): ``W ≈ scale · code + min`` with ``scale = (max − min) / 15`` and the group's
+  own minimum, codes ``trunc((w − min) / scale + 0.5)`` in [0, 15]. No integer zero point can place a
+  grid at an arbitrary offset; this form can, which is how weights shipped as Q4_1 (SmolLM2's) are
+  re-quantized without loss.
+Scales (and minimums) are stored as fp16 (as every target format does) and dequantization uses the
+fp16 values.
 """
 
 from __future__ import annotations
@@ -27,18 +32,19 @@ SUPPORTED_BITS = (4, 8)
 
 @dataclass
 class QuantizedTensor:
-    """Integer codes + per-group scales (+ zero points) of one weight."""
+    """Integer codes + per-group scales (+ zero points or minimums) of one weight."""
 
-    codes: torch.Tensor  # int16 [N, K]: signed for symmetric, 0..2^bits−1 for asymmetric
+    codes: torch.Tensor  # int16 [N, K]: signed for symmetric, 0..2^bits−1 otherwise
     scales: torch.Tensor  # fp16 [N, K // group_size]
     zero_points: torch.Tensor | None  # uint8 [N, K // group_size], asymmetric only
     bits: int
     group_size: int
     shape: tuple[int, ...]  # the original weight shape (convs are flattened to 2-D)
+    mins: torch.Tensor | None = None  # fp16 [N, K // group_size], float-minimum form only
 
     @property
     def symmetric(self) -> bool:
-        return self.zero_points is None
+        return self.zero_points is None and self.mins is None
 
     def dequantize(self) -> torch.Tensor:
         """fp32 weight in its original shape: exactly what a runtime computes from these codes."""
@@ -46,7 +52,10 @@ class QuantizedTensor:
         codes = self.codes.float().view(n, k // self.group_size, self.group_size)
         if self.zero_points is not None:
             codes = codes - self.zero_points.float().unsqueeze(-1)
-        return (codes * self.scales.float().unsqueeze(-1)).reshape(self.shape)
+        w = codes * self.scales.float().unsqueeze(-1)
+        if self.mins is not None:
+            w = w + self.mins.float().unsqueeze(-1)
+        return w.reshape(self.shape)
 
     def unsigned_codes(self) -> torch.Tensor:
         """Codes as unsigned ``bits``-bit values: symmetric ones offset by 2^(bits−1) (the implicit
@@ -58,7 +67,8 @@ class QuantizedTensor:
         n, k = self.codes.shape
         groups = n * (k // self.group_size)
         zero_bytes = 0 if self.zero_points is None else (groups * self.bits + 7) // 8
-        return n * k * self.bits // 8 + 2 * groups + zero_bytes
+        min_bytes = 0 if self.mins is None else 2 * groups
+        return n * k * self.bits // 8 + 2 * groups + zero_bytes + min_bytes
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -115,13 +125,38 @@ def quantize_groups(
     return round_half_away(groups * inv).clamp(-127, 127)
 
 
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = True) -> QuantizedTensor:
-    """Round-to-nearest group-wise quantization of ``weight``."""
+def minmax_params(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float-minimum form: fp32 (scale, minimum) per group, as ggml's Q4_1 quantizer."""
+    lo = groups.amin(dim=-1)
+    return (groups.amax(dim=-1) - lo) / (2**bits - 1), lo
+
+
+def quantize_minmax(groups: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
+    """Float-minimum codes for ``groups`` [..., g]: ggml Q4_1's ``min(15, (int)((x − min)/d + 0.5))``."""
+    inv = torch.where(scale == 0, 0, 1 / torch.where(scale == 0, 1, scale)).unsqueeze(-1)
+    return torch.trunc((groups - lo.unsqueeze(-1)) * inv + 0.5).clamp(0, 2**bits - 1)
+
+
+def check_float_min(bits: int) -> None:
+    if bits != 4:
+        raise QuantError("the float-minimum form (-min) is 4-bit only: it is GGUF's Q4_1 (no 8-bit weight type)")
+
+
+def quantize_rtn(
+    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = True, float_min: bool = False
+) -> QuantizedTensor:
+    """Round-to-nearest group-wise quantization of ``weight``; ``float_min``: the Q4_1 form."""
     _check_bits(bits)
     w = as_matrix(weight)
     n, k = w.shape
     check_group(k, group_size)
     groups = w.view(n, k // group_size, group_size)
+    if float_min:
+        check_float_min(bits)
+        scale, lo = minmax_params(groups, bits)
+        codes = quantize_minmax(groups, scale, lo, bits).reshape(n, k)
+        return QuantizedTensor(codes.to(torch.int16), scale.to(torch.float16), None, bits, group_size,
+                               tuple(weight.shape), mins=lo.to(torch.float16))
     scale, zero = group_scales(groups, bits, symmetric)
     codes = quantize_groups(groups, scale, zero, bits).reshape(n, k)
     return QuantizedTensor(

@@ -61,8 +61,8 @@ def _output_error(weight: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tens
 def _quantize_one(weight: torch.Tensor, plan: TensorPlan, hessian: torch.Tensor | None) -> QuantizedTensor:
     group = plan.group_size or as_matrix(weight).shape[1]
     if plan.method in ("gptq", "awq+gptq") and hessian is not None:
-        return gptq_quantize(weight, hessian, plan.bits, group, plan.symmetric)
-    return quantize_rtn(weight, plan.bits, group, plan.symmetric)
+        return gptq_quantize(weight, hessian, plan.bits, group, plan.symmetric, float_min=plan.float_min)
+    return quantize_rtn(weight, plan.bits, group, plan.symmetric, plan.float_min)
 
 
 class _InputRecorder:
@@ -93,7 +93,8 @@ def _awq_block(layer: LlamaDecoderLayer, rec: _InputRecorder, names: dict[str, s
     if attn.num_heads == attn.num_kv_heads:  # with GQA, v's rows feed several heads' o_proj columns
         groups.append((attn.v_proj, [attn.o_proj], "o_proj"))
     for producer, consumers, reader in groups:
-        scales = search_scales(consumers, rec.rows(names[reader]), plan.bits, plan.group_size, plan.symmetric)
+        scales = search_scales(consumers, rec.rows(names[reader]), plan.bits, plan.group_size, plan.symmetric,
+                               plan.float_min)
         apply_scales(producer, consumers, scales)
 
 

@@ -1,7 +1,8 @@
 """Quantization schemes by name, and the policy that says which tensor gets how many bits.
 
-Names: ``{method}-w{bits}-g{group}[-asym][-mixed]``, e.g. ``rtn-w4-g32``, ``gptq-w4-g64-asym``,
-``awq-w4-g32-mixed``, ``rtn-w8-g32``. Methods: ``rtn`` (round to nearest), ``gptq``, ``awq``
+Names: ``{method}-w{bits}-g{group}[-asym|-min][-mixed]``, e.g. ``rtn-w4-g32``, ``gptq-w4-g64-asym``,
+``awq-w4-g32-mixed``, ``rtn-w4-g32-min``, ``rtn-w8-g32``. ``-asym``: integer zero point; ``-min``: a
+float minimum per group (GGUF's Q4_1 form, 4-bit only). Methods: ``rtn`` (round to nearest), ``gptq``, ``awq``
 (activation-aware scaling, then round to nearest), ``awq+gptq`` (AWQ's scaling, then GPTQ's
 rounding); all but ``rtn`` need calibration data.
 ``-mixed`` keeps the sensitive tensors at 8 bits: the token embedding / LM head and the first and
@@ -18,7 +19,9 @@ from edge_mllm.errors import QuantError
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 GROUP_SIZES = (32, 64, 128)
-_NAME = re.compile(r"^(?P<method>[a-z+]+)-w(?P<bits>\d+)-g(?P<group>\d+)(?P<asym>-asym)?(?P<mixed>-mixed)?$")
+_NAME = re.compile(
+    r"^(?P<method>[a-z+]+)-w(?P<bits>\d+)-g(?P<group>\d+)(?:(?P<asym>-asym)|(?P<min>-min))?(?P<mixed>-mixed)?$"
+)
 VISION_BITS = 8
 
 
@@ -29,14 +32,12 @@ class QuantScheme:
     group_size: int
     symmetric: bool = True
     mixed: bool = False
+    float_min: bool = False  # the Q4_1 form (implies not symmetric)
 
     @property
     def name(self) -> str:
-        return (
-            f"{self.method}-w{self.bits}-g{self.group_size}"
-            + ("" if self.symmetric else "-asym")
-            + ("-mixed" if self.mixed else "")
-        )
+        zero = "-min" if self.float_min else "" if self.symmetric else "-asym"
+        return f"{self.method}-w{self.bits}-g{self.group_size}{zero}" + ("-mixed" if self.mixed else "")
 
     @property
     def needs_calibration(self) -> bool:
@@ -47,8 +48,8 @@ class QuantScheme:
         m = _NAME.match(name.strip().lower())
         if not m:
             raise QuantError(
-                f"unknown quantization scheme {name!r}: expected METHOD-wBITS-gGROUP[-asym][-mixed], "
-                "e.g. rtn-w4-g32, gptq-w4-g64-asym, awq-w4-g32-mixed"
+                f"unknown quantization scheme {name!r}: expected METHOD-wBITS-gGROUP[-asym|-min][-mixed], "
+                "e.g. rtn-w4-g32, gptq-w4-g64-asym, rtn-w4-g32-min, awq-w4-g32-mixed"
             )
         method, bits, group = m["method"], int(m["bits"]), int(m["group"])
         if method not in METHODS:
@@ -57,7 +58,11 @@ class QuantScheme:
             raise QuantError(f"{bits}-bit weights are not supported (4 or 8)")
         if group not in GROUP_SIZES:
             raise QuantError(f"group size {group} is not supported ({', '.join(map(str, GROUP_SIZES))})")
-        return cls(method, bits, group, symmetric=not m["asym"], mixed=bool(m["mixed"]))
+        if m["min"] and bits != 4:
+            raise QuantError("-min (a float minimum per group, GGUF's Q4_1 form) is 4-bit only")
+        float_min = bool(m["min"])
+        return cls(method, bits, group, symmetric=not (m["asym"] or float_min), mixed=bool(m["mixed"]),
+                   float_min=float_min)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class TensorPlan:
     group_size: int
     symmetric: bool
     method: str  # the scheme's method, or "rtn" where it does not apply
+    float_min: bool = False
 
 
 def plan_tensor(scheme: QuantScheme, name: str, shape: tuple[int, ...], num_layers: int) -> TensorPlan | None:
@@ -89,4 +95,6 @@ def plan_tensor(scheme: QuantScheme, name: str, shape: tuple[int, ...], num_laye
     # The (usually tied) embedding / LM head cannot take AWQ's scales, which the lookup would see,
     # so data-aware schemes give it GPTQ on the LM head's inputs.
     method = ("gptq" if scheme.needs_calibration else "rtn") if embedding else scheme.method
-    return TensorPlan(bits, scheme.group_size, scheme.symmetric, method)
+    float_min = scheme.float_min and bits == 4  # -mixed's 8-bit tensors are symmetric (Q8_0) instead
+    return TensorPlan(bits, scheme.group_size, scheme.symmetric or (scheme.float_min and not float_min), method,
+                      float_min)

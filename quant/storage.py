@@ -3,7 +3,8 @@ their layout in ``config.json``.
 
 A quantized parameter ``p`` is stored as ``p.qweight`` (uint8 ``[N, K·bits/8]``, unsigned codes,
 low nibble first: ONNX Runtime's MatMulNBits layout), ``p.scales`` (fp16 ``[N, K/group]``) and, for
-asymmetric codes, ``p.zero_points`` (uint8 ``[N, K/group·bits/8]``, packed the same way); the float
+asymmetric codes, ``p.zero_points`` (uint8 ``[N, K/group·bits/8]``, packed the same way), or for the
+float-minimum form ``p.mins`` (fp16 ``[N, K/group]``); the float
 tensor is not stored. Loading gives back the exact codes, so every export emits its 4-bit operators
 from the same integers.
 """
@@ -37,6 +38,7 @@ class QuantizedWeights:
             "scheme": self.scheme,
             "tensors": {
                 name: {"bits": qt.bits, "group_size": qt.group_size, "symmetric": qt.symmetric, "shape": list(qt.shape)}
+                | ({"float_min": True} if qt.mins is not None else {})
                 for name, qt in sorted(self.tensors.items())
             },
         }
@@ -49,6 +51,8 @@ class QuantizedWeights:
             out[f"{name}.scales"] = qt.scales.contiguous()
             if qt.zero_points is not None:
                 out[f"{name}.zero_points"] = pack_unsigned(qt.zero_points, qt.bits).contiguous()
+            if qt.mins is not None:
+                out[f"{name}.mins"] = qt.mins.contiguous()
         return out
 
     @classmethod
@@ -61,14 +65,18 @@ class QuantizedWeights:
                 scales = state[f"{name}.scales"]
                 rows, k = shape[0], scales.shape[1] * group
                 codes = unpack_unsigned(state[f"{name}.qweight"], bits, k)
-                if spec["symmetric"]:
-                    zero_points = None
+                zero_points = mins = None
+                if spec.get("float_min"):
+                    mins = state[f"{name}.mins"]
+                    if mins.shape != scales.shape:
+                        raise CheckpointError(f"{source}: {name}.mins does not match its scales")
+                elif spec["symmetric"]:
                     codes = codes - 2 ** (bits - 1)
                 else:
                     zero_points = unpack_unsigned(state[f"{name}.zero_points"], bits, scales.shape[1]).to(torch.uint8)
                 if codes.shape != (rows, k) or rows * k != torch.Size(shape).numel():
                     raise CheckpointError(f"{source}: quantized tensor {name} does not match its shape {list(shape)}")
-                tensors[name] = QuantizedTensor(codes, scales, zero_points, bits, group, shape)
+                tensors[name] = QuantizedTensor(codes, scales, zero_points, bits, group, shape, mins=mins)
             return cls(str(layout["scheme"]), tensors)
         except KeyError as exc:
             raise CheckpointError(f"{source}: quantized weights are incomplete (missing {exc})") from exc

@@ -182,13 +182,14 @@ def test_runner_errors_are_clear(fp32_bundle, test_image):
 # 4-bit
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_our_4bit_codes_become_exact_xnnpack_weights(symmetric):
+@pytest.mark.parametrize("form", ["symmetric", "asymmetric", "float-min"])
+def test_our_4bit_codes_become_exact_xnnpack_weights(form):
     """XNNPACK takes only positive group scales and no zero points; the rewrite keeps the weights."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 96, generator=g)
     w[2, :32] = 0  # an all-zero group: scale 0
-    qt = quantize_rtn(w, 4, 32, symmetric)
+    w[3, 32:64] = 0.5  # a constant group: scale 0 (with a float minimum: the minimum)
+    qt = quantize_rtn(w, 4, 32, form == "symmetric", float_min=form == "float-min")
     weight, offsets = xnnpack_int4(qt)
     assert bool((weight.scale > 0).all()) and int(weight.qdata.min()) >= -8 and int(weight.qdata.max()) <= 7
     assert bool((weight.zero_point == 0).all())
@@ -242,6 +243,20 @@ def test_vendor_sdks_missing_give_clear_errors(mobilevlm_v2, tmp_path, monkeypat
         with pytest.raises(ConfigError, match="NeuroPilot.*mtk_converter"):
             export_bundle(loaded, "executorch-mediatek", tmp_path / "mtk", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_float_minimum_embedding_rows_through_executorchs_op():
+    """ExecuTorch's embedding op takes an fp16 zero point: the float minimum becomes one, ≈ exact."""
+    from edge_mllm.export.executorch.quantize import QuantizedEmbedding, load_quantized_ops
+
+    load_quantized_ops()
+    table = torch.randn(40, 64, generator=torch.Generator().manual_seed(1)) * 0.05
+    table[5, :32] = 0.02  # a constant group
+    qt = quantize_rtn(table, 4, 32, float_min=True)
+    rows = QuantizedEmbedding.from_codes(qt)(torch.tensor([[0, 5, 39]]))[0]
+    expected = qt.dequantize()[[0, 5, 39]]
+    step = float(qt.scales.float().max())
+    assert float((rows - expected).abs().max()) < 0.02 * step
 
 
 def test_bad_input_fails_fast_and_leaves_nothing(mobilevlm_v2, tmp_path, monkeypatch):

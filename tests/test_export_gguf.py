@@ -334,17 +334,18 @@ def test_chat_handler_generates_what_our_pipeline_generates(vision_runs):
     assert tokens[:8] == Pipeline(loaded).generate(PROMPT, [image], max_new_tokens=8).token_ids
 
 
-def test_our_quantized_codes_run_in_llamacpp(llava_model, tmp_path):
-    """rtn-w4-g32: the LLM as Q4_0 blocks of our codes, the vision tower's 8-bit codes as Q8_0; the bundle
-    generates as our quantized PyTorch model does."""
+@pytest.mark.parametrize(("scheme", "block_type"), [("rtn-w4-g32", "Q4_0"), ("rtn-w4-g32-min", "Q4_1")])
+def test_our_quantized_codes_run_in_llamacpp(llava_model, tmp_path, scheme, block_type):
+    """Our 4-bit codes: the LLM as Q4_0 (symmetric) or Q4_1 (float minimum) blocks, the vision tower's
+    8-bit codes as Q8_0; the bundle generates as our quantized PyTorch model does."""
     loaded = copy.deepcopy(llava_model)
-    out = export_bundle(loaded, "gguf", tmp_path / "q", quant="rtn-w4-g32", progress=False)  # quantizes `loaded`
+    out = export_bundle(loaded, "gguf", tmp_path / "q", quant=scheme, progress=False)  # quantizes `loaded`
     llm, mmproj = tensor_types(out / "model.gguf"), tensor_types(out / "mmproj.gguf")
-    assert llm["blk.0.attn_q.weight"] == llm["token_embd.weight"] == "Q4_0"
+    assert llm["blk.0.attn_q.weight"] == llm["token_embd.weight"] == block_type
     assert mmproj["v.blk.0.attn_q.weight"] == mmproj["v.blk.0.ffn_down.weight"] == "Q8_0"
     assert mmproj["v.patch_embd.weight"] == "F32"  # per-channel codes: written dequantized (exact)
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["quantization"] == "rtn-w4-g32" and manifest["gguf"]["model_type"] == "rtn-w4-g32"
+    assert manifest["quantization"] == scheme and manifest["gguf"]["model_type"] == scheme
 
     image = square_image(loaded.model.config.vision.image_size, seed=1)
     _, tokens = llamacpp_chat(out, PROMPT, image, N_TOKENS)

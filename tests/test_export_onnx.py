@@ -88,7 +88,7 @@ def float_bundle(tiny, tmp_path_factory):
     return export_bundle(copy.deepcopy(tiny), "onnx", tmp_path_factory.mktemp("onnx") / "fp32", progress=False)
 
 
-@pytest.fixture(scope="module", params=["rtn-w4-g32", "gptq-w4-g32"])
+@pytest.fixture(scope="module", params=["rtn-w4-g32", "gptq-w4-g32", "gptq-w4-g32-min"])
 def quantized(request, tiny, tmp_path_factory):
     """(quantized model, its bundle: MatMulNBits at accuracy_level 1, the default) per 4-bit scheme."""
     loaded = quantized_copy(tiny, request.param)

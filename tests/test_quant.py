@@ -92,6 +92,30 @@ def test_our_blocks_equal_gguf_py(qtype):
     assert np.array_equal(gguf_dequantize(data, qtype), qt.dequantize().numpy())
 
 
+def test_float_minimum_codes_are_gguf_py_q4_1_byte_for_byte():
+    w = weights(64, 512, seed=1)
+    w[3, :32] = 0.25  # a constant block
+    qt = quantize_rtn(w, 4, 32, float_min=True)
+    data, qtype = pack_blocks(qt)
+    assert qtype == GGMLQuantizationType.Q4_1
+    reference = gguf_quantize(w.numpy(), GGMLQuantizationType.Q4_1)
+    assert np.array_equal(data, reference)
+    assert np.array_equal(gguf_dequantize(data, qtype), qt.dequantize().numpy())
+
+
+def test_weights_on_a_q4_1_grid_requantize_exactly_only_with_a_float_minimum():
+    """SmolLM2 ships as Q4_1: its dequantized weights lie on such a grid. The -min form recovers them;
+    an integer zero point or a symmetric grid cannot."""
+    w = weights(64, 512, seed=7)
+    on_grid = torch.from_numpy(gguf_dequantize(gguf_quantize(w.numpy(), GGMLQuantizationType.Q4_1),
+                                               GGMLQuantizationType.Q4_1))
+    assert relative_error(on_grid, quantize_rtn(on_grid, 4, 32, float_min=True)) < 1e-6
+    assert relative_error(on_grid, quantize_rtn(on_grid, 4, 32, symmetric=False)) > 0.02
+    assert relative_error(on_grid, quantize_rtn(on_grid, 4, 32)) > 0.02
+    with pytest.raises(QuantError, match="4-bit only"):
+        quantize_rtn(w, 8, 32, float_min=True)
+
+
 def test_asymmetric_codes_pack_as_q4_1():
     w = weights(32, 256, seed=2)
     qt = quantize_rtn(w, 4, 32, symmetric=False)
@@ -128,12 +152,14 @@ def _run_ort(node, inputs: dict[str, np.ndarray], initializers: dict[str, np.nda
     return session.run(None, inputs)[0]
 
 
-@pytest.mark.parametrize(("bits", "group", "symmetric"), [(4, 32, True), (4, 64, False), (8, 32, True), (4, 128, True)])
+@pytest.mark.parametrize(("bits", "group", "symmetric"),
+                         [(4, 32, True), (4, 64, False), (8, 32, True), (4, 128, True), (4, 32, "min")])
 def test_matmul_nbits_runs_in_onnxruntime_as_our_dequantized_matmul(bits, group, symmetric):
     from onnx import helper
 
     w = weights(48, 256, seed=3)
-    qt = quantize_rtn(w, bits, group, symmetric)
+    w[2, :32] = -0.1  # a constant group
+    qt = quantize_rtn(w, bits, group, symmetric is True, float_min=symmetric == "min")
     packed = pack_nbits(qt)
     init = {"B": packed.data, "scales": packed.scales}
     inputs = ["A", "B", "scales"]
@@ -148,6 +174,29 @@ def test_matmul_nbits_runs_in_onnxruntime_as_our_dequantized_matmul(bits, group,
     got = _run_ort(node, {"A": a.numpy()}, init)
     expected = (a @ qt.dequantize().T).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_float_minimum_embedding_gathers_its_rows_in_onnxruntime():
+    """GatherBlockQuantized takes integer zero points only: the surgery adds the rows' minimums."""
+    import onnxruntime as ort
+    from edge_mllm.export.onnx.surgery import to_gather_block_quantized
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = weights(40, 64, seed=5)
+    qt = quantize_rtn(table, 4, 32, float_min=True)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["Y"], name="embed")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table.numpy(), "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert to_gather_block_quantized(model, {"table": qt}) == {"table"}
+    assert "table" not in {i.name for i in model.graph.initializer}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 7, 39, 7]], dtype=np.int64)
+    got = session.run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, qt.dequantize().numpy()[ids], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -228,7 +277,8 @@ def test_awq_scaling_keeps_the_float_layer_exact_and_lowers_its_error():
 @pytest.mark.parametrize(
     ("name", "message"),
     [("int4", "unknown quantization scheme"), ("foo-w4-g32", "unknown quantization method"),
-     ("rtn-w3-g32", "3-bit"), ("rtn-w4-g48", "group size 48"), ("rtn-w4-g32-sym", "unknown quantization scheme")],
+     ("rtn-w3-g32", "3-bit"), ("rtn-w4-g48", "group size 48"), ("rtn-w4-g32-sym", "unknown quantization scheme"),
+     ("rtn-w8-g32-min", "4-bit only"), ("rtn-w4-g32-asym-min", "unknown quantization scheme")],
 )
 def test_bad_scheme_names_are_clear(name, message):
     with pytest.raises(QuantError, match=message):
@@ -236,7 +286,8 @@ def test_bad_scheme_names_are_clear(name, message):
 
 
 def test_scheme_names_round_trip():
-    for name in ("rtn-w4-g32", "gptq-w4-g64-asym", "awq-w4-g128-mixed", "rtn-w8-g32-asym-mixed", "awq+gptq-w4-g32"):
+    for name in ("rtn-w4-g32", "gptq-w4-g64-asym", "awq-w4-g128-mixed", "rtn-w8-g32-asym-mixed", "awq+gptq-w4-g32",
+                 "awq-w4-g32-min-mixed"):
         assert QuantScheme.parse(name).name == name
     assert QuantScheme.parse("AWQ-W4-G32").needs_calibration
 
@@ -274,7 +325,8 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize(
-    "scheme_name", ["rtn-w4-g32", "gptq-w4-g32", "awq-w4-g32-mixed", "awq+gptq-w4-g64-asym", "rtn-w8-g32-asym"]
+    "scheme_name", ["rtn-w4-g32", "gptq-w4-g32", "awq-w4-g32-mixed", "awq+gptq-w4-g64-asym", "rtn-w8-g32-asym",
+                    "gptq-w4-g32-min"]
 )
 def test_quantize_model_replaces_weights_by_their_codes(tiny_mllm, scheme_name):
     model = copy.deepcopy(tiny_mllm.model)
@@ -311,19 +363,20 @@ def test_data_aware_schemes_need_calibration(tiny_mllm):
 # quantized checkpoints and the CLI
 
 
-def test_quantized_checkpoint_keeps_the_codes(tiny_mllm, tmp_path):
+@pytest.mark.parametrize("scheme_name", ["rtn-w4-g32-asym", "rtn-w4-g32-min"])
+def test_quantized_checkpoint_keeps_the_codes(tiny_mllm, tmp_path, scheme_name):
     loaded = copy.deepcopy(tiny_mllm)
-    result = quantize_model(loaded.model, QuantScheme.parse("rtn-w4-g32-asym"), progress=False)
+    result = quantize_model(loaded.model, QuantScheme.parse(scheme_name), progress=False)
     loaded.quantization = result.weights()
     save_native(loaded, tmp_path / "q")
     back = load_model(tmp_path / "q")
-    assert back.quantization.scheme == "rtn-w4-g32-asym"
+    assert back.quantization.scheme == scheme_name
     for name, qt in result.tensors.items():
         got = back.quantization.tensors[name]
         assert torch.equal(got.codes, qt.codes) and torch.equal(got.scales, qt.scales)
-        assert (got.zero_points is None) == (qt.zero_points is None)
-        if qt.zero_points is not None:
-            assert torch.equal(got.zero_points, qt.zero_points)
+        for field in ("zero_points", "mins"):
+            ours, theirs = getattr(qt, field), getattr(got, field)
+            assert (ours is None) == (theirs is None) and (ours is None or torch.equal(ours, theirs))
     ids = torch.tensor([[1, 5, 9, 40, 77]])
     torch.testing.assert_close(_logits(back.model, ids), _logits(loaded.model, ids))
     # 4-bit codes take half a byte: the file is far smaller than the float one

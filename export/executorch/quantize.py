@@ -54,6 +54,7 @@ def xnnpack_int4(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor | None
     - symmetric, d > 0: ``d · c``;
     - symmetric, d < 0: ``|d| · (−c − 1) + |d|`` (−c reaches 8, which int4 cannot hold);
     - asymmetric: ``d · (u − 8) + (8 − z) · d``;
+    - float minimum (Q4_1): ``d · (u − 8) + (8 · d + min)``;
     - d = 0 (an all-zero group): codes 0 with a tiny positive scale.
     Products of an fp16 scale and a small integer are exact in fp32, so the rewrite is exact too.
     ``linear(x) = qb4w(x) + group_sums(x) @ offsets.T``: the same weights, no re-quantization.
@@ -69,7 +70,10 @@ def xnnpack_int4(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor | None
     g = qt.group_size
     codes = qt.codes.view(n, k // g, g).to(torch.int16)
     d = qt.scales.float()
-    if qt.zero_points is None:
+    if qt.mins is not None:
+        q = codes - 8
+        scale, offset = d, 8 * d + qt.mins.float()
+    elif qt.zero_points is None:
         negative = d < 0
         q = torch.where(negative.unsqueeze(-1), -codes - 1, codes)
         scale, offset = d.abs(), torch.where(negative, d.abs(), 0.0)
@@ -148,6 +152,15 @@ class QuantizedEmbedding(nn.Module):
 
     @classmethod
     def from_codes(cls, qt: QuantizedTensor) -> QuantizedEmbedding:
+        if qt.mins is not None:
+            # The op computes (q − zp)·s with an fp16 zp: the float minimum becomes zp = −8 − min/s
+            # (≈1e-3 relative rounding of zp: ~0.01 of a quantization step); a constant group is
+            # code −8 with s = min, zp = −9.
+            d, m = qt.scales.float(), qt.mins.float()
+            flat = d == 0
+            scale = torch.where(flat, m, d)
+            zero = torch.where(flat, -9.0, -8 - m / torch.where(flat, 1.0, d))
+            return cls(qt.codes - 8, scale, zero, qt.bits)
         codes, zero = signed_codes(qt)
         return cls(codes, qt.scales, None if qt.symmetric else zero, qt.bits)
 

@@ -47,8 +47,11 @@ def pack_blocks(qt: QuantizedTensor) -> tuple[np.ndarray, GGMLQuantizationType]:
         qs = (nibbles[..., :16] | (nibbles[..., 16:] << 4)).astype(np.uint8)
         parts = [d, qs]
         if qtype == GGMLQuantizationType.Q4_1:
-            # ggml's Q4_1 has a float minimum, not an integer zero point: m = −d·zero_point
-            m = -qt.scales.float().numpy() * qt.zero_points.numpy().astype(np.float32)
+            # ggml's Q4_1 has a float minimum (our -min form's, as is), not an integer zero point: m = −d·zero_point
+            if qt.mins is not None:
+                m = qt.mins.numpy()
+            else:
+                m = -qt.scales.float().numpy() * qt.zero_points.numpy().astype(np.float32)
             parts = [d, _fp16_bytes(m), qs]
     return np.concatenate(parts, axis=-1).reshape(rows, -1), qtype
 

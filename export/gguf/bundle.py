@@ -121,7 +121,7 @@ def _check_scheme(scheme: QuantScheme) -> None:
             f"GGUF blocks hold {BLOCK} weights, but {scheme.name} uses groups of {scheme.group_size}: "
             f"use a -g{BLOCK} scheme, or let llama.cpp quantize ({llamacpp})"
         )
-    if not scheme.symmetric and (scheme.bits == 8 or scheme.mixed):
+    if not scheme.symmetric and not scheme.float_min and (scheme.bits == 8 or scheme.mixed):
         raise QuantError(f"{scheme.name}: GGML has no asymmetric 8-bit block type; use a symmetric scheme")
 
 

@@ -20,6 +20,7 @@ import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 import torch
+from llama_cpp._utils import suppress_stdout_stderr
 
 from edge_mllm.errors import CheckpointError, EdgeMLLMError
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
@@ -63,7 +64,8 @@ class LlamaCppRunner(BundleRuntime):
     def _load_mmproj(self, path: Path):
         params = mtmd.mtmd_context_params_default()
         params.use_gpu, params.print_timings, params.warmup, params.n_threads = False, False, False, self.threads
-        ctx = mtmd.mtmd_init_from_file(str(path).encode(), self.llm.model, params)
+        with suppress_stdout_stderr(disable=False):  # libmtmd logs every hparam on load (as MTMDChatHandler)
+            ctx = mtmd.mtmd_init_from_file(str(path).encode(), self.llm.model, params)
         if not ctx:
             raise CheckpointError(f"libmtmd could not load {path}")
         return ctx

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import onnx
+import torch
 from edge_mllm.export.onnx.nbits import NBitsWeight, pack_nbits
 from edge_mllm.quant.groupwise import QuantizedTensor
 from onnx import helper, numpy_helper
@@ -84,7 +86,11 @@ def to_matmul_nbits(
 
 def to_gather_block_quantized(model: onnx.ModelProto, codes: Mapping[str, QuantizedTensor]) -> set[str]:
     """Replace ``Gather(W, ids)`` (an embedding lookup) by ``GatherBlockQuantized`` for every
-    initializer ``W`` named in ``codes`` whose codes ONNX Runtime can take; returns those replaced."""
+    initializer ``W`` named in ``codes`` whose codes ONNX Runtime can take; returns those replaced.
+
+    ``GatherBlockQuantized`` takes integer zero points only, so float-minimum (Q4_1) codes gather
+    ``q·s`` (zero point 0) and add their rows' minimums: ``Gather(mins) @ E`` with ``E`` the 0/1
+    [blocks, D] matrix that repeats each block's minimum over its columns."""
     graph = model.graph
     packed_inputs: dict[str, tuple[NBitsWeight, list[str]]] = {}
     nodes = []
@@ -93,17 +99,42 @@ def to_gather_block_quantized(model: onnx.ModelProto, codes: Mapping[str, Quanti
         if weight not in codes or not packable(codes[weight]) or _attr(node, "axis", 0) != 0:
             nodes.append(node)
             continue
+        qt = codes[weight]
         if weight not in packed_inputs:
-            packed = pack_nbits(codes[weight])
+            packed = pack_nbits(qt if qt.mins is None else _without_mins(qt))
             packed_inputs[weight] = packed, _add_initializers(graph, weight, packed, (packed.rows, -1))
+            if qt.mins is not None:
+                graph.initializer.extend(_min_tables(weight, qt))
         packed, (data, scales, *zero_points) = packed_inputs[weight]
+        scaled = f"{node.output[0]}_scaled" if qt.mins is not None else node.output[0]
         nodes.append(helper.make_node(
-            "GatherBlockQuantized", [data, node.input[1], scales, *zero_points], list(node.output),
+            "GatherBlockQuantized", [data, node.input[1], scales, *zero_points], [scaled],
             name=f"{node.name}_block_quantized", domain=MS_DOMAIN,
             gather_axis=0, quantize_axis=1, block_size=packed.block_size, bits=packed.bits,
         ))
+        if qt.mins is not None:
+            rows_min, offsets = f"{node.output[0]}_mins", f"{node.output[0]}_offsets"
+            nodes += [
+                helper.make_node("Gather", [f"{weight}.mins", node.input[1]], [rows_min], name=f"{node.name}_mins"),
+                helper.make_node("MatMul", [rows_min, f"{weight}.mins_expand"], [offsets], name=f"{node.name}_expand"),
+                helper.make_node("Add", [scaled, offsets], list(node.output), name=f"{node.name}_add_mins"),
+            ]
     _replace_nodes(model, nodes, bool(packed_inputs))
     return set(packed_inputs)
+
+
+def _without_mins(qt: QuantizedTensor) -> QuantizedTensor:
+    """The codes with an explicit zero point of 0: what ``GatherBlockQuantized`` computes ``q·s`` from."""
+    zeros = torch.zeros_like(qt.scales, dtype=torch.uint8)
+    return QuantizedTensor(qt.codes, qt.scales, zeros, qt.bits, qt.group_size, qt.shape)
+
+
+def _min_tables(weight: str, qt: QuantizedTensor) -> list[onnx.TensorProto]:
+    """``<weight>.mins`` [V, blocks] and ``<weight>.mins_expand`` [blocks, D] (0/1) initializers."""
+    blocks = qt.mins.shape[1]
+    expand = np.repeat(np.eye(blocks, dtype=np.float32), qt.group_size, axis=1)
+    return [numpy_helper.from_array(qt.mins.float().numpy(), f"{weight}.mins"),
+            numpy_helper.from_array(expand, f"{weight}.mins_expand")]
 
 
 def float_weights_left(model: onnx.ModelProto, codes: Mapping[str, QuantizedTensor]) -> list[str]:
