@@ -390,6 +390,135 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _sim_param(lookup):
+    """A click callback resolving a device/backend name; an unknown one is a usage error listing the names."""
+
+    def callback(_ctx, param, value):
+        from edge_mllm.errors import ConfigError
+
+        if value is None:
+            return None
+        try:
+            return lookup(value)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param=param) from exc
+
+    return callback
+
+
+def _get_device(name: str):
+    from edge_mllm.sim.profiles import get_device
+
+    return get_device(name)
+
+
+def _get_backend(name: str):
+    from edge_mllm.sim.backends import get_backend
+
+    return get_backend(name)
+
+
+@cli.command("simulate")
+@click.argument("bundle", required=False, type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--config", "config_path", type=click.Path(exists=True, path_type=str),
+              help="A Hugging Face config.json (or its folder) instead of a bundle; needs --quant.")
+@click.option("--quant", help="With --config: our scheme (e.g. awq-w4-g32), the backend's own type "
+                              "(llama.cpp: q4_0, q4_k_m, q8_0, f16…; executorch: 8da4w[-gN]; onnx: ort-int4[-gN]) "
+                              "or 'none' for floats.")
+@click.option("--device", required=True, callback=_sim_param(_get_device),
+              help="Device profile (`edge-mllm devices` lists them; 'host' measures this machine).")
+@click.option("--backend", callback=_sim_param(_get_backend),
+              help="Runtime (default: the bundle's format's, llama.cpp for --config).")
+@click.option("--threads", type=click.IntRange(min=1), help="Decode threads (default: the device's big cores).")
+@click.option("--batch-threads", type=click.IntRange(min=1), help="Prefill / vision threads (default: --threads).")
+@click.option("--prompt-tokens", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Text tokens in the prompt (image tokens are added per image).")
+@click.option("--images", type=click.IntRange(min=0), help="Images in the prompt (default: 1 if the model sees).")
+@click.option("--context", type=click.IntRange(min=2), help="KV-cache positions (default: the model's context).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def simulate_command(bundle, config_path, quant, device, backend, threads, batch_threads, prompt_tokens, images,
+                     context, as_json) -> None:
+    """Predict vision-encode time, prefill / decode speed, TTFT and peak memory of BUNDLE (or of
+    --config quantized by --quant) on a device, from its profile and a roofline model."""
+    from edge_mllm.errors import ConfigError
+    from edge_mllm.sim.backends import BACKENDS
+    from edge_mllm.sim.formats import weight_plan
+    from edge_mllm.sim.inputs import BackendMismatch, from_bundle
+    from edge_mllm.sim.predict import Scenario, simulate
+    from edge_mllm.sim.shapes import load_hf_config
+
+    if (bundle is None) == (config_path is None):
+        raise click.UsageError("give a BUNDLE folder or --config HF_CONFIG_JSON (not both)")
+    if bundle is not None:
+        if quant is not None:
+            raise click.UsageError("--quant goes with --config; a bundle's quantization is in its manifest")
+        try:
+            shape, plan, runtime = from_bundle(bundle, backend.name if backend else None)
+        except BackendMismatch as exc:
+            raise click.BadParameter(str(exc), param_hint="'--backend'") from exc
+    else:
+        if quant is None:
+            raise click.UsageError("--config needs --quant (a scheme, a format type, or 'none')")
+        runtime = backend or BACKENDS["llama.cpp"]
+        shape = load_hf_config(config_path)
+        try:
+            plan = weight_plan(None if quant.lower() == "none" else quant, runtime.family, shape.tied_embeddings)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--quant'") from exc
+    scenario = Scenario(prompt_tokens=prompt_tokens, images=1 if images is None else images, threads=threads,
+                        batch_threads=batch_threads, context=context)
+    try:
+        result = simulate(shape, plan, device, runtime, scenario)
+    except ConfigError as exc:  # options that do not go together: threads, context, backend on device
+        raise click.UsageError(str(exc)) from exc
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(format_prediction(result))
+
+
+def format_prediction(p) -> str:
+    """A prediction as a few aligned lines."""
+    threads = f", {p.threads} threads" + (f" (prefill {p.batch_threads})" if p.batch_threads != p.threads else "") \
+        if p.threads else ""
+    m = p.memory
+    lines = [f"{p.model} ({p.quantization}) on {p.device} with {p.backend}{threads}"]
+    if p.vision_encode_s is not None:
+        lines.append(f"  vision encode  {p.vision_encode_s:.2f} s per image ({p.image_tokens} image tokens)")
+    image = f" + {p.prefill_tokens - p.prompt_tokens} image" if p.images else ""
+    lines += [
+        f"  prefill        {p.prefill_tok_s:.1f} tok/s over {p.prefill_tokens} tokens ({p.prompt_tokens} text{image})",
+        f"  TTFT           {p.ttft_s:.2f} s",
+        f"  decode         {p.decode_tok_s:.1f} tok/s ({p.decode_bound}-bound; "
+        f"{p.attainable_bandwidth_gbs:.1f} GB/s attainable)",
+        f"  peak memory    {m.peak_mib:.0f} MiB = weights {m.weights_mib:.0f} + KV cache {m.kv_cache_mib:.0f} "
+        f"({p.context} positions) + activations {m.activations_mib:.0f} + runtime {m.overhead_mib:.0f}",
+        f"  app budget     {m.budget_mib:.0f} MiB: {'fits' if m.fits else 'does NOT fit'}",
+    ]
+    lines += [f"note: {note}" for note in p.notes]
+    return "\n".join(lines)
+
+
+@cli.command("devices")
+@click.option("--json", "as_json", is_flag=True, help="Every profile with the source of each number.")
+def devices_command(as_json: bool) -> None:
+    """List the device profiles `simulate` knows (host is measured now)."""
+    from edge_mllm.sim.profiles import device_names, get_device, load_data
+
+    profiles = [get_device(name) for name in device_names()]
+    if as_json:
+        _emit_json({"devices": {p.key: p.data for p in profiles}, "sources": load_data()["sources"]})
+        return
+    for p in profiles:
+        cpu = " + ".join(f"{c.count}x {c.core}" + (f" {c.ghz:g} GHz" if c.ghz else "") for c in p.clusters)
+        isa = ",".join(k for k in ("dotprod", "i8mm", "sve") if getattr(p.isa, k)) or "-"
+        npu = p.npu.name + (f" {p.npu.peaks_tops['int8']:g} TOPS" if "int8" in p.npu.peaks_tops else "") \
+            if p.npu else "-"
+        click.echo(f"{p.key:<20} {p.name}")
+        click.echo(f"{'':<20} CPU {cpu}; ISA {isa}; {p.memory_type} {p.peak_gbs:.1f} GB/s; RAM {p.ram_gb:.1f} GB "
+                   f"(app budget {p.app_budget_gb:.1f} GB); NPU {npu}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps errors to exit codes and one-line messages."""
     from edge_mllm.errors import EdgeMLLMError

@@ -1,0 +1,100 @@
+"""Runtimes the simulator knows: where each one computes and how much of the hardware it attains.
+
+Each backend has two efficiency factors, shared by every device: ``compute`` (fraction of peak
+throughput its matmuls reach in prefill and vision encoding) and ``bandwidth`` (fraction of peak DRAM
+bandwidth its decode reaches). They are calibrated against the published measurements of
+``../shared/reference/published_numbers.md`` by ``benchmarks/sim_validation.py --fit``: each factor is
+the one that minimises the worst relative error over that backend's rows (the geometric midpoint of
+the smallest and largest per-row factor, which minimises the largest |log(predicted / published)|).
+``calibration`` says which rows; a factor no published row backs is listed in ``assumed``, and every
+prediction that uses it says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge_mllm.errors import ConfigError
+from edge_mllm.sim.profiles import Accelerator, DeviceProfile
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    unit: str  # cpu | gpu | npu
+    family: str  # the bundle format it runs (formats.FAMILIES)
+    compute: float
+    bandwidth: float
+    kv_bytes: int  # bytes per cached K or V value
+    overhead_mib: float  # resident memory beyond weights, KV cache and activations
+    calibration: str
+    assumed: tuple[str, ...] = ()  # factors with no published measurement behind them
+    vendors: tuple[str, ...] = ()  # devices it runs on (empty: any device with the unit)
+
+    def accelerator(self, device: DeviceProfile) -> Accelerator:
+        """The GPU/NPU this backend runs on, with the reason when it cannot."""
+        acc = device.gpu if self.unit == "gpu" else device.npu
+        if acc is None or not acc.peaks_tops:
+            raise ConfigError(f"{device.key} has no published {self.unit.upper()} throughput in its profile; "
+                              f"{self.name} cannot be simulated there")
+        return acc
+
+    def check(self, device: DeviceProfile) -> None:
+        """Raise unless this backend runs on ``device``."""
+        if self.vendors and device.vendor not in self.vendors:
+            raise ConfigError(f"{self.name} runs on {'/'.join(self.vendors)} devices, not {device.key}")
+        if self.unit == "gpu" and self.name.endswith("cuda") and not (device.gpu and device.gpu.cuda):
+            raise ConfigError(f"{self.name} needs an NVIDIA GPU; {device.key} has none")
+        if self.unit != "cpu":
+            self.accelerator(device)
+
+
+_LLAMACPP_ROWS = ("MobileVLM-1.7B on Snapdragon 888 (llama.cpp docs and MobileVLM paper), "
+                  "Qwen3.5-2B on Snapdragon 8 Gen 2 (llama.cpp #26957)")
+_UNCALIBRATED = "not calibrated: no published measurement; factors assumed equal to {}'s"
+_BOTH = ("compute", "bandwidth")
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("llama.cpp", "cpu", "gguf", compute=0.058, bandwidth=0.273, kv_bytes=2, overhead_mib=150,
+                calibration=f"compute and bandwidth: {_LLAMACPP_ROWS}; overhead: estimate (compute buffers)"),
+        Backend("llama.cpp-cuda", "gpu", "gguf", compute=0.029, bandwidth=0.257, kv_bytes=2, overhead_mib=300,
+                calibration="MobileVLM-1.7B on Jetson Orin (llama.cpp docs): one row, fitted exactly; "
+                            "overhead: estimate (CUDA context)"),
+        Backend("executorch-xnnpack", "cpu", "executorch", compute=0.193, bandwidth=0.526, kv_bytes=4,
+                overhead_mib=700,
+                calibration="Llama 3.2 1B SpinQuant and LLaVA-1.5 7B on OnePlus 12 (ExecuTorch READMEs); "
+                            "overhead: RSS minus .pte size of the 1B models (~830 MiB) less their fp32 KV cache"),
+        Backend("onnxruntime", "cpu", "onnx", compute=0.157, bandwidth=0.273, kv_bytes=4, overhead_mib=200,
+                calibration="compute: Phi-3-mini int4 prompt processing on a Galaxy S21 (onnxruntime PR #21380, "
+                            "../shared/reference/onnx_nncf.md), one row fitted exactly; bandwidth: not calibrated, "
+                            "assumed equal to llama.cpp's; overhead: estimate",
+                assumed=("bandwidth",)),
+        Backend("executorch-coreml", "npu", "executorch", compute=0.19, bandwidth=0.53, kv_bytes=2,
+                overhead_mib=700, calibration=_UNCALIBRATED.format("executorch-xnnpack"), assumed=_BOTH,
+                vendors=("apple",)),
+        Backend("executorch-qnn", "npu", "executorch", compute=0.19, bandwidth=0.53, kv_bytes=2,
+                overhead_mib=700, calibration=_UNCALIBRATED.format("executorch-xnnpack"), assumed=_BOTH,
+                vendors=("qualcomm",)),
+    )
+}
+# What runs a bundle by default: its export format → backend.
+FORMAT_BACKENDS = {"gguf": "llama.cpp", "executorch": "executorch-xnnpack", "executorch-coreml": "executorch-coreml",
+                   "executorch-qnn": "executorch-qnn", "onnx": "onnxruntime"}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``."""
+    key = name.strip().lower()
+    if key not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return BACKENDS[key]
+
+
+def backend_for_format(fmt: str) -> Backend:
+    """The default backend of a bundle exported as ``fmt``."""
+    if fmt not in FORMAT_BACKENDS:
+        raise ConfigError(f"no simulator backend for {fmt} bundles (simulated formats: {', '.join(FORMAT_BACKENDS)}); "
+                          f"pass --backend with one of {', '.join(BACKENDS)}")
+    return BACKENDS[FORMAT_BACKENDS[fmt]]

@@ -1,0 +1,276 @@
+"""Device profiles and the roofline simulator: math on hand-checked cases, profile sources, errors, CLI.
+
+Nothing here loads a model or touches the network; the host measurement takes about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_mllm.config import MLLMConfig, ProjectorConfig, TextConfig, VisionConfig
+from edge_mllm.errors import ConfigError
+from edge_mllm.sim.backends import BACKENDS, Backend, get_backend
+from edge_mllm.sim.formats import F32, WeightFormat, WeightPlan, weight_plan
+from edge_mllm.sim.predict import MIB, Scenario, simulate
+from edge_mllm.sim.profiles import ISA, Cluster, DeviceProfile, device_names, get_device, load_data
+from edge_mllm.sim.shapes import ModelShape, shape_from_config, shape_from_hf_config
+
+ROOT = Path(__file__).resolve().parents[1]
+INT8_4BIT = WeightFormat("4-bit", 4, "int8")  # exactly half a byte per weight: easy arithmetic
+
+
+def toy_device(peak_gbs: float = 10.0, budget_gb: float = 1.0) -> DeviceProfile:
+    """4 cores at 1 GHz with one 128-bit pipe and dotprod: 32 int8 GOPS per core, 128 in all."""
+    return DeviceProfile(
+        key="toy", name="toy", vendor="test", reference_device="none",
+        clusters=(Cluster("toy-core", 4, 1.0, 1.0),), isa=ISA(dotprod=True, i8mm=False, sve=False),
+        memory_type="LPDDR5", peak_gbs=peak_gbs, ram_gb=2 * budget_gb, app_budget_gb=budget_gb,
+        gpu=None, npu=None, data={"memory": {"peak_gbs": {"value": peak_gbs, "source": "test"}}},
+    )
+
+
+TOY_BACKEND = Backend("toy", "cpu", "gguf", compute=0.5, bandwidth=0.5, kv_bytes=2, overhead_mib=10,
+                      calibration="test")
+
+
+def toy_shape(block: int = 100_000_000, vocab: int = 1000, hidden: int = 1000, kv: int = 0) -> ModelShape:
+    return ModelShape(name="toy", hidden=hidden, ffn=hidden, heads=1, vocab=vocab, tied_embeddings=True,
+                      block_params=(block,), kv_values_per_token=kv, attention_flops_per_pair=0, max_context=4096)
+
+
+TOY_PLAN = WeightPlan("4-bit", INT8_4BIT, INT8_4BIT, None, F32)
+
+
+def test_decode_is_bandwidth_bound_bytes_over_attainable_bandwidth():
+    # 1e8 block weights + 1e6 LM-head weights at 4 bits = 50.5 MB per token; 10 GB/s x 0.5 = 5 GB/s
+    # → 99.0 tok/s. Compute would allow 128e9 x 0.5 / 2.02e8 FLOPs = 317 tok/s on 4 threads.
+    p = simulate(toy_shape(), TOY_PLAN, toy_device(), TOY_BACKEND, Scenario(prompt_tokens=10, images=0, threads=4))
+    assert p.decode_bound == "memory"
+    assert p.decode_tok_s == pytest.approx(5e9 / 50.5e6)
+
+
+def test_decode_turns_compute_bound_on_one_thread():
+    # 1 thread: 32e9 x 0.5 = 16e9 op/s for 2.02e8 FLOPs → 79.2 tok/s, below the 99 tok/s bandwidth bound
+    p = simulate(toy_shape(), TOY_PLAN, toy_device(), TOY_BACKEND, Scenario(prompt_tokens=10, images=0, threads=1))
+    assert p.decode_bound == "compute"
+    assert p.decode_tok_s == pytest.approx(16e9 / 2.02e8)
+
+
+def test_prefill_is_compute_bound_flops_over_attainable_compute():
+    # 100 tokens x 2e8 FLOPs + one LM-head row (2e6) = 2.0002e10 FLOPs at 64e9 op/s (4 threads x 32 x 0.5)
+    p = simulate(toy_shape(), TOY_PLAN, toy_device(), TOY_BACKEND, Scenario(prompt_tokens=100, images=0, threads=4))
+    seconds = 2.0002e10 / 64e9
+    assert p.prefill_tok_s == pytest.approx(100 / seconds)
+    assert p.ttft_s == pytest.approx(seconds)
+    assert p.vision_encode_s is None
+
+
+def test_prefill_counts_causal_attention_and_the_kv_cache():
+    shape = toy_shape(kv=1000)
+    shape = ModelShape(**{**shape.__dict__, "attention_flops_per_pair": 1000})
+    p = simulate(shape, TOY_PLAN, toy_device(), TOY_BACKEND, Scenario(prompt_tokens=100, images=0, threads=4))
+    flops = 100 * 2e8 + 1000 * 100 * 101 / 2 + 2e6
+    assert p.prefill_tok_s == pytest.approx(100 / (flops / 64e9))
+    assert p.memory.kv_cache_mib == pytest.approx(1000 * 4096 * 2 / MIB)  # positions x values x 2 bytes
+
+
+def test_memory_fit_sums_weights_kv_activations_and_overhead():
+    shape = toy_shape()
+    p = simulate(shape, TOY_PLAN, toy_device(budget_gb=1.0), TOY_BACKEND, Scenario(prompt_tokens=10, images=0))
+    weights = (1e8 + 1e6) * 0.5  # tied: the embedding is stored once
+    assert p.memory.weights_mib == pytest.approx(weights / MIB)
+    m = p.memory
+    assert m.peak_mib == pytest.approx(m.weights_mib + m.kv_cache_mib + m.activations_mib + 10)
+    assert m.fits and m.budget_mib == pytest.approx(1e9 / MIB)
+    small = simulate(shape, TOY_PLAN, toy_device(budget_gb=0.05), TOY_BACKEND, Scenario(prompt_tokens=10, images=0))
+    assert not small.memory.fits
+
+
+def test_vision_encode_adds_to_ttft_and_image_tokens_to_prefill():
+    config = MLLMConfig(text=TextConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4),
+                        vision=VisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4),
+                        projector=ProjectorConfig(type="ldpv2"))
+    shape = shape_from_config(config, "tiny")
+    assert shape.vision.image_tokens == 4  # a 4x4 grid pooled 2x2
+    p = simulate(shape, TOY_PLAN, toy_device(), TOY_BACKEND, Scenario(prompt_tokens=10, images=2))
+    assert p.prefill_tokens == 10 + 2 * 4
+    assert p.ttft_s == pytest.approx(2 * p.vision_encode_s + p.prefill_tokens / p.prefill_tok_s)
+
+
+def test_mobilevlm_shape_matches_published_parameter_counts():
+    config = MLLMConfig(text=TextConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                        num_hidden_layers=24, num_attention_heads=16),
+                        vision=VisionConfig(), projector=ProjectorConfig(type="ldp"))
+    shape = shape_from_config(config, "MobileVLM-1.7B")
+    # llama.cpp's log: "model params 1.36 B"; MobileVLM notes: LDP for width 2048 has ~18.94M params
+    assert sum(shape.block_params) + 2 * shape.embedding_params == pytest.approx(1.36e9, rel=0.01)
+    ldp = shape.vision.params - (3 * 14 * 14 * 1024 + 23 * (4 * 1024**2 + 2 * 1024 * 4096))
+    assert ldp == pytest.approx(18.94e6, rel=0.01)
+    assert shape.vision.image_tokens == 144
+
+
+def test_hybrid_config_only_full_attention_layers_cache_keys_and_values():
+    cfg = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 16, "vocab_size": 100, "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+           "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 8,
+           "linear_value_head_dim": 8, "tie_word_embeddings": True}
+    shape = shape_from_hf_config({"text_config": cfg}, "hybrid")
+    assert shape.kv_values_per_token == 2 * 1 * 2 * 16
+    assert shape.recurrent_state_values == 3 * (2 * 8 * 8 + 3 * (2 * 2 * 8 + 2 * 8))
+    assert len(shape.block_params) == 4
+
+
+@pytest.mark.parametrize("quant,family,bits", [
+    ("q4_0", "gguf", 4.5), ("q8_0", "gguf", 8.5), ("awq-w4-g32", "gguf", 4.5), ("rtn-w4-g32-asym", "onnx", 5.0),
+    ("8da4w-g128", "executorch", 4.25), ("8da4w", "executorch", 5.0), ("ort-int4-g64", "onnx", 4.5),
+])
+def test_weight_plans_count_scales_per_group(quant, family, bits):
+    assert weight_plan(quant, family, tied=True).blocks.bits == pytest.approx(bits)
+
+
+def test_mixed_schemes_keep_edge_blocks_and_embedding_at_8_bits():
+    plan = weight_plan("gptq-w4-g32-mixed", "gguf", tied=False)
+    assert plan.edge_blocks.bits == plan.embedding.bits == plan.lm_head.bits == pytest.approx(8.5)
+    assert weight_plan(None, "gguf", tied=True).blocks.compute == "fp16"
+    assert weight_plan(None, "executorch", tied=True).vision is F32
+
+
+def test_every_profile_loads_and_every_number_has_a_source():
+    data = load_data()
+    sources = data["sources"]
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if "value" in node:
+                assert node.get("source") in sources, f"{path}: source {node.get('source')!r} is not in sources"
+                assert sources[node["source"]].strip(), path
+                if node.get("estimate"):
+                    assert "estimate" in sources[node["source"]] or "derived" in sources[node["source"]], path
+                return
+            for key, value in node.items():
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+        else:
+            # a bare number anywhere in a profile would be a number without its source (flags are not numbers)
+            assert isinstance(node, bool) or not isinstance(node, int | float), f"{path}: bare {node!r}"
+
+    walk(data["core_types"], "core_types")
+    walk(data["devices"], "devices")
+    names = device_names()
+    assert len(names) >= 10 and names[-1] == "host"
+    for name in names[:-1]:
+        device = get_device(name)
+        assert device.peak_gbs > 0 and device.app_budget_gb < device.ram_gb
+        assert device.cpu_gops("int8", device.big_cores) > device.cpu_gops("fp32", device.big_cores) > 0
+    for needed in ("snapdragon-888", "snapdragon-8-gen-1", "snapdragon-8-gen-2", "snapdragon-8-gen-3",
+                   "snapdragon-8-elite", "dimensity-9300", "tensor-g3", "apple-a17-pro", "jetson-agx-orin"):
+        assert needed in names
+
+
+def test_host_is_measured():
+    host = get_device("host")
+    assert host.cores >= 1 and host.peak_gbs > 0.1 and 0 < host.app_budget_gb <= host.ram_gb
+    assert host.cpu_gops("fp32", 1) > 0.1
+    assert host.data["memory"]["peak_gbs"]["source"].startswith("measured")
+
+
+def test_unknown_device_and_backend_list_the_valid_names():
+    with pytest.raises(ConfigError, match="snapdragon-8-gen-3.*host"):
+        get_device("pixel-99")
+    with pytest.raises(ConfigError, match="llama.cpp.*executorch-xnnpack"):
+        get_backend("tflite")
+
+
+def test_backends_refuse_devices_they_do_not_run_on():
+    shape = toy_shape()
+    with pytest.raises(ConfigError, match="apple"):
+        simulate(shape, TOY_PLAN, get_device("snapdragon-8-gen-3"), BACKENDS["executorch-coreml"])
+    with pytest.raises(ConfigError, match="NVIDIA"):
+        simulate(shape, TOY_PLAN, get_device("snapdragon-8-gen-3"), BACKENDS["llama.cpp-cuda"])
+    with pytest.raises(ConfigError, match="no published NPU"):
+        simulate(shape, TOY_PLAN, get_device("snapdragon-8-gen-3"), BACKENDS["executorch-qnn"])
+    with pytest.raises(ConfigError, match="--threads must be 1..8"):
+        simulate(shape, TOY_PLAN, get_device("snapdragon-888"), BACKENDS["llama.cpp"], Scenario(threads=9))
+
+
+def test_published_rows_are_within_30_percent(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import sim_validation
+
+    table = sim_validation.results(sim_validation.ROWS)
+    published = [r for r in table if r["set"] == "published"]
+    assert len(published) == 13
+    assert all(r["within"] for r in published), [(r["row"], r["metric"], r["ratio"]) for r in published]
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+HYBRID_CONFIG = {"model_type": "qwen3_5_text", "hidden_size": 2048, "intermediate_size": 6144,
+                 "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256, "vocab_size": 248320,
+                 "tie_word_embeddings": True, "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 6,
+                 "linear_num_key_heads": 16, "linear_num_value_heads": 16, "linear_key_head_dim": 128,
+                 "linear_value_head_dim": 128, "max_position_embeddings": 32768}
+
+
+def edge_mllm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_mllm.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=os.environ.copy())
+
+
+def test_cli_simulate_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(HYBRID_CONFIG))
+    proc = edge_mllm("simulate", "--config", str(tmp_path / "config.json"), "--quant", "q4_k_m",
+                     "--device", "snapdragon-8-gen-2", "--threads", "5", "--prompt-tokens", "200", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["device"] == "snapdragon-8-gen-2" and out["backend"] == "llama.cpp" and out["threads"] == 5
+    assert out["images"] == 0 and out["prefill_tokens"] == 200
+    assert out["decode_tok_s"] > 0 and out["memory"]["fits"] is True
+
+
+def test_cli_simulate_bundle(tmp_path):
+    config = MLLMConfig(text=TextConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4),
+                        vision=VisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4),
+                        projector=ProjectorConfig(type="ldpv2"))
+    manifest = {"format": "executorch", "quantization": "8da4w", "model": config.to_dict(), "max_seq_len": 256}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    proc = edge_mllm("simulate", str(tmp_path), "--device", "apple-a17-pro", "--prompt-tokens", "20")
+    assert proc.returncode == 0, proc.stderr
+    assert "executorch-xnnpack" in proc.stdout and "vision encode" in proc.stdout and "fits" in proc.stdout
+    proc = edge_mllm("simulate", str(tmp_path), "--device", "apple-a17-pro", "--backend", "llama.cpp")
+    assert proc.returncode == 2 and "runs gguf bundles, not this executorch bundle" in proc.stderr
+    (tmp_path / "manifest.json").write_text("{not json")
+    proc = edge_mllm("simulate", str(tmp_path), "--device", "apple-a17-pro")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
+
+
+def test_cli_usage_errors_list_valid_names(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(HYBRID_CONFIG))
+    proc = edge_mllm("simulate", "--config", str(tmp_path), "--quant", "q4_0", "--device", "iphone-99")
+    assert proc.returncode == 2 and "apple-a17-pro" in proc.stderr and "Traceback" not in proc.stderr
+    proc = edge_mllm("simulate", "--config", str(tmp_path), "--quant", "q4_0", "--device", "host", "--backend", "x")
+    assert proc.returncode == 2 and "executorch-xnnpack" in proc.stderr
+    proc = edge_mllm("simulate", "--config", str(tmp_path), "--quant", "q9_9", "--device", "tensor-g3")
+    assert proc.returncode == 2 and "q4_k_m" in proc.stderr
+    proc = edge_mllm("simulate", "--device", "tensor-g3")
+    assert proc.returncode == 2 and "BUNDLE" in proc.stderr
+
+
+def test_cli_devices_json():
+    proc = edge_mllm("devices", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["devices"]) >= 10 and "host" in out["devices"] and out["sources"]
+    assert out["devices"]["snapdragon-888"]["npu"]["int8_tops"] == {"value": 26, "source": "sd888-npu"}
