@@ -114,10 +114,19 @@ class ImageProcessor:
         left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
         return image.crop((left, top, left + self.size, top + self.size))
 
-    def __call__(self, image: ImageInput) -> torch.Tensor:
+    def rgb(self, image: ImageInput) -> torch.Tensor:
+        """The image resized, cropped (and padded) but not rescaled: uint8 RGB [3, size, size], what a
+        fused vision graph takes (``edge_mllm.model.fused_vision``)."""
         rgb = load_image(image)
         if self.aspect == "pad":
             rgb = expand_to_square(rgb, self.fill_color)
-        pixels = np.asarray(self.resize_and_crop(rgb), dtype=np.float32) * np.float32(1 / 255)
-        pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(self.resize_and_crop(rgb)).transpose(2, 0, 1)))
+
+    def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB [..., 3, H, W] → ``(x / 255 − mean) / std`` float32 (CLIPImageProcessor's rescale + normalise)."""
+        pixels = rgb.to(torch.float32) * np.float32(1 / 255)
+        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(-1, 1, 1)
+        return (pixels - mean) / torch.tensor(self.image_std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: ImageInput) -> torch.Tensor:
+        return self.normalize(self.rgb(image))

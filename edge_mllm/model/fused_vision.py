@@ -1,0 +1,229 @@
+"""The fused image path: RGB pixels → LLM-ready image tokens in one module, folded for inference.
+
+``FusedVisionEncoder`` computes what ``MultimodalLM.encode_images`` computes (the reference path,
+kept as is and tested against), with the constant work done once at build time:
+
+- input normalisation ``(x / rgb_max − mean) / std`` folded into the patch-embedding convolution's
+  weights and bias (the patch conv has stride = kernel and no padding, so every output reads only
+  real pixels and the fold is exact);
+- the class token plus its position precomputed into one constant row;
+- each block's ``layer_norm1`` affine folded into one Q/K/V linear (``W·diag(γ)``, ``W·β + b``), and
+  ``layer_norm2``'s into ``fc1``; the norms that remain have no affine;
+- attention through ``torch.nn.functional.scaled_dot_product_attention`` on the split of that one
+  GEMM;
+- only the blocks up to the selected feature layer (as the reference tower);
+- the projector in the same module; the ``query`` connector with its learned queries' LayerNorm and
+  query projection precomputed, its K/V as one GEMM (``ln_kv``'s affine and the positions folded in)
+  and ``ln_post``'s affine folded into ``proj``.
+
+Input: ``rgb`` float32 [B, 3, S, S], the image as the app decoded it — resized (shortest side,
+bicubic), center-cropped and, for ``aspect_ratio == "pad"``, padded to square with the mean colour,
+exactly as ``edge_mllm.preprocess.ImageProcessor`` does before it rescales (those steps stay outside
+the graph) — with values in [0, ``rgb_max``]: ``rgb_max=1.0`` for uint8 / 255, ``255.0`` for the
+uint8 values themselves cast to float.
+
+``int8=True`` stores every linear and convolution weight of the tower and projector as per-output-
+channel symmetric int8 codes with an fp32 scale (:class:`Int8Linear`); activations stay fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_mllm.model.connectors import QueryProjector
+from edge_mllm.model.mllm import MultimodalLM
+from edge_mllm.model.vision import ACTIVATIONS, CLIPEncoderLayer, CLIPVisionTower
+
+
+def fold_normalization(conv: nn.Conv2d, mean: tuple[float, ...], std: tuple[float, ...],
+                       rgb_max: float = 1.0) -> nn.Conv2d:
+    """A conv on raw RGB in [0, rgb_max] equal to ``conv`` on ``(x / rgb_max − mean) / std``.
+
+    conv(W, (x/r − m)/s) = conv(W / (r·s), x) − Σ_{c,i,j} W[o,c,i,j]·m_c/s_c, exact while the conv
+    has no padding (a padded border would read 0 where the normalised input reads −m/s)."""
+    if any(p != 0 for p in conv.padding):
+        raise ValueError("normalisation folds into a conv only without padding")
+    w = conv.weight.detach().double()
+    m = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+    bias = -(w * m / s).sum(dim=(1, 2, 3))
+    if conv.bias is not None:
+        bias = bias + conv.bias.detach().double()
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, bias=True)
+    folded.weight = nn.Parameter((w / (s * rgb_max)).float())
+    folded.bias = nn.Parameter(bias.float())
+    return folded
+
+
+def fold_affine_into_linear(norm: nn.LayerNorm, linears: list[nn.Linear]) -> nn.Linear:
+    """One linear computing ``cat([l(norm(x)) for l in linears])`` from the norm without its affine.
+
+    W(γ⊙x̂ + β) + b = (W·diag(γ))x̂ + (W·β + b): exact, as nothing sits between the norm and the
+    linears. Stacking the linears' rows makes Q/K/V (or any linears sharing an input) one GEMM."""
+    w = torch.cat([lin.weight.detach().double() for lin in linears])
+    b = torch.cat([lin.bias.detach().double() if lin.bias is not None else
+                   torch.zeros(lin.out_features, dtype=torch.float64) for lin in linears])
+    gamma, beta = norm.weight.detach().double(), norm.bias.detach().double()
+    fused = nn.Linear(w.shape[1], w.shape[0])
+    fused.weight = nn.Parameter((w * gamma).float())
+    fused.bias = nn.Parameter((w @ beta + b).float())
+    return fused
+
+
+def plain_norm(norm: nn.LayerNorm) -> nn.LayerNorm:
+    """``norm`` without its affine (folded elsewhere)."""
+    return nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
+
+
+class Int8Linear(nn.Module):
+    """A linear whose weight is stored as int8 codes with one fp32 scale per output channel
+    (symmetric, round to nearest); dequantized on the fly, activations in fp32."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+        self.register_buffer("codes", torch.round(w / scale).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.float())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.codes.float() * self.scale, self.bias)
+
+
+class Int8Conv2d(nn.Module):
+    """``nn.Conv2d`` with int8 weight codes and an fp32 scale per output channel (as :class:`Int8Linear`)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        w = conv.weight.detach()
+        scale = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127
+        self.register_buffer("codes", torch.round(w / scale).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.float())
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        self.stride, self.padding, self.groups = conv.stride, conv.padding, conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.codes.float() * self.scale, self.bias, self.stride, self.padding, groups=self.groups)
+
+
+def int8_weights_(module: nn.Module) -> None:
+    """Replace every ``nn.Linear`` / ``nn.Conv2d`` under ``module`` by its int8-weight form, in place."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8Linear(child))
+        elif isinstance(child, nn.Conv2d):
+            setattr(module, name, Int8Conv2d(child))
+        else:
+            int8_weights_(child)
+
+
+class FusedEncoderLayer(nn.Module):
+    """``CLIPEncoderLayer`` with its norms' affines folded and Q/K/V as one linear."""
+
+    def __init__(self, layer: CLIPEncoderLayer, activation: str):
+        super().__init__()
+        attn = layer.self_attn
+        self.num_heads = attn.num_heads
+        self.norm1 = plain_norm(layer.layer_norm1)
+        self.qkv = fold_affine_into_linear(layer.layer_norm1, [attn.q_proj, attn.k_proj, attn.v_proj])
+        self.out_proj = copy.deepcopy(attn.out_proj)
+        self.norm2 = plain_norm(layer.layer_norm2)
+        self.fc1 = fold_affine_into_linear(layer.layer_norm2, [layer.mlp.fc1])
+        self.fc2 = copy.deepcopy(layer.mlp.fc2)
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        x = x + self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class FusedQueryProjector(nn.Module):
+    """``QueryProjector`` with everything that does not depend on the image precomputed: the learned
+    queries' LayerNorm and their Q projection, K/V as one GEMM over the normalised features (``ln_kv``'s
+    affine folded in; the positions, added to the keys only, become a per-token key bias), and
+    ``ln_post``'s affine folded into ``proj``."""
+
+    def __init__(self, proj: QueryProjector):
+        super().__init__()
+        attn = proj.attn
+        d = attn.embed_dim
+        self.num_heads, self.dim = attn.num_heads, d
+        w_in, b_in = attn.in_proj_weight.detach().double(), attn.in_proj_bias.detach().double()
+        with torch.no_grad():
+            q = F.linear(proj.ln_q(proj.query).double(), w_in[:d], b_in[:d])
+        self.register_buffer("q", q.float().view(1, -1, self.num_heads, d // self.num_heads).transpose(1, 2))
+        self.kv_proj = copy.deepcopy(proj.kv_proj)
+        self.norm_kv = plain_norm(proj.ln_kv)
+        k_lin, v_lin = nn.Linear(d, d), nn.Linear(d, d)
+        k_lin.weight, k_lin.bias = nn.Parameter(w_in[d:2 * d].float()), nn.Parameter(b_in[d:2 * d].float())
+        v_lin.weight, v_lin.bias = nn.Parameter(w_in[2 * d:].float()), nn.Parameter(b_in[2 * d:].float())
+        self.kv = fold_affine_into_linear(proj.ln_kv, [k_lin, v_lin])
+        # keys read features + positions: W_k·pos joins the key half's bias, token by token
+        key_pos = F.pad(proj.pos_embed.double() @ w_in[d:2 * d].T, (0, d))
+        self.register_buffer("kv_pos", key_pos.float())
+        self.out_proj = copy.deepcopy(attn.out_proj)
+        self.norm_post = plain_norm(proj.ln_post)
+        self.proj = fold_affine_into_linear(proj.ln_post, [proj.proj])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        d = self.dim
+        kv = self.kv(self.norm_kv(self.kv_proj(x))) + self.kv_pos[:n]
+        kv = kv.view(b, n, 2, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(self.q.expand(b, -1, -1, -1), kv[0], kv[1])
+        out = self.out_proj(out.transpose(1, 2).reshape(b, -1, d))
+        return self.proj(self.norm_post(out))
+
+
+class FusedVisionEncoder(nn.Module):
+    """RGB pixels [B, 3, S, S] in [0, ``rgb_max``] → image tokens [B, num_image_tokens, D]: the vision
+    tower and projector of ``model``, folded (see the module docstring). Built on copies: ``model`` is
+    left as is."""
+
+    def __init__(self, model: MultimodalLM, *, rgb_max: float = 1.0, int8: bool = False):
+        super().__init__()
+        if model.vision_tower is None:
+            raise ValueError("this model has no vision encoder")
+        tower: CLIPVisionTower = model.vision_tower
+        v = tower.config
+        self.rgb_max = rgb_max
+        emb = tower.embeddings
+        self.patch_embedding = fold_normalization(emb.patch_embedding, v.image_mean, v.image_std, rgb_max)
+        pos = emb.position_embedding.weight.detach()
+        self.register_buffer("cls_pos", (emb.class_embedding.detach() + pos[0]).view(1, 1, -1).clone())
+        self.register_buffer("patch_pos", pos[1:].unsqueeze(0).clone())
+        self.pre_layrnorm = copy.deepcopy(tower.pre_layrnorm)  # feeds the residual stream: nothing to fold into
+        self.layers = nn.ModuleList(FusedEncoderLayer(layer, v.hidden_act) for layer in tower.encoder.layers)
+        self.drop_cls = v.select_feature == "patch"
+        proj = model.mm_projector
+        self.projector = FusedQueryProjector(proj) if isinstance(proj, QueryProjector) else copy.deepcopy(proj)
+        if int8:
+            int8_weights_(self)
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(rgb.to(self.cls_pos.dtype)).flatten(2).transpose(1, 2) + self.patch_pos
+        x = torch.cat([self.cls_pos.expand(patches.shape[0], -1, -1), patches], dim=1)
+        x = self.pre_layrnorm(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.projector(x[:, 1:] if self.drop_cls else x)
+
+
+def normalized_to_rgb(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                      rgb_max: float = 1.0) -> torch.Tensor:
+    """Invert ``(x / rgb_max − mean) / std``: normalised pixels [..., 3, H, W] → RGB in [0, rgb_max]."""
+    m = torch.tensor(mean, dtype=pixels.dtype).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=pixels.dtype).view(-1, 1, 1)
+    return (pixels * s + m) * rgb_max
+
+
+__all__ = ["FusedVisionEncoder", "FusedEncoderLayer", "FusedQueryProjector", "Int8Linear", "Int8Conv2d",
+           "fold_normalization", "fold_affine_into_linear", "int8_weights_", "normalized_to_rgb", "plain_norm"]

@@ -1,0 +1,158 @@
+"""The fused image path (``edge_mllm.model.fused_vision``) against the reference one: each fold on
+its own, then the whole module for every projector type and several image sizes, and int8 weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edge_mllm.checkpoint import load_model
+from edge_mllm.config import MLLMConfig, ProjectorConfig, TextConfig, VisionConfig
+from edge_mllm.model.fused_vision import (
+    FusedVisionEncoder,
+    Int8Linear,
+    fold_affine_into_linear,
+    fold_normalization,
+    normalized_to_rgb,
+    plain_norm,
+)
+from edge_mllm.model.mllm import MultimodalLM
+from edge_mllm.preprocess import ImageProcessor
+
+TEXT = TextConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+FP32_ATOL = 1e-4
+# int8 weights: relative L2 error of the image tokens, measured on these random models at 0.5–1.4%
+# (per-channel symmetric codes, fp32 activations); the budget leaves room for other seeds.
+INT8_REL_ERROR = 0.03
+
+
+def random_norms(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial LayerNorm affines (init leaves γ=1, β=0, which would hide a wrong fold)."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            with torch.no_grad():
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=gen))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
+
+
+def random_model(projector: str, image_size: int, select_feature: str = "patch") -> MultimodalLM:
+    torch.manual_seed(0)
+    vision = VisionConfig(image_size=image_size, patch_size=14, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=3, num_attention_heads=4, select_feature=select_feature)
+    model = MultimodalLM(MLLMConfig(text=TEXT, vision=vision, projector=ProjectorConfig(projector, num_queries=7)))
+    random_norms(model)
+    return model.eval()
+
+
+def rgb_and_normalized(model: MultimodalLM, n: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    v = model.config.vision
+    rgb = torch.rand(n, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(seed))
+    mean, std = torch.tensor(v.image_mean).view(3, 1, 1), torch.tensor(v.image_std).view(3, 1, 1)
+    return rgb, (rgb - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# each fold on its own
+
+
+@pytest.mark.parametrize("rgb_max", [1.0, 255.0])
+def test_normalization_folds_into_the_patch_conv(rgb_max):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 16, 14, stride=14, bias=False)
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    rgb = torch.rand(2, 3, 42, 42) * rgb_max
+    normalized = (rgb / rgb_max - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    folded = fold_normalization(conv, mean, std, rgb_max)
+    torch.testing.assert_close(folded(rgb), conv(normalized), atol=1e-5, rtol=0)
+
+
+def test_normalization_fold_refuses_a_padded_conv():
+    with pytest.raises(ValueError, match="padding"):
+        fold_normalization(nn.Conv2d(3, 4, 3, padding=1), (0.5,) * 3, (0.5,) * 3)
+
+
+def test_layer_norm_affine_folds_into_the_qkv_linear():
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(32)
+    random_norms(norm)
+    q, k, v = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+    x = torch.randn(2, 5, 32) * 3 + 1
+    fused = fold_affine_into_linear(norm, [q, k, v])
+    assert fused.weight.shape == (96, 32)  # one GEMM for the three
+    expected = torch.cat([q(norm(x)), k(norm(x)), v(norm(x))], dim=-1)
+    torch.testing.assert_close(fused(plain_norm(norm)(x)), expected, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole image path
+
+
+@pytest.mark.parametrize("image_size", [56, 84])
+@pytest.mark.parametrize("projector", ["mlp2x_gelu", "ldp", "ldpv2", "query"])
+def test_fused_equals_reference(projector, image_size):
+    model = random_model(projector, image_size)
+    fused = FusedVisionEncoder(model).eval()
+    rgb, normalized = rgb_and_normalized(model)
+    with torch.no_grad():
+        expected = model.encode_images(normalized)
+        got = fused(rgb)
+    assert got.shape == expected.shape == (2, model.num_image_tokens, TEXT.hidden_size)
+    torch.testing.assert_close(got, expected, atol=FP32_ATOL, rtol=0)
+
+
+def test_fused_keeps_the_class_token_when_selected():
+    model = random_model("mlp2x_gelu", 56, select_feature="cls_patch")
+    rgb, normalized = rgb_and_normalized(model)
+    with torch.no_grad():
+        torch.testing.assert_close(FusedVisionEncoder(model)(rgb), model.encode_images(normalized),
+                                   atol=FP32_ATOL, rtol=0)
+
+
+def test_fused_structure_stops_at_the_selected_layer(mobilevlm_v2):
+    model = load_model(mobilevlm_v2.path).model
+    fused = FusedVisionEncoder(model)
+    assert len(fused.layers) == model.config.vision.num_layers_computed == model.config.vision.num_hidden_layers - 1
+    assert not any(isinstance(m, nn.LayerNorm) and m.elementwise_affine for m in fused.layers.modules())
+    assert all(layer.qkv.out_features == 3 * model.config.vision.hidden_size for layer in fused.layers)
+
+
+@pytest.mark.parametrize("kind", ["mobilevlm_v1", "mobilevlm_v2", "llava"])
+def test_fused_equals_reference_on_checkpoints(kind, request, test_image):
+    """Checkpoints in their real layouts (LDP, LDPv2, mlp2x_gelu), from an image file's pixels: the
+    fused path reads uint8 RGB (as the app decoded it, rgb_max 255) or RGB in [0, 1]."""
+    loaded = load_model(request.getfixturevalue(kind).path)
+    model = loaded.model.eval()
+    v = model.config.vision
+    processor = ImageProcessor(v.image_size, v.image_mean, v.image_std, model.config.image_aspect_ratio)
+    rgb = processor.rgb(test_image)[None]
+    with torch.no_grad():
+        expected = model.encode_images(processor(test_image)[None])
+        torch.testing.assert_close(FusedVisionEncoder(model, rgb_max=255.0)(rgb.float()), expected,
+                                   atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(FusedVisionEncoder(model)(rgb.float() / 255), expected, atol=FP32_ATOL, rtol=0)
+
+
+def test_normalized_pixels_invert_to_rgb():
+    model = random_model("ldpv2", 56)
+    rgb, normalized = rgb_and_normalized(model)
+    v = model.config.vision
+    torch.testing.assert_close(normalized_to_rgb(normalized, v.image_mean, v.image_std), rgb, atol=1e-6, rtol=0)
+    torch.testing.assert_close(normalized_to_rgb(normalized, v.image_mean, v.image_std, 255.0), rgb * 255,
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("projector", ["mlp2x_gelu", "ldp", "ldpv2", "query"])
+def test_int8_weights_error_is_measured_and_small(projector):
+    model = random_model(projector, 56)
+    fused = FusedVisionEncoder(model, int8=True).eval()
+    assert any(isinstance(m, Int8Linear) for m in fused.modules())
+    assert not any(type(m) is nn.Linear for m in fused.modules())
+    assert all(m.codes.dtype == torch.int8 for m in fused.modules() if isinstance(m, Int8Linear))
+    rgb, normalized = rgb_and_normalized(model)
+    with torch.no_grad():
+        expected = model.encode_images(normalized)
+        error = float((fused(rgb) - expected).norm() / expected.norm())
+    assert 0 < error < INT8_REL_ERROR, error
