@@ -41,6 +41,7 @@ class QuantizedTensor:
     group_size: int
     shape: tuple[int, ...]  # the original weight shape (convs are flattened to 2-D)
     mins: torch.Tensor | None = None  # fp16 [N, K // group_size], float-minimum form only
+    double: DoubleQuant | None = None  # set when the scales (and minimums) are themselves 8-bit codes
 
     @property
     def symmetric(self) -> bool:
@@ -67,8 +68,69 @@ class QuantizedTensor:
         n, k = self.codes.shape
         groups = n * (k // self.group_size)
         zero_bytes = 0 if self.zero_points is None else (groups * self.bits + 7) // 8
-        min_bytes = 0 if self.mins is None else 2 * groups
-        return n * k * self.bits // 8 + 2 * groups + zero_bytes + min_bytes
+        per_group = 2 if self.double is None else 1  # an fp16 scale (minimum), or an 8-bit code for it
+        min_bytes = 0 if self.mins is None else per_group * groups
+        row_bytes = 0 if self.double is None else self.double.row_bytes()
+        return n * k * self.bits // 8 + per_group * groups + zero_bytes + min_bytes + row_bytes
+
+
+@dataclass
+class DoubleQuant:
+    """Double-quantized group parameters (as QLoRA's double quantization and ggml's K-quants): per
+    group an 8-bit code ``k`` for the scale (signed for symmetric codes) and ``j`` for the minimum, per
+    row fp16 steps: ``scale = fp16(scale_step · k)``, ``min = fp16(min_base + min_step · j)``. Saves a
+    byte per group parameter (4.5 instead of 5 bits per weight for the -min form at group 32); the
+    fp16 values these give are what every runtime is handed, so exports are unchanged."""
+
+    scale_codes: torch.Tensor  # int16 [N, groups]
+    scale_step: torch.Tensor  # fp16 [N]
+    min_codes: torch.Tensor | None = None  # int16 [N, groups]
+    min_base: torch.Tensor | None = None  # fp16 [N]
+    min_step: torch.Tensor | None = None  # fp16 [N]
+
+    def row_bytes(self) -> int:
+        """The per-row fp16 steps (the per-group codes are counted with the tensor's groups)."""
+        return 2 * self.scale_step.numel() * (1 if self.min_codes is None else 3)
+
+    def scales(self) -> torch.Tensor:
+        return (self.scale_step.float().unsqueeze(-1) * self.scale_codes.float()).half()
+
+    def mins(self) -> torch.Tensor:
+        step, base = self.min_step.float().unsqueeze(-1), self.min_base.float().unsqueeze(-1)
+        return (base + step * self.min_codes.float()).half()
+
+
+def _row_step(values: torch.Tensor, levels: int) -> torch.Tensor:
+    """fp16 step per row so that ``levels`` steps cover the row's largest |value|."""
+    step = (values.abs().amax(dim=-1) / levels).half()
+    return torch.where(step == 0, torch.ones_like(step), step)
+
+
+def double_quantize(qt: QuantizedTensor, target: torch.Tensor) -> QuantizedTensor:
+    """``qt`` with its group scales (and minimums) as 8-bit codes on per-row fp16 steps, and codes
+    re-chosen against those parameters for ``target`` (the weight, or the values GPTQ chose)."""
+    if qt.zero_points is not None:
+        raise QuantError("double quantization applies to symmetric and float-minimum codes, not integer zero points")
+    n, k = qt.codes.shape
+    groups = as_matrix(target).view(n, k // qt.group_size, qt.group_size)
+    signed = qt.mins is None
+    step = _row_step(qt.scales.float(), 127 if signed else 255)
+    scale_codes = torch.round(qt.scales.float() / step.float().unsqueeze(-1))
+    double = DoubleQuant(scale_codes.clamp(-127 if signed else 0, 127 if signed else 255).to(torch.int16), step)
+    scales = double.scales()
+    if signed:
+        codes = quantize_groups(groups, scales.float(), None, qt.bits)
+        return QuantizedTensor(codes.reshape(n, k).to(torch.int16), scales, None, qt.bits, qt.group_size, qt.shape,
+                               double=double)
+    base = qt.mins.float().amin(dim=-1).half()
+    above = qt.mins.float() - base.float().unsqueeze(-1)
+    step = _row_step(above, 255)
+    double.min_codes = torch.round(above / step.float().unsqueeze(-1)).clamp(0, 255).to(torch.int16)
+    double.min_base, double.min_step = base, step
+    mins = double.mins()
+    codes = quantize_minmax(groups, scales.float(), mins.float(), qt.bits)
+    return QuantizedTensor(codes.reshape(n, k).to(torch.int16), scales, None, qt.bits, qt.group_size, qt.shape,
+                           mins=mins, double=double)
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from edge_mllm.quant.awq import apply_scales, search_scales
 from edge_mllm.quant.gptq import HessianAccumulator, gptq_quantize
-from edge_mllm.quant.groupwise import QuantizedTensor, as_matrix, quantize_rtn
+from edge_mllm.quant.groupwise import QuantizedTensor, as_matrix, double_quantize, quantize_rtn
 from edge_mllm.quant.scheme import QuantScheme, TensorPlan, plan_tensor
 from edge_mllm.quant.storage import QuantizedWeights
 from torch import nn
@@ -61,8 +61,11 @@ def _output_error(weight: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tens
 def _quantize_one(weight: torch.Tensor, plan: TensorPlan, hessian: torch.Tensor | None) -> QuantizedTensor:
     group = plan.group_size or as_matrix(weight).shape[1]
     if plan.method in ("gptq", "awq+gptq") and hessian is not None:
-        return gptq_quantize(weight, hessian, plan.bits, group, plan.symmetric, float_min=plan.float_min)
-    return quantize_rtn(weight, plan.bits, group, plan.symmetric, plan.float_min)
+        qt = gptq_quantize(weight, hessian, plan.bits, group, plan.symmetric, float_min=plan.float_min)
+        target = qt.dequantize()  # GPTQ's compensated values, not the original weight
+    else:
+        qt, target = quantize_rtn(weight, plan.bits, group, plan.symmetric, plan.float_min), weight
+    return double_quantize(qt, target) if plan.double_quant else qt
 
 
 class _InputRecorder:

@@ -1,8 +1,10 @@
 """Quantization schemes by name, and the policy that says which tensor gets how many bits.
 
-Names: ``{method}-w{bits}-g{group}[-asym|-min][-mixed]``, e.g. ``rtn-w4-g32``, ``gptq-w4-g64-asym``,
+Names: ``{method}-w{bits}-g{group}[-asym|-min][-dq][-mixed]``, e.g. ``rtn-w4-g32``, ``gptq-w4-g64-asym``,
 ``awq-w4-g32-mixed``, ``rtn-w4-g32-min``, ``rtn-w8-g32``. ``-asym``: integer zero point; ``-min``: a
-float minimum per group (GGUF's Q4_1 form, 4-bit only). Methods: ``rtn`` (round to nearest), ``gptq``, ``awq``
+float minimum per group (GGUF's Q4_1 form, 4-bit only); ``-dq``: the language model's group
+scales (and minimums) stored as 8-bit codes on per-row fp16 steps (half a bit per weight less).
+Methods: ``rtn`` (round to nearest), ``gptq``, ``awq``
 (activation-aware scaling, then round to nearest), ``awq+gptq`` (AWQ's scaling, then GPTQ's
 rounding); all but ``rtn`` need calibration data.
 ``-mixed`` keeps the sensitive tensors at 8 bits: the token embedding / LM head and the first and
@@ -20,7 +22,8 @@ from edge_mllm.errors import QuantError
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 GROUP_SIZES = (32, 64, 128)
 _NAME = re.compile(
-    r"^(?P<method>[a-z+]+)-w(?P<bits>\d+)-g(?P<group>\d+)(?:(?P<asym>-asym)|(?P<min>-min))?(?P<mixed>-mixed)?$"
+    r"^(?P<method>[a-z+]+)-w(?P<bits>\d+)-g(?P<group>\d+)(?:(?P<asym>-asym)|(?P<min>-min))?(?P<dq>-dq)?"
+    r"(?P<mixed>-mixed)?$"
 )
 VISION_BITS = 8
 
@@ -33,11 +36,13 @@ class QuantScheme:
     symmetric: bool = True
     mixed: bool = False
     float_min: bool = False  # the Q4_1 form (implies not symmetric)
+    double_quant: bool = False  # scales (and minimums) as 8-bit codes on per-row steps
 
     @property
     def name(self) -> str:
         zero = "-min" if self.float_min else "" if self.symmetric else "-asym"
-        return f"{self.method}-w{self.bits}-g{self.group_size}{zero}" + ("-mixed" if self.mixed else "")
+        return (f"{self.method}-w{self.bits}-g{self.group_size}{zero}" + ("-dq" if self.double_quant else "")
+                + ("-mixed" if self.mixed else ""))
 
     @property
     def needs_calibration(self) -> bool:
@@ -48,7 +53,7 @@ class QuantScheme:
         m = _NAME.match(name.strip().lower())
         if not m:
             raise QuantError(
-                f"unknown quantization scheme {name!r}: expected METHOD-wBITS-gGROUP[-asym|-min][-mixed], "
+                f"unknown quantization scheme {name!r}: expected METHOD-wBITS-gGROUP[-asym|-min][-dq][-mixed], "
                 "e.g. rtn-w4-g32, gptq-w4-g64-asym, rtn-w4-g32-min, awq-w4-g32-mixed"
             )
         method, bits, group = m["method"], int(m["bits"]), int(m["group"])
@@ -60,9 +65,11 @@ class QuantScheme:
             raise QuantError(f"group size {group} is not supported ({', '.join(map(str, GROUP_SIZES))})")
         if m["min"] and bits != 4:
             raise QuantError("-min (a float minimum per group, GGUF's Q4_1 form) is 4-bit only")
+        if m["asym"] and m["dq"]:
+            raise QuantError("-dq double-quantizes symmetric or -min scales; integer zero points (-asym) are not")
         float_min = bool(m["min"])
         return cls(method, bits, group, symmetric=not (m["asym"] or float_min), mixed=bool(m["mixed"]),
-                   float_min=float_min)
+                   float_min=float_min, double_quant=bool(m["dq"]))
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,7 @@ class TensorPlan:
     symmetric: bool
     method: str  # the scheme's method, or "rtn" where it does not apply
     float_min: bool = False
+    double_quant: bool = False
 
 
 def plan_tensor(scheme: QuantScheme, name: str, shape: tuple[int, ...], num_layers: int) -> TensorPlan | None:
@@ -97,4 +105,4 @@ def plan_tensor(scheme: QuantScheme, name: str, shape: tuple[int, ...], num_laye
     method = ("gptq" if scheme.needs_calibration else "rtn") if embedding else scheme.method
     float_min = scheme.float_min and bits == 4  # -mixed's 8-bit tensors are symmetric (Q8_0) instead
     return TensorPlan(bits, scheme.group_size, scheme.symmetric or (scheme.float_min and not float_min), method,
-                      float_min)
+                      float_min, scheme.double_quant)

@@ -116,6 +116,24 @@ def test_weights_on_a_q4_1_grid_requantize_exactly_only_with_a_float_minimum():
         quantize_rtn(w, 8, 32, float_min=True)
 
 
+@pytest.mark.parametrize("float_min", [True, False])
+def test_double_quantized_scales_cost_half_a_bit_and_pack_as_ggml_blocks(float_min):
+    from edge_mllm.quant.groupwise import double_quantize
+
+    w = weights(64, 512, seed=8)
+    w[5, :32] = 0  # a zero group
+    on_grid = torch.from_numpy(gguf_dequantize(gguf_quantize(w.numpy(), GGMLQuantizationType.Q4_1),
+                                               GGMLQuantizationType.Q4_1))
+    qt = quantize_rtn(on_grid, 4, 32, float_min=float_min)
+    dq = double_quantize(qt, on_grid)
+    rows, groups = qt.scales.shape
+    params = 2 if float_min else 1  # a byte saved per group parameter, fp16 steps added per row
+    assert qt.nbytes() - dq.nbytes() == rows * groups * params - rows * 2 * (3 if float_min else 1)
+    assert relative_error(on_grid, dq) < (0.02 if float_min else 1.02 * relative_error(on_grid, qt))
+    data, qtype = pack_blocks(dq)  # the fp16 values the steps give are what GGUF stores
+    assert np.array_equal(gguf_dequantize(data, qtype), dq.dequantize().numpy())
+
+
 def test_asymmetric_codes_pack_as_q4_1():
     w = weights(32, 256, seed=2)
     qt = quantize_rtn(w, 4, 32, symmetric=False)
@@ -278,7 +296,8 @@ def test_awq_scaling_keeps_the_float_layer_exact_and_lowers_its_error():
     ("name", "message"),
     [("int4", "unknown quantization scheme"), ("foo-w4-g32", "unknown quantization method"),
      ("rtn-w3-g32", "3-bit"), ("rtn-w4-g48", "group size 48"), ("rtn-w4-g32-sym", "unknown quantization scheme"),
-     ("rtn-w8-g32-min", "4-bit only"), ("rtn-w4-g32-asym-min", "unknown quantization scheme")],
+     ("rtn-w8-g32-min", "4-bit only"), ("rtn-w4-g32-asym-min", "unknown quantization scheme"),
+     ("rtn-w4-g32-asym-dq", "integer zero points")],
 )
 def test_bad_scheme_names_are_clear(name, message):
     with pytest.raises(QuantError, match=message):
@@ -287,7 +306,7 @@ def test_bad_scheme_names_are_clear(name, message):
 
 def test_scheme_names_round_trip():
     for name in ("rtn-w4-g32", "gptq-w4-g64-asym", "awq-w4-g128-mixed", "rtn-w8-g32-asym-mixed", "awq+gptq-w4-g32",
-                 "awq-w4-g32-min-mixed"):
+                 "awq-w4-g32-min-mixed", "gptq-w4-g32-min-dq-mixed", "rtn-w4-g64-dq"):
         assert QuantScheme.parse(name).name == name
     assert QuantScheme.parse("AWQ-W4-G32").needs_calibration
 
@@ -326,7 +345,7 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize(
     "scheme_name", ["rtn-w4-g32", "gptq-w4-g32", "awq-w4-g32-mixed", "awq+gptq-w4-g64-asym", "rtn-w8-g32-asym",
-                    "gptq-w4-g32-min"]
+                    "gptq-w4-g32-min", "awq-w4-g32-min-dq"]
 )
 def test_quantize_model_replaces_weights_by_their_codes(tiny_mllm, scheme_name):
     model = copy.deepcopy(tiny_mllm.model)
@@ -363,7 +382,7 @@ def test_data_aware_schemes_need_calibration(tiny_mllm):
 # quantized checkpoints and the CLI
 
 
-@pytest.mark.parametrize("scheme_name", ["rtn-w4-g32-asym", "rtn-w4-g32-min"])
+@pytest.mark.parametrize("scheme_name", ["rtn-w4-g32-asym", "rtn-w4-g32-min", "rtn-w4-g32-min-dq", "rtn-w4-g32-dq"])
 def test_quantized_checkpoint_keeps_the_codes(tiny_mllm, tmp_path, scheme_name):
     loaded = copy.deepcopy(tiny_mllm)
     result = quantize_model(loaded.model, QuantScheme.parse(scheme_name), progress=False)
@@ -374,6 +393,7 @@ def test_quantized_checkpoint_keeps_the_codes(tiny_mllm, tmp_path, scheme_name):
     for name, qt in result.tensors.items():
         got = back.quantization.tensors[name]
         assert torch.equal(got.codes, qt.codes) and torch.equal(got.scales, qt.scales)
+        assert (got.double is None) == (qt.double is None)
         for field in ("zero_points", "mins"):
             ours, theirs = getattr(qt, field), getattr(got, field)
             assert (ours is None) == (theirs is None) and (ours is None or torch.equal(ours, theirs))
