@@ -519,6 +519,44 @@ def devices_command(as_json: bool) -> None:
                    f"(app budget {p.app_budget_gb:.1f} GB); NPU {npu}")
 
 
+@cli.command("bench")
+@click.argument("bundles", nargs=-1, required=True, type=str)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for every runtime (default: all cores).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs per bundle (after a warm-up); medians are reported.")
+@click.option("--tokens", default=32, show_default=True, type=click.IntRange(min=2), help="Decoded tokens per run.")
+@click.option("--eval", "eval_data", type=click.Path(exists=True, path_type=str),
+              help="Also score accuracy on this eval set (`edge-mllm data synth` folder or LLaVA JSON).")
+@click.option("--eval-limit", type=click.IntRange(min=1), help="Only the first N eval questions.")
+@click.option("--no-rss", is_flag=True, help="Skip the peak-RSS runs (one fresh process per bundle).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the markdown table to this file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=str), help="Also write a PNG plot.")
+def bench_command(bundles, threads, repeats, tokens, eval_data, eval_limit, no_rss, as_json, markdown_path,
+                  plot_path) -> None:
+    """Benchmark BUNDLES (exported bundles, model folders, or 'default') side by side on this host:
+    vision encode, TTFT, prefill / decode speed, peak RSS, size, accuracy, and ratios to llama.cpp
+    and to the host's memory-bandwidth roofline."""
+    from edge_mllm.bench import BenchSettings, run_bench
+    from edge_mllm.bench.report import markdown_table, plot
+
+    settings = BenchSettings(list(bundles), threads=threads, repeats=repeats, tokens=tokens, eval_data=eval_data,
+                             eval_limit=eval_limit, rss=not no_rss,
+                             progress=None if as_json else (lambda msg: click.echo(msg, err=True)))
+    report = run_bench(settings)
+    table = markdown_table(report)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(table + "\n")
+    if plot_path:
+        plot(report, plot_path)
+    if as_json:
+        _emit_json(report)
+    else:
+        click.echo(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps errors to exit codes and one-line messages."""
     from edge_mllm.errors import EdgeMLLMError

@@ -114,6 +114,12 @@ def _block_bytes(shape: ModelShape, plan: WeightPlan) -> float:
     return sum(per_block)
 
 
+def decode_weight_bytes(shape: ModelShape, plan: WeightPlan) -> float:
+    """Weight bytes one decode step reads: every decoder block and the LM head (the embedding lookup
+    reads one row). ``edge-mllm bench`` divides the host's bandwidth by it (plus the KV cache)."""
+    return _block_bytes(shape, plan) + shape.embedding_params * (plan.lm_head or plan.embedding).bytes_per_weight
+
+
 def _activation_bytes(shape: ModelShape, tokens: int, context: int, ubatch: int) -> float:
     """The larger of the vision encoder's and the prefill micro-batch's live activations."""
     u = min(tokens, ubatch)

@@ -1,0 +1,67 @@
+"""The timed runs: one warm-up per subject, then ``repeats`` rounds that each run every subject once
+(alternating, so slow drift and noise on a shared machine hit every subject alike), medians reported.
+
+Every run answers the same prompt about the same synthetic scene (text-only models: the prompt alone)
+and decodes exactly ``tokens`` tokens (stop tokens ignored), greedily, in the subject's own runtime."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+
+PROMPT = "Describe the picture in detail."
+WARMUP_TOKENS = 4
+# What one run reports, from the runtime's own timings (edge_mllm.runtime).
+METRICS = ("vision_encode_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s")
+
+
+@lru_cache(maxsize=1)
+def bench_image():
+    """The held-out synthetic test scene 0 (the same picture in every run and on every machine)."""
+    from edge_mllm.data.synth import render, sample_scene, scene_rng
+
+    return render(sample_scene(scene_rng("test", 0, 0)))
+
+
+def images_for(runtime) -> list:
+    """One image when the runtime sees, none otherwise."""
+    return [bench_image()] if getattr(runtime, "image_processor", None) is not None else []
+
+
+def one_run(runtime, tokens: int) -> dict[str, float]:
+    """One request → the metrics of :data:`METRICS` plus token counts."""
+    out = runtime.generate(PROMPT, images_for(runtime), max_new_tokens=tokens, stop_token_ids=())
+    t = out.timings
+    return {
+        "vision_encode_ms": 1000 * t["vision_encode_s"],
+        "ttft_ms": 1000 * t["time_to_first_token_s"],
+        "prefill_tok_s": t["prefill_tokens_per_s"],
+        "decode_tok_s": t["decode_tokens_per_s"],
+        "prompt_tokens": out.prompt_tokens,
+        "generated_tokens": len(out.token_ids),
+    }
+
+
+def measure(runtimes: dict[str, object], repeats: int, tokens: int,
+            progress: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Medians of ``repeats`` alternating runs per runtime (after one warm-up each), with the samples."""
+    for name, rt in runtimes.items():
+        if progress:
+            progress(f"warm-up {name}")
+        one_run(rt, WARMUP_TOKENS)  # first-call allocations, thread pools, lazy kernels
+    samples: dict[str, list[dict]] = {name: [] for name in runtimes}
+    for i in range(repeats):
+        for name, rt in runtimes.items():
+            if progress:
+                progress(f"run {i + 1}/{repeats} {name}")
+            samples[name].append(one_run(rt, tokens))
+    return {name: summarise(runs) for name, runs in samples.items()}
+
+
+def summarise(runs: Sequence[dict]) -> dict:
+    """Medians of every metric, the token counts of the first run and the raw samples."""
+    out = {key: statistics.median(r[key] for r in runs) for key in METRICS}
+    out.update(prompt_tokens=runs[0]["prompt_tokens"], generated_tokens=runs[0]["generated_tokens"],
+               repeats=len(runs), samples={key: [r[key] for r in runs] for key in METRICS})
+    return out

@@ -1,0 +1,110 @@
+"""``edge-mllm bench``: tiny LLaVA bundles (GGUF f32 in llama.cpp, ONNX fp32 in onnxruntime) timed side
+by side; the report's fields, llama.cpp ratios, the bandwidth roofline, markdown, plot and errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from edge_mllm.export.bundle import export_bundle
+
+from edge_mllm.bench import BenchSettings, run_bench
+from edge_mllm.bench.report import markdown_table, plot
+from edge_mllm.bench.schema import ROW_KEYS, SCHEMA, add_ratios, new_row
+from edge_mllm.checkpoint import load_model
+from edge_mllm.cli import main
+from edge_mllm.errors import CheckpointError
+
+pytestmark = pytest.mark.llamacpp
+
+
+@pytest.fixture(scope="module")
+def bundles(llava, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    model = load_model(llava.path)
+    return {fmt: export_bundle(copy.deepcopy(model), fmt, root / f"{fmt}-f32", quant=quant, progress=False)
+            for fmt, quant in {"gguf": "f32", "onnx": None}.items()}
+
+
+@pytest.fixture(scope="module")
+def report(bundles):
+    return run_bench(BenchSettings([str(bundles["gguf"]), str(bundles["onnx"])], threads=1, repeats=2, tokens=4))
+
+
+def test_report_has_every_field(report, bundles):
+    assert report["schema"] == SCHEMA
+    assert report["settings"] | {"threads": 1, "repeats": 2, "tokens": 4} == report["settings"]
+    assert report["machine"]["bandwidth_gbs"] > 0
+    rows = {r["name"]: r for r in report["results"]}
+    assert list(rows) == ["gguf-f32", "onnx-f32"]
+    for row in rows.values():
+        assert set(row) == set(ROW_KEYS)
+        for key in ("vision_encode_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s", "size_bytes", "peak_rss_mib"):
+            assert row[key] > 0, key
+        assert row["ttft_ms"] >= row["vision_encode_ms"]
+        assert row["generated_tokens"] == 4 and row["repeats"] == 2 and len(row["samples"]["decode_tok_s"]) == 2
+        assert row["peak_rss_mib"] > row["baseline_rss_mib"] > 0 and row["rss_method"]
+    manifest = json.loads((bundles["onnx"] / "manifest.json").read_text())
+    assert rows["onnx-f32"]["size_bytes"] == sum(f["size"] for f in manifest["files"])
+    assert (rows["gguf-f32"]["runtime"], rows["onnx-f32"]["runtime"]) == ("llama.cpp", "onnxruntime")
+
+
+def test_ratios_to_llamacpp_and_roofline(report):
+    gguf, onnx = report["results"]
+    assert gguf["anchor"] == onnx["anchor"] == "gguf-f32"
+    assert gguf["decode_vs_llamacpp"] == pytest.approx(1.0)
+    assert onnx["decode_vs_llamacpp"] == pytest.approx(onnx["decode_tok_s"] / gguf["decode_tok_s"])
+    assert onnx["prefill_vs_llamacpp"] == pytest.approx(onnx["prefill_tok_s"] / gguf["prefill_tok_s"])
+    for row in (gguf, onnx):
+        # f32 weights: 4 bytes per decoder + LM-head weight, the bytes the roofline divides into
+        assert row["decode_bytes_per_token"] > 4 * (2 * (64 * 64 * 3 + 64 * 32 * 2 + 3 * 64 * 128) + 320 * 64)
+        assert row["roofline_decode_tok_s"] == pytest.approx(
+            report["machine"]["bandwidth_gbs"] * 1e9 / row["decode_bytes_per_token"])
+        assert row["decode_pct_of_roofline"] == pytest.approx(100 * row["decode_tok_s"] / row["roofline_decode_tok_s"])
+
+
+def test_anchor_prefers_the_same_quantization():
+    rows = [new_row("a", runtime="llama.cpp", quantization="q8_0", decode_tok_s=10.0),
+            new_row("b", runtime="llama.cpp", quantization="rtn-w4-g32", decode_tok_s=20.0),
+            new_row("c", runtime="executorch", quantization="rtn-w4-g32", decode_tok_s=30.0),
+            new_row("d", runtime="onnxruntime", quantization=None, decode_tok_s=5.0)]
+    add_ratios(rows)
+    assert [r["anchor"] for r in rows] == ["a", "b", "b", "a"]
+    assert rows[2]["decode_vs_llamacpp"] == pytest.approx(1.5) and rows[3]["decode_vs_llamacpp"] == 0.5
+    assert rows[0]["prefill_vs_llamacpp"] is None  # not measured: no ratio
+    no_llama = [new_row("x", runtime="onnxruntime", decode_tok_s=1.0)]
+    add_ratios(no_llama)
+    assert no_llama[0]["anchor"] is None and no_llama[0]["decode_vs_llamacpp"] is None
+
+
+def test_markdown_table_and_plot(report, tmp_path):
+    table = markdown_table(report)
+    lines = table.splitlines()
+    assert lines[0].startswith("| bundle | format | quant |") and "% of roofline" in lines[0]
+    assert lines[2].startswith("| gguf-f32 | gguf | f32 |") and lines[3].startswith("| onnx-f32 | onnx | – |")
+    assert "1.00x" in lines[2] and lines[0].count("|") == lines[3].count("|")
+    png = plot(report, tmp_path / "bench.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_json_markdown_and_errors(bundles, tmp_path, capsys):
+    md = tmp_path / "bench.md"
+    code = main(["bench", str(bundles["onnx"]), "--threads", "1", "--repeats", "1", "--tokens", "2", "--no-rss",
+                 "--json", "--markdown", str(md)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    data = json.loads(out.out)
+    row = data["results"][0]
+    assert row["peak_rss_mib"] is None and row["anchor"] is None and row["decode_pct_of_roofline"] > 0
+    assert md.read_text().startswith("| bundle |")
+
+    (tmp_path / "notabundle").mkdir()
+    (tmp_path / "notabundle" / "x.txt").write_text("hi")
+    code = main(["bench", str(bundles["onnx"]), str(tmp_path / "notabundle")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1
+    assert "is not an exported bundle" in err and "notabundle" in err
+    with pytest.raises(CheckpointError, match="no such bundle"):
+        run_bench(BenchSettings([str(tmp_path / "missing")]))
+    assert main(["bench"]) == 2
