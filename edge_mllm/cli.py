@@ -334,19 +334,31 @@ def quantize(model, scheme, calib_path, output, report, eval_data, eval_scenes, 
 
 @cli.command()
 @MODEL_ARG
-@click.option("--format", "fmt", required=True, type=click.Choice(list(EXPORT_FORMATS)),
-              help="executorch (XNNPACK) and its -coreml/-vulkan/-qnn/-mediatek delegates, gguf, onnx.")
+@click.option("--format", "fmt", type=click.Choice(list(EXPORT_FORMATS)),
+              help="executorch (XNNPACK) and its -coreml/-vulkan/-qnn/-mediatek delegates, gguf, onnx "
+                   "(required unless --target picks it).")
 @click.option("--quant", help="Our scheme (e.g. awq-w4-g32) or the format's own type "
                               "(gguf: f32, f16, q8_0, q4_0, q4_k_m; executorch: 8da4w[-gN], 8da8w; "
                               "onnx: ort-int4[-gN]). Default: floats, or a quantized MODEL's codes.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Bundle folder (replaced).")
+@click.option("--target", "target", callback=lambda ctx, param, value: _target_device(param, value),
+              help="Device profile (`edge-mllm devices`): picks format, quantization, threads and max context "
+                   "for it, records them in the manifest and prints the simulator's prediction.")
+@click.option("--no-fuse-vision", "no_fuse_vision", is_flag=True,
+              help="Export the reference vision graph (normalised pixels in) instead of the fused one "
+                   "(RGB in; normalisation, LayerNorm affines and Q/K/V folded).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def export(model, fmt, quant, output, as_json) -> None:
+def export(model, fmt, quant, output, target, no_fuse_vision, as_json) -> None:
     """Export MODEL as a bundle for a phone runtime: artifacts + tokenizer + manifest.json."""
     from edge_mllm.checkpoint import load_model
     from edge_mllm.export.bundle import MANIFEST, export_bundle
 
-    out = export_bundle(load_model(model), fmt, output, quant=quant)
+    if target is not None:
+        _export_for_target(model, target, fmt, quant, output, as_json)
+        return
+    if fmt is None:
+        raise click.UsageError("give --format FORMAT, or --target DEVICE to have it picked")
+    out = export_bundle(load_model(model), fmt, output, quant=quant, fuse_vision=not no_fuse_vision)
     manifest = json.loads((out / MANIFEST).read_text())
     if as_json:
         _emit_json(manifest)
@@ -354,6 +366,38 @@ def export(model, fmt, quant, output, as_json) -> None:
     for f in manifest["files"]:
         click.echo(f"{f['size'] / 1e6:9.2f} MB  {f['path']}")
     click.echo(f"exported {fmt} bundle ({manifest['quantization'] or 'float'}) to {output}", err=True)
+
+
+def _target_device(param, name: str | None):
+    """``--target``'s device profile; an unknown name is a usage error listing the valid ones."""
+    from edge_mllm.errors import ConfigError
+    from edge_mllm.sim.profiles import get_device
+
+    try:
+        return None if name is None else get_device(name)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param=param) from exc
+
+
+def _export_for_target(model, device, fmt, quant, output, as_json) -> None:
+    """``export --target``: the device's picks (explicit --format/--quant win), then the prediction."""
+    from edge_mllm.checkpoint import load_model
+    from edge_mllm.sim.target import export_for_target
+
+    plan, manifest, prediction, unpredicted = export_for_target(load_model(model), device, output, fmt=fmt,
+                                                                quant=quant)
+    if as_json:
+        _emit_json(manifest)
+        return
+    click.echo(f"target {device.key} ({device.name}):")
+    for key in ("format", "quant", "threads", "max_context"):
+        value = getattr(plan, key) or "(the model's codes)"
+        click.echo(f"  {key:<12} {value}: {plan.reasons[key]}")
+    for f in manifest["files"]:
+        click.echo(f"{f['size'] / 1e6:9.2f} MB  {f['path']}")
+    click.echo(format_prediction(prediction) if prediction else f"no prediction: {unpredicted}")
+    click.echo(f"exported {plan.format} bundle ({manifest['quantization'] or 'float'}) for {device.key} to {output}",
+               err=True)
 
 
 @cli.command("eval")

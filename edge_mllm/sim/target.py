@@ -1,0 +1,192 @@
+"""``edge-mllm export --target DEVICE``: the export settings a device profile calls for, and the
+simulator's prediction for the result.
+
+The picks, each with its reason (every reason ends up in the bundle's manifest under ``target``):
+
+- format / runtime: Apple → ``executorch-coreml`` (vision encoder on the Neural Engine, decoder on
+  XNNPACK); Qualcomm with Qualcomm's QNN SDK on this machine → ``executorch-qnn``; NVIDIA Jetson →
+  ``gguf`` for llama.cpp's CUDA backend; every other CPU (Android phones, this host) → ``executorch``
+  on XNNPACK, whose bandwidth efficiency the simulator's published rows put at about twice llama.cpp's.
+  Where a delegate's SDK is missing here, the pick falls back to XNNPACK and says so.
+- quantization: our ``rtn-w4-g32`` codes (symmetric 4-bit, group 32), which every format runs as its
+  own 4-bit operator on the same weights (ExecuTorch 8da4w linears, GGUF Q4_0 blocks, ONNX Runtime
+  MatMulNBits); a quantized model keeps its own codes.
+- threads: the device's big cores (the host: its cores).
+- max context: the model's, capped at :data:`PHONE_CONTEXT` (runtimes preallocate the KV cache), then
+  halved until the predicted peak memory fits the device's app budget.
+
+``--format`` / ``--quant`` given explicitly override the picks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from edge_mllm.config import MLLMConfig
+from edge_mllm.errors import ConfigError, EdgeMLLMError
+from edge_mllm.sim.backends import backend_for_format
+from edge_mllm.sim.formats import weight_plan
+from edge_mllm.sim.predict import Prediction, Scenario, simulate
+from edge_mllm.sim.profiles import HOST, DeviceProfile
+from edge_mllm.sim.shapes import shape_from_config
+
+DEFAULT_SCHEME = "rtn-w4-g32"
+PHONE_CONTEXT = 2048  # ExecuTorch's DEFAULT_MAX_SEQ_LEN in export/executorch/bundle.py: same reasoning
+PROMPT_TOKENS = 64  # the request the prediction is for: 64 text tokens + one image
+MIN_TEXT_CONTEXT = PROMPT_TOKENS + 32  # the smallest context planned: that prompt + a 32-token answer
+
+
+@dataclass
+class TargetPlan:
+    """What ``export --target`` exports, and why."""
+
+    device: str
+    format: str
+    backend: str  # the simulator's runtime for it (edge_mllm.sim.backends)
+    quant: str | None  # None: floats, or the model's own codes
+    threads: int
+    max_context: int
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def delegate_missing(fmt: str) -> str | None:
+    """Why ``fmt`` cannot be exported on this machine (its SDK is missing), or None. Asks the
+    exporter's own check (``export/executorch/targets.py``)."""
+    from edge_mllm.export.bundle import backend
+
+    try:
+        backend(fmt).target().check()
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def _pick_format(device: DeviceProfile, available=delegate_missing) -> tuple[str, str]:
+    if device.vendor == "apple":
+        missing = available("executorch-coreml")
+        if missing is None:
+            return "executorch-coreml", ("Apple SoC: the vision encoder on the Neural Engine via Core ML, "
+                                         "the decoder on XNNPACK")
+        return "executorch", f"Apple SoC, but Core ML cannot be lowered here ({missing}): XNNPACK on the CPU"
+    if device.vendor == "qualcomm":
+        missing = available("executorch-qnn")
+        if missing is None:
+            return "executorch-qnn", "Snapdragon with Qualcomm's QNN SDK on this machine: the vision encoder on the HTP"
+        return "executorch", ("Snapdragon without Qualcomm's QNN SDK on this machine (QNN_SDK_ROOT unset): "
+                              "ExecuTorch on XNNPACK (CPU); GGUF Q4_0 (--format gguf) is the llama.cpp alternative")
+    if device.gpu is not None and device.gpu.cuda:
+        return "gguf", f"{device.gpu.name}: llama.cpp's CUDA backend runs GGUF"
+    return "executorch", ("CPU: ExecuTorch on XNNPACK reaches about twice llama.cpp's share of the memory "
+                          "bandwidth in decode on the published rows (edge_mllm/sim/backends.py)")
+
+
+def _threads(device: DeviceProfile) -> int:
+    return device.cores if device.key == HOST else device.big_cores
+
+
+def predict_for(config: MLLMConfig, name: str, fmt: str, quant: str | None, device: DeviceProfile,
+                threads: int, context: int) -> Prediction:
+    """The simulator's prediction for ``config`` exported as ``fmt`` / ``quant`` (a 64-token prompt and
+    one image if the model sees) on ``device``."""
+    runtime = backend_for_format(fmt)
+    shape = shape_from_config(config, name, max_context=context)
+    plan = weight_plan(quant, runtime.family, shape.tied_embeddings)
+    threads = threads if runtime.unit == "cpu" else None
+    return simulate(shape, plan, device, runtime, Scenario(prompt_tokens=PROMPT_TOKENS, images=1, threads=threads,
+                                                           context=context))
+
+
+def _max_context(config: MLLMConfig, name: str, fmt: str, quant: str | None, device: DeviceProfile,
+                 threads: int) -> tuple[int, str]:
+    image_tokens = 0
+    if config.vision is not None:
+        image_tokens = shape_from_config(config, name).vision.image_tokens
+    floor = image_tokens + MIN_TEXT_CONTEXT
+    model_ctx = config.text.max_position_embeddings
+    context = min(model_ctx, PHONE_CONTEXT)
+    why = (f"the model's {model_ctx} positions" if context == model_ctx else
+           f"capped at {PHONE_CONTEXT} of the model's {model_ctx}: the KV cache is preallocated")
+    while True:
+        try:
+            memory = predict_for(config, name, fmt, quant, device, threads, context).memory
+        except ConfigError:  # the NPU backends cannot be simulated on every device: size for XNNPACK
+            memory = predict_for(config, name, "executorch", quant, device, threads, context).memory
+        if memory.fits:
+            return context, (f"{why}; predicted peak {memory.peak_mib:.0f} MiB within the "
+                             f"{memory.budget_mib:.0f} MiB app budget")
+        if context // 2 < floor:
+            raise EdgeMLLMError(f"the model does not fit {device.key}'s {memory.budget_mib:.0f} MiB app budget even "
+                                f"with a {context}-position context (predicted {memory.peak_mib:.0f} MiB)")
+        context //= 2
+        why = f"halved until the predicted peak memory fits the {memory.budget_mib:.0f} MiB app budget"
+
+
+def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantized: str | None = None,
+                fmt: str | None = None, quant: str | None = None, available=delegate_missing) -> TargetPlan:
+    """The export settings for ``device``. ``quantized``: the model's own scheme, if it has codes;
+    ``fmt`` / ``quant``: the user's explicit choices, which win. ``available``: ``fmt`` → why it cannot
+    be exported here, or None (tests replace it)."""
+    reasons = {}
+    if fmt is None:
+        fmt, reasons["format"] = _pick_format(device, available)
+    else:
+        reasons["format"] = "given (--format)"
+    if quant is not None:
+        reasons["quant"] = "given (--quant)"
+    elif quantized is not None:
+        reasons["quant"] = f"the model's own {quantized} codes"
+    else:
+        quant = DEFAULT_SCHEME
+        reasons["quant"] = ("our 4-bit codes, group 32, symmetric: ExecuTorch 8da4w / GGUF Q4_0 / "
+                            "ONNX MatMulNBits on the same codes")
+    threads = _threads(device)
+    reasons["threads"] = ("this host's cores" if device.key == HOST else
+                          f"the big cores ({threads} of {device.cores}; runtimes avoid the efficiency cores)")
+    context, reasons["max_context"] = _max_context(config, name, fmt, quant or quantized, device, threads)
+    return TargetPlan(device=device.key, format=fmt, backend=backend_for_format(fmt).name, quant=quant,
+                      threads=threads, max_context=context, reasons=reasons)
+
+
+def export_for_target(loaded, device: DeviceProfile, out_dir, *, fmt: str | None = None, quant: str | None = None,
+                      progress: bool = True) -> tuple[TargetPlan, dict, Prediction | None, str | None]:
+    """Plan for ``device``, export ``loaded`` (an edge-mllm ``LoadedModel``; its config's context is
+    lowered to the plan's) and record the plan in the bundle's ``manifest.json`` under ``target``.
+    → (plan, manifest, prediction, why there is no prediction)."""
+    import json
+    import os
+
+    from edge_mllm.export.bundle import MANIFEST, export_bundle
+
+    config = loaded.model.config
+    name = os.path.basename(os.path.normpath(str(out_dir)))
+    own = loaded.quantization.scheme if loaded.quantization is not None else None
+    plan = plan_target(device, config, name, quantized=own, fmt=fmt, quant=quant)
+    # Fewer positions: a smaller preallocated KV cache (ExecuTorch), a smaller n_ctx (llama.cpp, ONNX
+    # Runtime GenAI's context_length). RoPE tables are only ever sliced, so lowering is safe.
+    config.text.max_position_embeddings = min(config.text.max_position_embeddings, plan.max_context)
+    out = export_bundle(loaded, plan.format, out_dir, quant=plan.quant, progress=progress)
+    prediction, unpredicted = None, None
+    try:
+        prediction = predict_for(config, name, plan.format, plan.quant or own, device, plan.threads,
+                                 plan.max_context)
+    except ConfigError as exc:
+        unpredicted = str(exc)
+    file = out / MANIFEST
+    manifest = json.loads(file.read_text())
+    # A manifest key, not a file: the manifest's file list (sizes, sha256) stays exactly what was exported.
+    manifest["target"] = plan.to_dict() | {"prediction": _summary(prediction) if prediction else unpredicted}
+    tmp = file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, file)
+    return plan, manifest, prediction, unpredicted
+
+
+def _summary(p: Prediction) -> dict:
+    """The prediction's headline numbers, for the manifest."""
+    return {"vision_encode_s": p.vision_encode_s, "ttft_s": p.ttft_s, "prefill_tok_s": p.prefill_tok_s,
+            "decode_tok_s": p.decode_tok_s, "peak_memory_mib": p.memory.peak_mib,
+            "app_budget_mib": p.memory.budget_mib, "fits": p.memory.fits, "prompt_tokens": p.prompt_tokens,
+            "images": p.images, "notes": p.notes}

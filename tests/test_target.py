@@ -1,0 +1,112 @@
+"""``edge-mllm export --target DEVICE``: the picks per device profile (format, quantization, threads,
+max context), explicit --format/--quant overriding them, the plan recorded in the manifest without
+touching its file list, and the prediction printed. Exports are the tiny LLaVA as GGUF / ONNX."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from edge_mllm.export.bundle import sha256
+
+from edge_mllm.checkpoint import load_model
+from edge_mllm.cli import main
+from edge_mllm.errors import EdgeMLLMError
+from edge_mllm.sim.profiles import get_device
+from edge_mllm.sim.target import DEFAULT_SCHEME, plan_target
+
+
+def no_sdk(fmt: str) -> str:
+    return f"no SDK for {fmt} here"
+
+
+def every_sdk(_fmt: str) -> None:
+    return None
+
+
+@pytest.fixture(scope="module")
+def config(llava):
+    return load_model(llava.path).model.config
+
+
+def test_snapdragon_picks_xnnpack_8da4w_codes_without_qnn_and_qnn_with_it(config):
+    device = get_device("snapdragon-8-gen-3")
+    plan = plan_target(device, config, "m", available=no_sdk)
+    assert (plan.format, plan.backend, plan.quant) == ("executorch", "executorch-xnnpack", DEFAULT_SCHEME)
+    assert plan.threads == 6 and plan.threads == device.big_cores  # 1 X4 + 5 A720, not the A520s
+    assert plan.max_context == config.text.max_position_embeddings  # 256: fits easily
+    assert "QNN" in plan.reasons["format"] and "8da4w" in plan.reasons["quant"]
+    assert plan_target(device, config, "m", available=every_sdk).format == "executorch-qnn"
+
+
+def test_other_devices(config):
+    assert plan_target(get_device("apple-a17-pro"), config, "m", available=every_sdk).format == "executorch-coreml"
+    apple = plan_target(get_device("apple-a17-pro"), config, "m", available=no_sdk)
+    assert apple.format == "executorch" and "Core ML cannot be lowered here" in apple.reasons["format"]
+    jetson = plan_target(get_device("jetson-agx-orin"), config, "m", available=no_sdk)
+    assert (jetson.format, jetson.backend, jetson.threads) == ("gguf", "llama.cpp", 12)
+    host = get_device("host")
+    assert plan_target(host, config, "m", available=no_sdk).threads == host.cores
+
+
+def test_explicit_choices_and_a_quantized_model_win(config):
+    device = get_device("tensor-g3")
+    plan = plan_target(device, config, "m", fmt="gguf", quant="q8_0", available=no_sdk)
+    assert (plan.format, plan.quant) == ("gguf", "q8_0") and plan.reasons["format"] == "given (--format)"
+    plan = plan_target(device, config, "m", quantized="awq-w4-g32", available=no_sdk)
+    assert plan.quant is None and "awq-w4-g32" in plan.reasons["quant"]
+
+
+def test_context_halves_until_the_memory_fits(config):
+    roomy = plan_target(get_device("snapdragon-888"), config, "m", available=no_sdk)
+    from edge_mllm.sim.target import predict_for
+
+    def peak(ctx):
+        return predict_for(config, "m", "executorch", DEFAULT_SCHEME, get_device("snapdragon-888"), 4, ctx).memory
+    # a budget between the 128- and 256-position peaks: the plan must settle on 128
+    budget_mib = (peak(128).peak_mib + peak(256).peak_mib) / 2
+    tight = dataclasses.replace(get_device("snapdragon-888"), app_budget_gb=budget_mib * 2**20 / 1e9)
+    assert roomy.max_context == 256
+    assert plan_target(tight, config, "m", available=no_sdk).max_context == 128
+    tiny = dataclasses.replace(tight, app_budget_gb=1e-3)
+    with pytest.raises(EdgeMLLMError, match="does not fit"):
+        plan_target(tiny, config, "m", available=no_sdk)
+
+
+def test_cli_export_target_records_the_plan_and_prints_the_prediction(llava, tmp_path, capsys):
+    out = tmp_path / "sd8g3"
+    code = main(["export", str(llava.path), "--target", "snapdragon-8-gen-3", "--format", "gguf", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    target = manifest["target"]
+    assert (target["device"], target["format"], target["quant"], target["threads"]) == \
+        ("snapdragon-8-gen-3", "gguf", DEFAULT_SCHEME, 6)
+    assert manifest["quantization"] == DEFAULT_SCHEME and manifest["format"] == "gguf"
+    assert target["prediction"]["decode_tok_s"] > 0 and target["prediction"]["fits"] is True
+    # the file list still describes exactly the files, byte for byte
+    listed = {f["path"]: f for f in manifest["files"]}
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert set(listed) == on_disk
+    assert all(sha256(out / p) == f["sha256"] for p, f in listed.items())
+    assert "llama.cpp" in captured.out and "decode" in captured.out and "app budget" in captured.out
+    assert "format       gguf: given (--format)" in captured.out
+
+
+def test_cli_export_target_json_onnx_host(llava, tmp_path, capsys):
+    out = tmp_path / "host"
+    code = main(["export", str(llava.path), "--target", "host", "--format", "onnx", "--quant", "rtn-w8-g32",
+                 "-o", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    manifest = json.loads(captured.out)
+    assert manifest["target"]["backend"] == "onnxruntime" and manifest["target"]["quant"] == "rtn-w8-g32"
+    assert manifest["target"]["threads"] == get_device("host").cores
+
+
+def test_cli_export_usage_errors(llava, tmp_path, capsys):
+    assert main(["export", str(llava.path), "--target", "iphone-99", "-o", str(tmp_path / "x")]) == 2
+    assert "snapdragon-8-gen-3" in capsys.readouterr().err
+    assert main(["export", str(llava.path), "-o", str(tmp_path / "x")]) == 2
+    assert "--target" in capsys.readouterr().err
