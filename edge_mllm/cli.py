@@ -479,9 +479,11 @@ def _get_backend(name: str):
               help="Text tokens in the prompt (image tokens are added per image).")
 @click.option("--images", type=click.IntRange(min=0), help="Images in the prompt (default: 1 if the model sees).")
 @click.option("--context", type=click.IntRange(min=2), help="KV-cache positions (default: the model's context).")
+@click.option("--emulate", is_flag=True, help="Also run BUNDLE here with the device's big-core thread count (capped "
+                                              "at this host's cores); exit 1 if its peak RSS exceeds the app budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def simulate_command(bundle, config_path, quant, device, backend, threads, batch_threads, prompt_tokens, images,
-                     context, as_json) -> None:
+                     context, emulate, as_json) -> None:
     """Predict vision-encode time, prefill / decode speed, TTFT and peak memory of BUNDLE (or of
     --config quantized by --quant) on a device, from its profile and a roofline model."""
     from edge_mllm.errors import ConfigError
@@ -493,6 +495,8 @@ def simulate_command(bundle, config_path, quant, device, backend, threads, batch
 
     if (bundle is None) == (config_path is None):
         raise click.UsageError("give a BUNDLE folder or --config HF_CONFIG_JSON (not both)")
+    if emulate and bundle is None:
+        raise click.UsageError("--emulate runs a BUNDLE; --config has nothing to run")
     if bundle is not None:
         if quant is not None:
             raise click.UsageError("--quant goes with --config; a bundle's quantization is in its manifest")
@@ -515,10 +519,24 @@ def simulate_command(bundle, config_path, quant, device, backend, threads, batch
         result = simulate(shape, plan, device, runtime, scenario)
     except ConfigError as exc:  # options that do not go together: threads, context, backend on device
         raise click.UsageError(str(exc)) from exc
+    emulation = None
+    if emulate:
+        from edge_mllm.sim.emulate import emulate as run_emulation
+
+        emulation = run_emulation(bundle, device, threads)
     if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(format_prediction(result))
+        _emit_json(result.to_dict() | ({"emulation": emulation.to_dict()} if emulation else {}))
+    else:
+        click.echo(format_prediction(result))
+    if emulation is not None:
+        from edge_mllm.errors import EdgeMLLMError
+        from edge_mllm.sim.emulate import format_emulation
+
+        if not as_json:
+            click.echo(format_emulation(emulation))
+        if not emulation.fits:
+            raise EdgeMLLMError(f"{bundle} needs {emulation.bundle_rss_mib:.0f} MiB resident (peak RSS above the "
+                                f"interpreter's), over {device.key}'s {emulation.budget_mib:.0f} MiB app budget")
 
 
 def format_prediction(p) -> str:
