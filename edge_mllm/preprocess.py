@@ -18,6 +18,12 @@ from edge_mllm.errors import ImageError
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
 
+# What a vision graph takes (an exported bundle's ``image_preprocessing.vision_input``), [N, 3, S, S]:
+NORMALIZED = "normalized_float32"  # (x / 255 − mean) / std: the reference (unfused) encoder
+RGB_FLOAT = "rgb_float32"  # x / 255, RGB in [0, 1]: normalisation folded into the graph
+RGB_UINT8 = "rgb_uint8"  # x itself, RGB 0–255: rescale and normalisation in the graph
+VISION_INPUTS = (NORMALIZED, RGB_FLOAT, RGB_UINT8)
+
 
 def _from_array(array: np.ndarray) -> Image.Image:
     """HW, HWC (C = 1, 3, 4) uint8 arrays, or float arrays in [0, 1]."""
@@ -130,3 +136,24 @@ class ImageProcessor:
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
         return self.normalize(self.rgb(image))
+
+    def vision_input(self, image: ImageInput, kind: str) -> torch.Tensor:
+        """An image as a vision graph taking ``kind`` (one of ``VISION_INPUTS``) reads it: [3, size, size]."""
+        rgb = self.rgb(image)
+        if kind == RGB_UINT8:
+            return rgb
+        return rgb.to(torch.float32) * np.float32(1 / 255) if kind == RGB_FLOAT else self.normalize(rgb)
+
+    def from_normalized(self, pixels: torch.Tensor, kind: str) -> torch.Tensor:
+        """Normalised pixels [..., 3, H, W] (what ``__call__`` gives) → the same image as ``kind`` reads it.
+        To uint8 the values are rounded: exact for pixels this processor made."""
+        pixels = torch.as_tensor(pixels, dtype=torch.float32)
+        if kind == NORMALIZED:
+            return pixels
+        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(-1, 1, 1)
+        rgb = pixels * torch.tensor(self.image_std, dtype=torch.float32).view(-1, 1, 1) + mean
+        if kind == RGB_FLOAT:
+            return rgb
+        if kind == RGB_UINT8:
+            return torch.round(rgb * 255).clamp(0, 255).to(torch.uint8)
+        raise ValueError(f"unknown vision input {kind!r}; one of {', '.join(VISION_INPUTS)}")

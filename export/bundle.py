@@ -28,6 +28,7 @@ from edge_mllm import __version__
 from edge_mllm.checkpoint.base import LoadedModel
 from edge_mllm.errors import ConfigError
 from edge_mllm.fsutil import atomic_output_dir
+from edge_mllm.preprocess import NORMALIZED, RGB_UINT8
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
@@ -39,6 +40,9 @@ class Backend(ABC):
     name: ClassVar[str]
     # Quantization types the format's own tools produce (e.g. llama.cpp's "q4_k_m"), besides our schemes.
     native_quant: ClassVar[tuple[str, ...]] = ()
+    # Write option: the vision part as one fused graph (``edge_mllm.model.fused_vision``) where the format
+    # runs our graph; the format's part of the manifest then names the graph's input as "vision_input".
+    fuse_vision: bool = True
 
     @abstractmethod
     def check(self, loaded: LoadedModel, scheme: QuantScheme | None, native_quant: str | None) -> None:
@@ -86,8 +90,11 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def image_preprocessing(loaded: LoadedModel) -> dict | None:
-    """What an app must do to an image before the vision encoder (``edge_mllm.preprocess``)."""
+def image_preprocessing(loaded: LoadedModel, vision_input: str = NORMALIZED) -> dict | None:
+    """What an app must do to an image before the vision encoder (``edge_mllm.preprocess``).
+    ``vision_input``: what the bundle's vision graph reads (``edge_mllm.preprocess.VISION_INPUTS``):
+    normalised float32, RGB float32 in [0, 1], or uint8 RGB; resizing, cropping and padding to square
+    are the app's in every case."""
     config = loaded.model.config
     if not config.has_vision:
         return None
@@ -99,7 +106,8 @@ def image_preprocessing(loaded: LoadedModel) -> dict | None:
         "rescale_factor": 1 / 255,
         "image_mean": list(v.image_mean),
         "image_std": list(v.image_std),
-        "layout": "NCHW float32 RGB",
+        "layout": "NCHW float32 RGB" if vision_input != RGB_UINT8 else "NCHW uint8 RGB",
+        "vision_input": vision_input,
     }
 
 
@@ -118,11 +126,11 @@ def build_manifest(
         "model": loaded.model.config.to_dict(),
         "tokenizer": f"{TOKENIZER_DIR}/tokenizer.json",
         "chat_template": loaded.chat_template,
-        "image_preprocessing": image_preprocessing(loaded),
+        "image_preprocessing": image_preprocessing(loaded, format_info.get("vision_input", NORMALIZED)),
         "image_token_count": loaded.model.num_image_tokens,
         "max_seq_len": loaded.model.config.text.max_position_embeddings,
         "special_tokens": {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "stop": list(tok.stop_token_ids())},
-        format_info.get("key", fmt): {k: v for k, v in format_info.items() if k != "key"},
+        format_info.get("key", fmt): {k: v for k, v in format_info.items() if k not in ("key", "vision_input")},
     }
 
 
@@ -158,13 +166,16 @@ def quantized_weights(
 
 
 def export_bundle(
-    loaded: LoadedModel, fmt: str, out_dir: str | Path, *, quant: str | None = None, progress: bool = True
+    loaded: LoadedModel, fmt: str, out_dir: str | Path, *, quant: str | None = None, progress: bool = True,
+    fuse_vision: bool = True,
 ) -> Path:
     """Export ``loaded`` as a ``fmt`` bundle at ``out_dir`` (replaced only on success).
 
     ``quant``: one of our schemes (``awq-w4-g32``…), a format-native type (``q4_k_m`` for GGUF…), or
-    None (floats, or a quantized model's own codes)."""
+    None (floats, or a quantized model's own codes). ``fuse_vision``: the vision part as the fused graph
+    (``Backend.fuse_vision``); False keeps the reference one, which reads normalised pixels."""
     target = backend(fmt)
+    target.fuse_vision = fuse_vision
     scheme, native = parse_quant(loaded, target, quant)
     target.check(loaded, scheme, native)
     weights = quantized_weights(loaded, scheme)

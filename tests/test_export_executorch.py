@@ -104,6 +104,25 @@ def test_bundle_has_the_runner_methods_and_metadata(fp32_bundle):
     assert info["quantization"]["linears"] == "fp32"
 
 
+def test_fused_vision_encoder_reads_uint8_rgb_in_one_xnnpack_delegate(fp32_bundle, test_image):
+    """The default vision method is the fused encoder: uint8 RGB in (what ``make_image_input`` of a
+    uint8 tensor and Android's ``prefillImages(int[])`` give), one XNNPACK partition, and nothing
+    outside it but the input's cast to float."""
+    loaded, out = fp32_bundle
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["image_preprocessing"]["vision_input"] == "rgb_uint8"
+    assert manifest["executorch"]["methods"]["vision_encoder"]["inputs"][0]["dtype"] == "uint8"
+    assert manifest["executorch"]["delegates"]["vision_encoder"] == {"XnnpackBackend": 1}
+    assert et_program.non_delegated_ops((out / "model.pte").read_bytes())["vision_encoder"] == [
+        "dim_order_ops::_to_dim_order_copy"]
+    runner, pipe = ExecuTorchRunner(out), Pipeline(loaded)
+    rgb = pipe.image_processor.rgb(test_image)
+    got = runner.method("vision_encoder").execute([rgb[None]])[0][0]
+    with torch.inference_mode():
+        ref = loaded.model.encode_images(pipe.image_processor(test_image)[None])[0]
+    assert torch.allclose(got, ref, atol=1e-4, rtol=0)
+
+
 def test_fp32_logits_and_greedy_tokens_match_pytorch(fp32_bundle, test_image):
     loaded, out = fp32_bundle
     pipe, runner = Pipeline(loaded), ExecuTorchRunner(out)
@@ -151,7 +170,7 @@ def test_multimodal_runner_generates_with_an_image(fp32_bundle, test_image, tmp_
 
     runner = multimodal_runner(out, tokenizer=id_tokenizer(tmp_path, loaded.model.config.text.vocab_size))
     pieces, stats = [], []
-    inputs = [make_token_input(ids[:k]), make_image_input(pipe.image_processor(test_image)),
+    inputs = [make_token_input(ids[:k]), make_image_input(pipe.image_processor.rgb(test_image)),
               make_token_input(ids[k + 1:])]
     runner.generate(inputs, GenerationConfig(max_new_tokens=n, temperature=0.0, echo=False),
                     pieces.append, stats.append)
@@ -163,7 +182,7 @@ def test_multimodal_runner_generates_with_an_image(fp32_bundle, test_image, tmp_
 
     # with the bundle's own tokenizer the runner loads, reads the metadata and encodes text itself
     runner = multimodal_runner(out)
-    runner.generate([make_token_input(ids[:k]), make_image_input(pipe.image_processor(test_image)),
+    runner.generate([make_token_input(ids[:k]), make_image_input(pipe.image_processor.rgb(test_image)),
                      make_token_input(ids[k + 1:])], GenerationConfig(max_new_tokens=1, temperature=0.0, echo=False),
                     None, stats.append)
     assert stats[-1].num_prompt_tokens == loaded.model.prompt_length(ids)
@@ -361,7 +380,7 @@ def test_default_model_bundle_matches_pytorch(tmp_path):
 
     k = ids.index(IMAGE_TOKEN_INDEX)
     text = multimodal_runner(out).generate_text(
-        [make_token_input(ids[:k]), make_image_input(pipe.image_processor(image)), make_token_input(ids[k + 1:])],
+        [make_token_input(ids[:k]), make_image_input(pipe.image_processor.rgb(image)), make_token_input(ids[k + 1:])],
         GenerationConfig(max_new_tokens=24, temperature=0.0, echo=False),
     )
     assert text.strip().startswith(ref.text.strip()[:20])

@@ -3,6 +3,10 @@ its own, then the whole module for every projector type and several image sizes,
 
 from __future__ import annotations
 
+import collections
+import json
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,11 +18,10 @@ from edge_mllm.model.fused_vision import (
     Int8Linear,
     fold_affine_into_linear,
     fold_normalization,
-    normalized_to_rgb,
     plain_norm,
 )
 from edge_mllm.model.mllm import MultimodalLM
-from edge_mllm.preprocess import ImageProcessor
+from edge_mllm.preprocess import NORMALIZED, RGB_FLOAT, RGB_UINT8, ImageProcessor
 
 TEXT = TextConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -116,7 +119,7 @@ def test_fused_structure_stops_at_the_selected_layer(mobilevlm_v2):
     fused = FusedVisionEncoder(model)
     assert len(fused.layers) == model.config.vision.num_layers_computed == model.config.vision.num_hidden_layers - 1
     assert not any(isinstance(m, nn.LayerNorm) and m.elementwise_affine for m in fused.layers.modules())
-    assert all(layer.qkv.out_features == 3 * model.config.vision.hidden_size for layer in fused.layers)
+    assert all(layer.attn.qkv.out_features == 3 * model.config.vision.hidden_size for layer in fused.layers)
 
 
 @pytest.mark.parametrize("kind", ["mobilevlm_v1", "mobilevlm_v2", "llava"])
@@ -135,13 +138,19 @@ def test_fused_equals_reference_on_checkpoints(kind, request, test_image):
         torch.testing.assert_close(FusedVisionEncoder(model)(rgb.float() / 255), expected, atol=FP32_ATOL, rtol=0)
 
 
-def test_normalized_pixels_invert_to_rgb():
-    model = random_model("ldpv2", 56)
-    rgb, normalized = rgb_and_normalized(model)
-    v = model.config.vision
-    torch.testing.assert_close(normalized_to_rgb(normalized, v.image_mean, v.image_std), rgb, atol=1e-6, rtol=0)
-    torch.testing.assert_close(normalized_to_rgb(normalized, v.image_mean, v.image_std, 255.0), rgb * 255,
-                               atol=1e-4, rtol=0)
+def test_vision_inputs_from_an_image_and_from_normalized_pixels(test_image):
+    processor = ImageProcessor(56, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
+    rgb = processor.rgb(test_image)
+    assert rgb.dtype == torch.uint8 and rgb.shape == (3, 56, 56)
+    normalized = processor(test_image)
+    assert torch.equal(processor.vision_input(test_image, NORMALIZED), normalized)
+    assert torch.equal(processor.vision_input(test_image, RGB_UINT8), rgb)
+    torch.testing.assert_close(processor.vision_input(test_image, RGB_FLOAT), rgb.float() / 255, atol=1e-7, rtol=0)
+    # what runtimes do with normalised pixels a caller passes: exact back to uint8, to 1e-6 in [0, 1]
+    assert torch.equal(processor.from_normalized(normalized, RGB_UINT8), rgb)
+    torch.testing.assert_close(processor.from_normalized(normalized, RGB_FLOAT), rgb.float() / 255, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="unknown vision input"):
+        processor.from_normalized(normalized, "bgr")
 
 
 @pytest.mark.parametrize("projector", ["mlp2x_gelu", "ldp", "ldpv2", "query"])
@@ -156,3 +165,57 @@ def test_int8_weights_error_is_measured_and_small(projector):
         expected = model.encode_images(normalized)
         error = float((fused(rgb) - expected).norm() / expected.norm())
     assert 0 < error < INT8_REL_ERROR, error
+
+
+# ----------------------------------------------------------------------------------------------
+# exported: the ONNX bundle's vision.onnx (the ExecuTorch one is checked in test_export_executorch)
+
+
+def test_onnx_vision_graph_is_fused_and_reads_rgb(mobilevlm_v2, test_image, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from edge_mllm.export.bundle import MANIFEST, export_bundle
+    from edge_mllm.export.onnx.runtime import OnnxRunner
+
+    loaded = load_model(mobilevlm_v2.path)
+    model, v = loaded.model.eval(), loaded.model.config.vision
+    out = export_bundle(loaded, "onnx", tmp_path / "fused", progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["image_preprocessing"]["vision_input"] == RGB_FLOAT and manifest["onnx"]["vision_fused"]
+    graph = onnx.load(str(out / "vision.onnx"), load_external_data=False).graph
+    ops = collections.Counter((n.domain, n.op_type) for n in graph.node)
+    # one com.microsoft.Attention per computed block (its Q/K/V GEMM inside), no decomposed softmax
+    assert ops[("com.microsoft", "Attention")] == v.num_layers_computed
+    assert ops[("", "Softmax")] == 0
+    # per block: out_proj, fc1, fc2; then the projector's two linears
+    assert ops[("", "MatMul")] == 3 * v.num_layers_computed + 2
+
+    processor = ImageProcessor(v.image_size, v.image_mean, v.image_std, model.config.image_aspect_ratio)
+    with torch.no_grad():
+        expected = model.encode_images(processor(test_image)[None]).numpy()
+    session = ort.InferenceSession(str(out / "vision.onnx"), providers=["CPUExecutionProvider"])
+    rgb = processor.vision_input(test_image, RGB_FLOAT)[None].numpy()
+    np.testing.assert_allclose(session.run(None, {"pixel_values": rgb})[0], expected[0], atol=FP32_ATOL, rtol=0)
+    runner = OnnxRunner(out)  # fed normalised pixels, it gives the graph RGB
+    np.testing.assert_allclose(runner.encode_images(runner.pixels([test_image])), expected, atol=FP32_ATOL, rtol=0)
+
+    reference = export_bundle(load_model(mobilevlm_v2.path), "onnx", tmp_path / "reference", progress=False,
+                              fuse_vision=False)
+    manifest = json.loads((reference / MANIFEST).read_text())
+    assert manifest["image_preprocessing"]["vision_input"] == NORMALIZED and not manifest["onnx"]["vision_fused"]
+    graph = onnx.load(str(reference / "vision.onnx"), load_external_data=False).graph
+    assert not any(n.op_type == "Attention" for n in graph.node)
+    runner = OnnxRunner(reference)
+    np.testing.assert_allclose(runner.encode_images(runner.pixels([test_image])), expected, atol=FP32_ATOL, rtol=0)
+
+
+def test_cli_no_fuse_vision_exports_the_reference_graph(mobilevlm_v2, tmp_path):
+    from click.testing import CliRunner
+
+    from edge_mllm.cli import cli
+
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(cli, ["export", str(mobilevlm_v2.path), "--format", "onnx", "--no-fuse-vision",
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["image_preprocessing"]["vision_input"] == NORMALIZED

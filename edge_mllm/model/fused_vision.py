@@ -6,7 +6,8 @@ kept as is and tested against), with the constant work done once at build time:
 - input normalisation ``(x / rgb_max − mean) / std`` folded into the patch-embedding convolution's
   weights and bias (the patch conv has stride = kernel and no padding, so every output reads only
   real pixels and the fold is exact);
-- the class token plus its position precomputed into one constant row;
+- the class token plus its position precomputed into one constant row, joined to the patches by a
+  zero pad and one add (no concatenation of a broadcast row);
 - each block's ``layer_norm1`` affine folded into one Q/K/V linear (``W·diag(γ)``, ``W·β + b``), and
   ``layer_norm2``'s into ``fc1``; the norms that remain have no affine;
 - attention through ``torch.nn.functional.scaled_dot_product_attention`` on the split of that one
@@ -122,26 +123,48 @@ def int8_weights_(module: nn.Module) -> None:
             int8_weights_(child)
 
 
+class SDPA(nn.Module):
+    """``scaled_dot_product_attention(q, k, v)`` as a module, so an export can put its runtime's
+    attention kernel in its place (``edge_mllm.export``)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class PackedSelfAttention(nn.Module):
+    """Multi-head self-attention from one Q/K/V linear (``qkv``: D → 3D, rows Q then K then V),
+    through ``scaled_dot_product_attention``, then ``out_proj``."""
+
+    def __init__(self, qkv: nn.Linear, out_proj: nn.Linear, num_heads: int):
+        super().__init__()
+        self.qkv, self.out_proj, self.num_heads = qkv, out_proj, num_heads
+        self.sdpa = SDPA()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x)
+        # three slices, not split / select: XNNPACK delegates slices only
+        q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(b, n, self.num_heads, -1).transpose(1, 2) for i in range(3))
+        out = self.sdpa(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
 class FusedEncoderLayer(nn.Module):
     """``CLIPEncoderLayer`` with its norms' affines folded and Q/K/V as one linear."""
 
     def __init__(self, layer: CLIPEncoderLayer, activation: str):
         super().__init__()
         attn = layer.self_attn
-        self.num_heads = attn.num_heads
         self.norm1 = plain_norm(layer.layer_norm1)
-        self.qkv = fold_affine_into_linear(layer.layer_norm1, [attn.q_proj, attn.k_proj, attn.v_proj])
-        self.out_proj = copy.deepcopy(attn.out_proj)
+        qkv = fold_affine_into_linear(layer.layer_norm1, [attn.q_proj, attn.k_proj, attn.v_proj])
+        self.attn = PackedSelfAttention(qkv, copy.deepcopy(attn.out_proj), attn.num_heads)
         self.norm2 = plain_norm(layer.layer_norm2)
         self.fc1 = fold_affine_into_linear(layer.layer_norm2, [layer.mlp.fc1])
         self.fc2 = copy.deepcopy(layer.mlp.fc2)
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        x = x + self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+        x = x + self.attn(self.norm1(x))
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
@@ -169,6 +192,7 @@ class FusedQueryProjector(nn.Module):
         # keys read features + positions: W_k·pos joins the key half's bias, token by token
         key_pos = F.pad(proj.pos_embed.double() @ w_in[d:2 * d].T, (0, d))
         self.register_buffer("kv_pos", key_pos.float())
+        self.sdpa = SDPA()
         self.out_proj = copy.deepcopy(attn.out_proj)
         self.norm_post = plain_norm(proj.ln_post)
         self.proj = fold_affine_into_linear(proj.ln_post, [proj.proj])
@@ -177,8 +201,8 @@ class FusedQueryProjector(nn.Module):
         b, n, _ = x.shape
         d = self.dim
         kv = self.kv(self.norm_kv(self.kv_proj(x))) + self.kv_pos[:n]
-        kv = kv.view(b, n, 2, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(self.q.expand(b, -1, -1, -1), kv[0], kv[1])
+        k, v = (kv[..., i * d:(i + 1) * d].reshape(b, n, self.num_heads, -1).transpose(1, 2) for i in range(2))
+        out = self.sdpa(self.q if b == 1 else self.q.expand(b, -1, -1, -1), k, v)  # no copy for one image
         out = self.out_proj(out.transpose(1, 2).reshape(b, -1, d))
         return self.proj(self.norm_post(out))
 
@@ -197,9 +221,9 @@ class FusedVisionEncoder(nn.Module):
         self.rgb_max = rgb_max
         emb = tower.embeddings
         self.patch_embedding = fold_normalization(emb.patch_embedding, v.image_mean, v.image_std, rgb_max)
-        pos = emb.position_embedding.weight.detach()
-        self.register_buffer("cls_pos", (emb.class_embedding.detach() + pos[0]).view(1, 1, -1).clone())
-        self.register_buffer("patch_pos", pos[1:].unsqueeze(0).clone())
+        pos = emb.position_embedding.weight.detach().clone()
+        pos[0] += emb.class_embedding.detach()  # row 0 is the class token's: it meets a padded zero row
+        self.register_buffer("positions", pos.unsqueeze(0))
         self.pre_layrnorm = copy.deepcopy(tower.pre_layrnorm)  # feeds the residual stream: nothing to fold into
         self.layers = nn.ModuleList(FusedEncoderLayer(layer, v.hidden_act) for layer in tower.encoder.layers)
         self.drop_cls = v.select_feature == "patch"
@@ -209,21 +233,12 @@ class FusedVisionEncoder(nn.Module):
             int8_weights_(self)
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embedding(rgb.to(self.cls_pos.dtype)).flatten(2).transpose(1, 2) + self.patch_pos
-        x = torch.cat([self.cls_pos.expand(patches.shape[0], -1, -1), patches], dim=1)
-        x = self.pre_layrnorm(x)
+        patches = self.patch_embedding(rgb.to(self.positions.dtype)).flatten(2).transpose(1, 2)
+        x = self.pre_layrnorm(F.pad(patches, (0, 0, 1, 0)) + self.positions)
         for layer in self.layers:
             x = layer(x)
         return self.projector(x[:, 1:] if self.drop_cls else x)
 
 
-def normalized_to_rgb(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-                      rgb_max: float = 1.0) -> torch.Tensor:
-    """Invert ``(x / rgb_max − mean) / std``: normalised pixels [..., 3, H, W] → RGB in [0, rgb_max]."""
-    m = torch.tensor(mean, dtype=pixels.dtype).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=pixels.dtype).view(-1, 1, 1)
-    return (pixels * s + m) * rgb_max
-
-
-__all__ = ["FusedVisionEncoder", "FusedEncoderLayer", "FusedQueryProjector", "Int8Linear", "Int8Conv2d",
-           "fold_normalization", "fold_affine_into_linear", "int8_weights_", "normalized_to_rgb", "plain_norm"]
+__all__ = ["FusedVisionEncoder", "FusedEncoderLayer", "PackedSelfAttention", "SDPA", "FusedQueryProjector",
+           "Int8Linear", "Int8Conv2d", "fold_normalization", "fold_affine_into_linear", "int8_weights_", "plain_norm"]

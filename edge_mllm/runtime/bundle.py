@@ -23,7 +23,7 @@ from edge_mllm.chat import ChatTemplate, user_message
 from edge_mllm.errors import CheckpointError, ContextLengthError, EdgeMLLMError
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.pipeline import GenerationResult
-from edge_mllm.preprocess import ImageInput, ImageProcessor
+from edge_mllm.preprocess import NORMALIZED, ImageInput, ImageProcessor
 from edge_mllm.tokenizer import IMAGE_MARKER, StreamDecoder, Tokenizer
 
 MANIFEST = "manifest.json"
@@ -89,6 +89,18 @@ class BundleRuntime(ABC):
             raise EdgeMLLMError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} image placeholder(s) "
                                 f"but {num_images} image(s) were given")
         return ids
+
+    @cached_property
+    def vision_input(self) -> str:
+        """What the bundle's vision graph reads (``edge_mllm.preprocess.VISION_INPUTS``); bundles from
+        before fused vision graphs read normalised pixels."""
+        return (self.manifest.get("image_preprocessing") or {}).get("vision_input", NORMALIZED)
+
+    def vision_pixels(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Normalised pixels [N, 3, S, S] (what :meth:`pixels` gives) → the vision graph's input."""
+        if self.image_processor is None:
+            raise EdgeMLLMError("this bundle has no vision encoder: it cannot take images")
+        return self.image_processor.from_normalized(torch.as_tensor(pixels), self.vision_input)
 
     def pixels(self, images: Images) -> torch.Tensor | None:
         """Images → normalised pixels [N, 3, S, S] float32 (None for no images)."""

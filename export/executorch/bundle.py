@@ -19,6 +19,7 @@ from edge_mllm.quant.storage import QuantizedWeights
 
 from edge_mllm.checkpoint.base import LoadedModel
 from edge_mllm.errors import ConfigError
+from edge_mllm.preprocess import NORMALIZED, RGB_UINT8
 
 from ..bundle import Backend, register
 from .quantize import NATIVE_NAMES, parse_native
@@ -65,9 +66,14 @@ class ExecuTorchBackend(Backend):
 
         target = self.target()
         native = parse_native(native_quant) if native_quant else None
-        built = build_program(loaded, weights, native, target.partitioners, self.cache_length(loaded), progress)
+        built = build_program(loaded, weights, native, target.partitioners, self.cache_length(loaded), progress,
+                              fuse_vision=self.fuse_vision)
         (out_dir / PROGRAM_FILE).write_bytes(built.pte)
+        has_vision = loaded.model.config.has_vision
+        fused = self.fuse_vision and has_vision
         return {
+            "vision_input": RGB_UINT8 if fused else NORMALIZED,
+            "vision_fused": fused if has_vision else None,
             "key": "executorch",
             "program": PROGRAM_FILE,
             "backend": target.name,
@@ -78,8 +84,10 @@ class ExecuTorchBackend(Backend):
             "metadata_methods": built.metadata,
             "quantization": describe_quantization(weights, native_quant, built.quantized_tensors),
             # the tokenizer folder, not tokenizer.json alone: its tokenizer_config.json names BOS/EOS
-            "runner": "MultimodalRunner(model.pte, tokenizer/) or Android LlmModule; images as float32 "
-                      "[3, S, S] preprocessed as image_preprocessing says",
+            "runner": "MultimodalRunner(model.pte, tokenizer/) or Android LlmModule; images as "
+                      + ("make_image_input(uint8 RGB [3, S, S]) / prefillImages(int[]): resized, cropped and "
+                         "padded as image_preprocessing says, not normalised" if fused else
+                         "make_image_input(float32 [3, S, S]) preprocessed as image_preprocessing says"),
         }
 
 

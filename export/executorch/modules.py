@@ -17,8 +17,11 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from edge_mllm.model.connectors import LayerNorm2d, SqueezeExcitation
+from edge_mllm.model.fused_vision import SDPA, FusedVisionEncoder
 from edge_mllm.model.llama import LlamaAttention, LlamaForCausalLM, RMSNorm, apply_rope
 from edge_mllm.model.mllm import MultimodalLM
 
@@ -55,25 +58,51 @@ class LinearRMSNorm(nn.Module):
 
 
 class LinearLayerNorm(nn.Module):
-    """``nn.LayerNorm`` over the last dim with ``mean_last``."""
+    """``nn.LayerNorm`` over the last dim with ``mean_last`` (with or without its affine)."""
 
     def __init__(self, norm: nn.LayerNorm):
         super().__init__()
         self.weight, self.bias = norm.weight, norm.bias
         dim = norm.normalized_shape[-1]
-        self.register_buffer("inv_dim", torch.full((1, dim), 1.0 / dim, dtype=norm.weight.dtype), persistent=False)
-        self.register_buffer("eps", _eps(norm.eps, norm.weight.dtype), persistent=False)
+        dtype = torch.get_default_dtype() if norm.weight is None else norm.weight.dtype
+        self.register_buffer("inv_dim", torch.full((1, dim), 1.0 / dim, dtype=dtype), persistent=False)
+        self.register_buffer("eps", _eps(norm.eps, dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centered = x - mean_last(x, self.inv_dim)
         out = centered * torch.rsqrt(mean_last(centered * centered, self.inv_dim) + self.eps)
-        return out * self.weight + self.bias
+        return out if self.weight is None else out * self.weight + self.bias
+
+
+class LinearLayerNorm2d(LinearLayerNorm):
+    """``LayerNorm2d`` (over the channels of NCHW) with ``mean_last``, between two permutes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class MeanSqueezeExcitation(SqueezeExcitation):
+    """``SqueezeExcitation`` with its global pool as a mean over H, W: XNNPACK takes the mean, while
+    ``adaptive_avg_pool2d`` to 1×1 lowers to an ``as_strided`` copy outside the delegate."""
+
+    def __init__(self, se: SqueezeExcitation):
+        nn.Module.__init__(self)
+        self.fc1, self.fc2 = se.fc1, se.fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = F.hardsigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3), keepdim=True)))))
+        return x * scale
 
 
 def replace_layer_norms(module: nn.Module) -> None:
-    """Swap plain ``nn.LayerNorm`` (not subclasses such as the projectors' ``LayerNorm2d``) in place."""
+    """Swap ``nn.LayerNorm`` over one dim, the projectors' ``LayerNorm2d`` and LDP's squeeze-excite
+    pooling for XNNPACK-friendly equivalents, in place."""
     for name, child in module.named_children():
-        if type(child) is nn.LayerNorm and len(child.normalized_shape) == 1 and child.elementwise_affine:
+        if isinstance(child, LayerNorm2d):
+            setattr(module, name, LinearLayerNorm2d(child))
+        elif type(child) is SqueezeExcitation:
+            setattr(module, name, MeanSqueezeExcitation(child))
+        elif type(child) is nn.LayerNorm and len(child.normalized_shape) == 1:
             setattr(module, name, LinearLayerNorm(child))
         else:
             replace_layer_norms(child)
@@ -90,6 +119,48 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.mm_projector(self.vision_tower(pixel_values))
+
+
+class MatmulSoftmaxSDPA(nn.Module):
+    """Non-causal attention as batched GEMM → softmax → batched GEMM, all XNNPACK ops. PyTorch's SDPA
+    decomposes at export with a guard for fully masked rows (``where`` / ``any`` / ``logical_not``)
+    that XNNPACK does not take, which would split the method into a delegate per block."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # [B, H, N, d] as [B·H, N, d]: 3-D bmm, no broadcasting expand (not an XNNPACK op)
+        b, h, n, d = k.shape[0], *q.shape[1:]
+        if q.shape[0] != b:  # learned queries (batch 1) over a batch of images; shapes are static here
+            q = q.expand(b, -1, -1, -1)
+        q, k, v = (t.reshape(b * h, -1, d) for t in (q * d**-0.5, k, v))
+        out = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1), v)
+        return out.view(b, h, n, d)
+
+
+def replace_sdpa(module: nn.Module) -> None:
+    """Swap every fused-vision ``SDPA`` for :class:`MatmulSoftmaxSDPA`, in place."""
+    for name, child in module.named_children():
+        if isinstance(child, SDPA):
+            setattr(module, name, MatmulSoftmaxSDPA())
+        else:
+            replace_sdpa(child)
+
+
+class FusedRGBVisionEncoder(nn.Module):
+    """uint8 RGB [1, 3, S, S] (0–255, as the app decoded it, resized / cropped / padded) → image
+    embeddings [1, num_image_tokens, D]: ``FusedVisionEncoder`` with rescale and normalisation in the
+    patch conv. uint8 is what ExecuTorch's LLaVA ``vision_encoder`` takes and what Android's
+    ``LlmModule.prefillImages(int[], …)`` and ``make_image_input(uint8 tensor)`` give the
+    ``MultimodalRunner``, which passes images through in the dtype the method declares. The cast to
+    float is the method's one op outside XNNPACK (which has no uint8 → fp32 convert)."""
+
+    def __init__(self, model: MultimodalLM):
+        super().__init__()
+        self.encoder = FusedVisionEncoder(model, rgb_max=255.0)
+        replace_layer_norms(self)
+        replace_sdpa(self)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixel_values.to(torch.float32))
 
 
 class TokenEmbedding(nn.Module):

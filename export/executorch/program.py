@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from edge_mllm.checkpoint.base import LoadedModel
 
-from .modules import TextDecoder, TokenEmbedding, VisionEncoder, load_custom_ops
+from .modules import FusedRGBVisionEncoder, TextDecoder, TokenEmbedding, VisionEncoder, load_custom_ops
 from .quantize import NativeQuant, apply_codes, apply_native, load_quantized_ops
 
 VISION_METHOD = "vision_encoder"
@@ -37,10 +37,11 @@ class MethodSpec:
 
 def method_specs(
     vision: torch.nn.Module | None, embedding: torch.nn.Module, decoder: torch.nn.Module,
-    image_size: int, hidden_size: int, max_seq_len: int,
+    image_size: int, hidden_size: int, max_seq_len: int, image_dtype: torch.dtype = torch.float32,
 ) -> dict[str, MethodSpec]:
     """The methods of a multimodal program with ExecuTorch's names. Prompt length is dynamic up to the
-    cache length; the image is one fixed-size normalised NCHW image (our preprocessing makes it)."""
+    cache length; the image is one fixed-size NCHW image: uint8 RGB for the fused encoder, normalised
+    float32 for the reference one (our preprocessing makes either)."""
     tokens = Dim("tokens", min=1, max=max_seq_len)
     specs = {
         EMBEDDING_METHOD: MethodSpec(embedding, (torch.zeros(1, 4, dtype=torch.long),), ({1: tokens},)),
@@ -51,7 +52,7 @@ def method_specs(
         ),
     }
     if vision is not None:
-        specs[VISION_METHOD] = MethodSpec(vision, (torch.zeros(1, 3, image_size, image_size),))
+        specs[VISION_METHOD] = MethodSpec(vision, (torch.zeros(1, 3, image_size, image_size, dtype=image_dtype),))
     return specs
 
 
@@ -152,11 +153,14 @@ def build_program(
     partitioners: Callable[[str, bool], list],
     max_seq_len: int,
     progress: bool = True,
+    fuse_vision: bool = True,
 ) -> BuiltProgram:
     """``loaded`` → a serialized multimodal ExecuTorch program.
 
     ``weights``: our codes (4-bit linears → 8da4w, embedding → quantized lookup); ``native``: torchao's
     quantizer instead; neither: fp32. ``partitioners(method, quantized)`` picks the delegates.
+    ``fuse_vision``: ``vision_encoder`` is ``FusedRGBVisionEncoder`` (uint8 RGB in) rather than the
+    reference ``VisionEncoder`` (normalised pixels in).
     """
     load_custom_ops()
     load_quantized_ops()
@@ -164,7 +168,9 @@ def build_program(
     config = model.config
     steps = tqdm(total=4, desc="executorch export", disable=not progress)
     steps.set_postfix_str("source transform")
-    vision = VisionEncoder(model) if config.has_vision else None
+    vision = None
+    if config.has_vision:
+        vision = FusedRGBVisionEncoder(model) if fuse_vision else VisionEncoder(model)
     embedding = TokenEmbedding(model.language_model)
     decoder = TextDecoder(model.language_model, max_seq_len)
     used: list[str] = []
@@ -174,7 +180,8 @@ def build_program(
         apply_native(decoder, embedding, native)
     quantized = weights is not None or native is not None
     image_size = config.vision.image_size if vision is not None else 0
-    specs = method_specs(vision, embedding, decoder, image_size, config.text.hidden_size, max_seq_len)
+    image_dtype = torch.uint8 if fuse_vision else torch.float32
+    specs = method_specs(vision, embedding, decoder, image_size, config.text.hidden_size, max_seq_len, image_dtype)
     steps.update()
     steps.set_postfix_str("torch.export")
     programs = export_methods(specs, progress=False)
@@ -185,6 +192,19 @@ def build_program(
     steps.update(2)
     steps.close()
     return BuiltProgram(pte, max_seq_len, metadata, describe_methods(specs, model, max_seq_len), used)
+
+
+def non_delegated_ops(pte: bytes) -> dict[str, list[str]]:
+    """Per method of a serialized program, the operators that run outside every delegate (on
+    ExecuTorch's portable / optimized kernels)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    out = {}
+    for plan in deserialize_pte_binary(pte).program.execution_plan:
+        called = {i.instr_args.op_index for chain in plan.chains for i in chain.instructions
+                  if hasattr(i.instr_args, "op_index")}
+        out[plan.name] = sorted({plan.operators[k].name for k in called})
+    return out
 
 
 def describe_methods(specs: dict[str, MethodSpec], model: torch.nn.Module, max_seq_len: int) -> dict[str, dict]:
@@ -200,9 +220,11 @@ def describe_methods(specs: dict[str, MethodSpec], model: torch.nn.Module, max_s
     }
     if VISION_METHOD in specs:
         s = model.config.vision.image_size
+        fused = specs[VISION_METHOD].example_inputs[0].dtype == torch.uint8
         out[VISION_METHOD] = {
-            "inputs": [{"name": "pixel_values", "dtype": "float32", "shape": [1, 3, s, s],
-                        "note": "normalised RGB, see image_preprocessing"}],
+            "inputs": [{"name": "pixel_values", "dtype": "uint8" if fused else "float32", "shape": [1, 3, s, s],
+                        "note": "RGB 0-255 (resized, cropped, padded; normalised in the graph)" if fused
+                        else "normalised RGB, see image_preprocessing"}],
             "output": {"dtype": "float32", "shape": [1, model.num_image_tokens, d]},
         }
     return out

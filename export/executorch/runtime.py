@@ -65,11 +65,16 @@ class ExecuTorchRunner(BundleRuntime):
         return self._methods[name]
 
     def encode_image(self, image: ImageInput | torch.Tensor) -> torch.Tensor:
-        """An image (any ``ImageInput``, or preprocessed pixels [3, S, S]) → embeddings [N, D]."""
+        """An image (any ``ImageInput``, or normalised pixels [3, S, S]) → embeddings [N, D]. The
+        ``vision_encoder`` method is fed what it reads (manifest ``vision_input``: uint8 RGB for the
+        fused encoder)."""
         if self.image_processor is None:
             raise EdgeMLLMError("this bundle has no vision encoder: it cannot take images")
-        pixels = image if isinstance(image, torch.Tensor) else self.image_processor(image)
-        return self.method(VISION_METHOD).execute([pixels.float().reshape(1, *pixels.shape[-3:])])[0][0]
+        if isinstance(image, torch.Tensor):
+            pixels = self.vision_pixels(image)
+        else:
+            pixels = self.image_processor.vision_input(image, self.vision_input)
+        return self.method(VISION_METHOD).execute([pixels.reshape(1, *pixels.shape[-3:])])[0][0]
 
     def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
         return self.method(EMBEDDING_METHOD).execute([torch.tensor([list(ids)], dtype=torch.long)])[0][0]
@@ -114,7 +119,10 @@ RUNTIME = ExecuTorchRunner
 
 def multimodal_runner(bundle_dir: str | Path, tokenizer: str | Path | None = None):
     """ExecuTorch's own ``MultimodalRunner`` (pip wheel, ``executorch.extension.llm.runner``) on a bundle.
-    Feed it ``make_token_input`` / ``make_text_input`` / ``make_image_input(pixels [3, S, S] float32)``.
+    Feed it ``make_token_input`` / ``make_text_input`` / ``make_image_input(image)``, the image as the
+    manifest's ``image_preprocessing.vision_input`` says: uint8 RGB [3, S, S] for a fused
+    ``vision_encoder`` (``ImageProcessor.rgb``), normalised float32 otherwise. The runner passes it
+    through unchanged and refuses a dtype other than the method's.
 
     ``tokenizer``: default the bundle's tokenizer folder (its ``tokenizer_config.json`` gives the
     runner BOS/EOS; ``tokenizer.json`` alone leaves them 0)."""

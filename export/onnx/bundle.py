@@ -26,6 +26,7 @@ import collections
 import json
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -40,6 +41,7 @@ from tqdm import tqdm
 from edge_mllm.checkpoint.base import LoadedModel
 from edge_mllm.errors import ConfigError, QuantError
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX, MultimodalLM
+from edge_mllm.preprocess import NORMALIZED, RGB_FLOAT
 
 DEFAULT_ACCURACY_LEVEL = 1
 # ONNX Runtime's quantizer, by the name given to --quant → its block size.
@@ -113,16 +115,19 @@ def write_onnx(
     *,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     progress: bool = False,
+    fuse_vision: bool = True,
 ) -> dict:
     """Write the ONNX files and ``genai_config.json`` of ``loaded`` into ``out_dir``; returns the
-    format's part of the manifest. ``weights``: the codes the model's weights were quantized to."""
+    format's part of the manifest. ``weights``: the codes the model's weights were quantized to.
+    ``fuse_vision``: ``vision.onnx`` as the fused graph (RGB in [0, 1]; its weights are the folded
+    fp32 values, also of a quantized vision tower) or the reference one (normalised pixels)."""
     out_dir = Path(out_dir)
     model = loaded.model.eval()
     codes = codes_by_name(model, weights) if weights is not None else None
     components = [("embedding", EMBEDDING_FILE, graphs.export_embedding),
                   ("decoder", DECODER_FILE, graphs.export_decoder)]
     if model.config.has_vision:
-        components.insert(0, ("vision", VISION_FILE, graphs.export_vision))
+        components.insert(0, ("vision", VISION_FILE, partial(graphs.export_vision, fused=fuse_vision)))
     info: dict = {"genai_config": FILENAME, "opset": graphs.OPSET, "operators": {}}
     for what, filename, export in tqdm(components, desc="ONNX export", unit="graph", disable=not progress):
         graph = _graph(export, loaded, codes, native_quant, accuracy_level, what)
@@ -137,6 +142,9 @@ def write_onnx(
     # Image positions in embedding.onnx's input_ids: any negative id (one per image token).
     info["image_token_id"] = IMAGE_TOKEN_INDEX if model.config.has_vision else None
     info["decoder_positions"] = "cache slots (past_sequence_length + i); no attention_mask / position_ids inputs"
+    if model.config.has_vision:
+        info["vision_fused"] = fuse_vision
+        info["vision_input"] = RGB_FLOAT if fuse_vision else NORMALIZED
     return info
 
 
@@ -163,4 +171,4 @@ class ONNXBackend(Backend):
 
     def write(self, loaded: LoadedModel, out_dir: Path, weights: QuantizedWeights | None,
               native_quant: str | None, progress: bool) -> dict:
-        return write_onnx(loaded, out_dir, weights, native_quant, progress=progress)
+        return write_onnx(loaded, out_dir, weights, native_quant, progress=progress, fuse_vision=self.fuse_vision)

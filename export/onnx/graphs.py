@@ -3,7 +3,9 @@ their export with ``torch.onnx.export``.
 
 Names and layouts are onnxruntime-genai's (``genai_config.json``, Phi-3-vision's three-model split):
 - ``vision.onnx``: ``pixel_values`` [num_images, 3, H, W] → ``image_features``
-  [num_images · image_tokens, D] (vision tower + projector; genai pre-allocates that 2-D buffer);
+  [num_images · image_tokens, D] (vision tower + projector; genai pre-allocates that 2-D buffer).
+  Fused (the default): ``FusedVisionEncoder``, reading RGB in [0, 1] (the decoded image / 255, after
+  resize, crop and padding); reference: the model's own modules, reading normalised pixels;
 - ``embedding.onnx``: ``input_ids`` [B, S] (+ ``image_features``) → ``inputs_embeds`` [B, S, D];
   every negative id (LLaVA's ``IMAGE_TOKEN_INDEX``, Phi-3-vision's image ids) takes the next
   row of ``image_features``, in order, as ``MultimodalLM.embed_prompt`` splices images;
@@ -27,8 +29,10 @@ from contextlib import contextmanager
 
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from edge_mllm.model.fused_vision import FusedVisionEncoder, PackedSelfAttention
 from edge_mllm.model.llama import LlamaForCausalLM
 from edge_mllm.model.mllm import MultimodalLM
 
@@ -53,7 +57,7 @@ OPSET = 20  # the TorchScript exporter's newest
 
 
 class VisionGraph(nn.Module):
-    """Pixels → image features, flattened over images (genai's 2-D ``image_features``)."""
+    """Normalised pixels → image features, flattened over images (genai's 2-D ``image_features``)."""
 
     def __init__(self, model: MultimodalLM):
         super().__init__()
@@ -62,6 +66,50 @@ class VisionGraph(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.mm_projector(self.vision_tower(pixel_values)).flatten(0, 1)
+
+
+class PackedAttentionFunction(torch.autograd.Function):
+    """Packed-QKV self-attention (as ``PackedSelfAttention`` computes it, without ``out_proj``) that
+    exports as ONNX Runtime's ``com.microsoft.Attention``: the Q/K/V GEMM, the scaled dot products and
+    the softmax in one CPU kernel. The transformer optimizer does not find this pattern in the traced
+    SDPA (its scale comes from Shape → Sqrt arithmetic), so the op is written out here."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_heads: int) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = F.linear(x, weight, bias).view(b, n, 3, num_heads, d // num_heads).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(b, n, d)
+
+    @staticmethod
+    def symbolic(g, x, weight, bias, num_heads: int):
+        # Attention's weights are [D_in, 3D]: the Transpose of the initializer is folded by ``files``
+        return g.op("com.microsoft::Attention", x, g.op("Transpose", weight, perm_i=[1, 0]), bias,
+                    num_heads_i=num_heads)
+
+
+class ContribAttention(nn.Module):
+    """``PackedSelfAttention`` with its attention as ``com.microsoft.Attention`` in the exported graph."""
+
+    def __init__(self, attn: PackedSelfAttention):
+        super().__init__()
+        self.qkv, self.out_proj, self.num_heads = attn.qkv, attn.out_proj, attn.num_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(PackedAttentionFunction.apply(x, self.qkv.weight, self.qkv.bias, self.num_heads))
+
+
+class FusedVisionGraph(nn.Module):
+    """RGB in [0, 1] → image features, flattened over images, through ``FusedVisionEncoder`` with
+    each block's attention as ONNX Runtime's fused ``Attention`` op."""
+
+    def __init__(self, model: MultimodalLM):
+        super().__init__()
+        self.encoder = FusedVisionEncoder(model)
+        for layer in self.encoder.layers:
+            layer.attn = ContribAttention(layer.attn)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixel_values).flatten(0, 1)
 
 
 class EmbeddingGraph(nn.Module):
@@ -157,11 +205,13 @@ def _export(module: nn.Module, args: tuple, input_names: list[str], output_names
 
 
 @torch.no_grad()
-def export_vision(model: MultimodalLM) -> onnx.ModelProto:
-    """``vision.onnx``: pixel_values [num_images, 3, H, W] → image_features [num_images · N, D]."""
+def export_vision(model: MultimodalLM, fused: bool = False) -> onnx.ModelProto:
+    """``vision.onnx``: pixel_values [num_images, 3, H, W] → image_features [num_images · N, D];
+    ``fused``: through ``FusedVisionGraph`` (RGB in [0, 1]) instead of ``VisionGraph`` (normalised)."""
     v = model.config.vision
     pixels = torch.zeros(2, v.num_channels, v.image_size, v.image_size)
-    return _export(VisionGraph(model).eval(), (pixels,), [PIXEL_VALUES], [IMAGE_FEATURES],
+    graph = FusedVisionGraph(model) if fused else VisionGraph(model)
+    return _export(graph.eval(), (pixels,), [PIXEL_VALUES], [IMAGE_FEATURES],
                    {PIXEL_VALUES: {0: IMAGES}, IMAGE_FEATURES: {0: IMAGE_TOKENS}})
 
 

@@ -65,11 +65,12 @@ class OnnxRunner(BundleRuntime):
     # the three graphs
 
     def encode_images(self, pixel_values: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Normalised pixels [N, 3, H, W] → image features [N, image_tokens, D]."""
+        """Normalised pixels [N, 3, H, W] → image features [N, image_tokens, D]; a fused
+        ``vision.onnx`` is fed them as the RGB in [0, 1] it reads (manifest ``vision_input``)."""
         if self.vision is None:
             raise EdgeMLLMError("this bundle has no vision encoder: it cannot take images")
         io = self.io["vision"]
-        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        pixels = np.ascontiguousarray(self.vision_pixels(pixel_values).numpy(), dtype=np.float32)
         (features,) = self.vision.run([io["outputs"]["image_features"]], {io["inputs"]["pixel_values"]: pixels})
         return features.reshape(pixels.shape[0], -1, features.shape[-1])
 
