@@ -108,3 +108,11 @@ def test_cli_json_markdown_and_errors(bundles, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="no such bundle"):
         run_bench(BenchSettings([str(tmp_path / "missing")]))
     assert main(["bench"]) == 2
+
+
+def test_model_folders_run_in_pytorch_eager(llava):
+    report = run_bench(BenchSettings([str(llava.path)], threads=1, repeats=1, tokens=2, rss=False))
+    row = report["results"][0]
+    assert (row["format"], row["runtime"], row["quantization"]) == ("pytorch", "pytorch", None)
+    assert row["size_bytes"] > 0 and row["decode_tok_s"] > 0 and row["vision_encode_ms"] > 0
+    assert row["decode_pct_of_roofline"] > 0 and row["peak_rss_mib"] is None
