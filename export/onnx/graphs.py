@@ -83,8 +83,10 @@ class PackedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, weight, bias, num_heads: int):
         # Attention's weights are [D_in, 3D]: the Transpose of the initializer is folded by ``files``
-        return g.op("com.microsoft::Attention", x, g.op("Transpose", weight, perm_i=[1, 0]), bias,
-                    num_heads_i=num_heads)
+        out = g.op("com.microsoft::Attention", x, g.op("Transpose", weight, perm_i=[1, 0]), bias,
+                   num_heads_i=num_heads)
+        out.setType(x.type())  # [B, N, D], as its input: the exporter cannot infer a contrib op's shape
+        return out
 
 
 class ContribAttention(nn.Module):
