@@ -354,7 +354,7 @@ def export(model, fmt, quant, output, target, no_fuse_vision, as_json) -> None:
     from edge_mllm.export.bundle import MANIFEST, export_bundle
 
     if target is not None:
-        _export_for_target(model, target, fmt, quant, output, as_json)
+        _export_for_target(model, target, fmt, quant, output, not no_fuse_vision, as_json)
         return
     if fmt is None:
         raise click.UsageError("give --format FORMAT, or --target DEVICE to have it picked")
@@ -379,13 +379,13 @@ def _target_device(param, name: str | None):
         raise click.BadParameter(str(exc), param=param) from exc
 
 
-def _export_for_target(model, device, fmt, quant, output, as_json) -> None:
+def _export_for_target(model, device, fmt, quant, output, fuse_vision, as_json) -> None:
     """``export --target``: the device's picks (explicit --format/--quant win), then the prediction."""
     from edge_mllm.checkpoint import load_model
     from edge_mllm.sim.target import export_for_target
 
     plan, manifest, prediction, unpredicted = export_for_target(load_model(model), device, output, fmt=fmt,
-                                                                quant=quant)
+                                                                quant=quant, fuse_vision=fuse_vision)
     if as_json:
         _emit_json(manifest)
         return

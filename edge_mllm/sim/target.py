@@ -151,7 +151,8 @@ def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantiz
 
 
 def export_for_target(loaded, device: DeviceProfile, out_dir, *, fmt: str | None = None, quant: str | None = None,
-                      progress: bool = True) -> tuple[TargetPlan, dict, Prediction | None, str | None]:
+                      progress: bool = True, fuse_vision: bool = True
+                      ) -> tuple[TargetPlan, dict, Prediction | None, str | None]:
     """Plan for ``device``, export ``loaded`` (an edge-mllm ``LoadedModel``; its config's context is
     lowered to the plan's) and record the plan in the bundle's ``manifest.json`` under ``target``.
     → (plan, manifest, prediction, why there is no prediction)."""
@@ -167,7 +168,7 @@ def export_for_target(loaded, device: DeviceProfile, out_dir, *, fmt: str | None
     # Fewer positions: a smaller preallocated KV cache (ExecuTorch), a smaller n_ctx (llama.cpp, ONNX
     # Runtime GenAI's context_length). RoPE tables are only ever sliced, so lowering is safe.
     config.text.max_position_embeddings = min(config.text.max_position_embeddings, plan.max_context)
-    out = export_bundle(loaded, plan.format, out_dir, quant=plan.quant, progress=progress)
+    out = export_bundle(loaded, plan.format, out_dir, quant=plan.quant, progress=progress, fuse_vision=fuse_vision)
     prediction, unpredicted = None, None
     try:
         prediction = predict_for(config, name, plan.format, plan.quant or own, device, plan.threads,
