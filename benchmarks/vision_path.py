@@ -204,15 +204,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(TITLES), choices=list(TITLES))
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--build", nargs=2, metavar=("MODEL", "ARTIFACTS"), help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "ARTIFACTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.build:
+        build_artifacts(model_for(args.build[0]), Path(args.build[1]))
+        return
     if args.worker:  # one thread count in this process; JSON on the last line of stdout
         name, folder = args.worker
         print(json.dumps(measure(model_for(name), Path(folder), args.threads[0], args.repeats)))
         return
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
-            build_artifacts(model_for(name), Path(tmp))
+            # each step in its own process: ViT-L's export copies would otherwise stay resident
+            # (12 GB) beside the timed process
+            subprocess.run([sys.executable, __file__, "--build", name, tmp], check=True, capture_output=True)
             results = {}
             for n in args.threads:
                 done = subprocess.run([sys.executable, __file__, "--worker", name, tmp, "--threads", str(n),
