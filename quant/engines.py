@@ -464,6 +464,8 @@ ENGINES: dict[str, Engine] = _registry(
     EdgeMllmEngine("edge-mllm-rtn-w4-g32-min", "rtn-w4-g32-min"),
     EdgeMllmEngine("edge-mllm-gptq-w4-g32-min", "gptq-w4-g32-min"),
     EdgeMllmEngine("edge-mllm-awq-w4-g32-min", "awq-w4-g32-min"),
+    EdgeMllmEngine("edge-mllm-rtn-w4-g32-min-dq", "rtn-w4-g32-min-dq"),
+    EdgeMllmEngine("edge-mllm-gptq-w4-g32-min-dq", "gptq-w4-g32-min-dq"),
 )
 
 
