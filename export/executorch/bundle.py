@@ -39,6 +39,7 @@ class ExecuTorchBackend(Backend):
     native_quant = NATIVE_NAMES
     target: ClassVar[type[Target]] = XnnpackTarget
     max_seq_len: ClassVar[int] = DEFAULT_MAX_SEQ_LEN
+    uint8_vision: ClassVar[bool] = True  # the fused vision method reads uint8 RGB; False keeps it unfused
 
     def check(self, loaded: LoadedModel, scheme: QuantScheme | None, native_quant: str | None) -> None:
         self.target().check()
@@ -66,11 +67,12 @@ class ExecuTorchBackend(Backend):
 
         target = self.target()
         native = parse_native(native_quant) if native_quant else None
+        fuse_vision = self.fuse_vision and self.uint8_vision
         built = build_program(loaded, weights, native, target.partitioners, self.cache_length(loaded), progress,
-                              fuse_vision=self.fuse_vision)
+                              fuse_vision=fuse_vision)
         (out_dir / PROGRAM_FILE).write_bytes(built.pte)
         has_vision = loaded.model.config.has_vision
-        fused = self.fuse_vision and has_vision
+        fused = fuse_vision and has_vision
         return {
             "vision_input": RGB_UINT8 if fused else NORMALIZED,
             "vision_fused": fused if has_vision else None,
@@ -118,6 +120,7 @@ class ExecuTorchCoreMLBackend(ExecuTorchBackend):
 
     name = "executorch-coreml"
     target = CoreMLTarget
+    uint8_vision = False  # coremltools' ExecuTorch frontend has no uint8 inputs (KeyError: torch.uint8)
 
 
 @register
