@@ -146,16 +146,17 @@ class QuantizedEmbedding(nn.Module):
             u = (codes.to(torch.int16) + 8).to(torch.uint8).view(codes.shape[0], -1, 2)
             codes = (u[..., 0] << 4) | u[..., 1]
         self.register_buffer("weight", codes.contiguous())
-        self.register_buffer("scales", scales.to(torch.float16).contiguous())
-        zeros = None if zero_points is None else zero_points.to(torch.float16).contiguous()
+        # ExecuTorch's kernel wants zero points in the output's dtype (fp32), PyTorch's op in the scales'
+        scale_type = torch.float16 if zero_points is None else torch.float32
+        self.register_buffer("scales", scales.to(scale_type).contiguous())
+        zeros = None if zero_points is None else zero_points.to(torch.float32).contiguous()
         self.register_buffer("zero_points", zeros)
 
     @classmethod
     def from_codes(cls, qt: QuantizedTensor) -> QuantizedEmbedding:
         if qt.mins is not None:
-            # The op computes (q − zp)·s with an fp16 zp: the float minimum becomes zp = −8 − min/s
-            # (≈1e-3 relative rounding of zp: ~0.01 of a quantization step); a constant group is
-            # code −8 with s = min, zp = −9.
+            # The op computes (q − zp)·s with a float zp: the float minimum becomes zp = −8 − min/s
+            # (fp32 rounding only); a constant group is code −8 with s = min, zp = −9.
             d, m = qt.scales.float(), qt.mins.float()
             flat = d == 0
             scale = torch.where(flat, m, d)
