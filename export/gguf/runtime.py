@@ -115,7 +115,9 @@ class LlamaCppRunner(BundleRuntime):
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                if mtmd.mtmd_encode_chunk(self._mtmd, chunk) != 0:
+                with suppress_stdout_stderr(disable=False):  # libmtmd logs every encode
+                    status = mtmd.mtmd_encode_chunk(self._mtmd, chunk)
+                if status != 0:
                     raise EdgeMLLMError("libmtmd failed to encode the image")
                 n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
                 out = mtmd.mtmd_get_output_embd(self._mtmd)  # overwritten by the next encode: copy
@@ -150,9 +152,10 @@ class LlamaCppRunner(BundleRuntime):
         new_n_past = ctypes.c_int32(0)
         embd = image.embeddings.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         lctx = self.llm._ctx.ctx  # llama-cpp-python keeps the llama_context here; libmtmd decodes into it
-        status = mtmd.mtmd_helper_decode_image_chunk(self._mtmd, lctx, image.chunk, embd, self.llm.n_tokens, 0,
-                                                     self.llm.n_batch, ctypes.byref(new_n_past),
-                                                     mtmd.mtmd_helper_post_decode_callback(), None)
+        with suppress_stdout_stderr(disable=False):  # and every decode
+            status = mtmd.mtmd_helper_decode_image_chunk(self._mtmd, lctx, image.chunk, embd, self.llm.n_tokens, 0,
+                                                         self.llm.n_batch, ctypes.byref(new_n_past),
+                                                         mtmd.mtmd_helper_post_decode_callback(), None)
         if status != 0:
             raise EdgeMLLMError(f"llama.cpp failed to decode the image embeddings (status {status})")
         self.llm.n_tokens = int(new_n_past.value)
