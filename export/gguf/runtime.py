@@ -108,14 +108,16 @@ class LlamaCppRunner(BundleRuntime):
             marker = mtmd.mtmd_default_marker()
             text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
             bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            if mtmd.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(text), bitmaps, 1) != 0:
+            with suppress_stdout_stderr(disable=False):  # libmtmd logs every image it tokenizes
+                status = mtmd.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(text), bitmaps, 1)
+            if status != 0:
                 raise EdgeMLLMError("libmtmd could not tokenize the image")
         finally:
             mtmd.mtmd_bitmap_free(bitmap)
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                with suppress_stdout_stderr(disable=False):  # libmtmd logs every encode
+                with suppress_stdout_stderr(disable=False):
                     status = mtmd.mtmd_encode_chunk(self._mtmd, chunk)
                 if status != 0:
                     raise EdgeMLLMError("libmtmd failed to encode the image")
@@ -152,7 +154,7 @@ class LlamaCppRunner(BundleRuntime):
         new_n_past = ctypes.c_int32(0)
         embd = image.embeddings.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         lctx = self.llm._ctx.ctx  # llama-cpp-python keeps the llama_context here; libmtmd decodes into it
-        with suppress_stdout_stderr(disable=False):  # and every decode
+        with suppress_stdout_stderr(disable=False):  # libmtmd logs every image decode
             status = mtmd.mtmd_helper_decode_image_chunk(self._mtmd, lctx, image.chunk, embd, self.llm.n_tokens, 0,
                                                          self.llm.n_batch, ctypes.byref(new_n_past),
                                                          mtmd.mtmd_helper_post_decode_callback(), None)
