@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from edge_mllm.export import FORMATS
+from edge_mllm.export import FORMATS, MANIFEST
 from edge_mllm.quant.scheme import QuantScheme
 from edge_mllm.quant.storage import QuantizedWeights
 
@@ -30,7 +30,6 @@ from edge_mllm.errors import ConfigError
 from edge_mllm.fsutil import atomic_output_dir
 from edge_mllm.preprocess import NORMALIZED, RGB_UINT8
 
-MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 
 

@@ -2,8 +2,7 @@
 preprocessing and stop tokens, and the greedy generation loop with its timings.
 
 A format's runtime (``edge_mllm.export.<format>.runtime``) subclasses :class:`BundleRuntime` and
-supplies three steps — encode images, prefill a prompt, decode one token — in its own runtime; or,
-where the runtime owns the whole loop (llama.cpp's chat handler), overrides :meth:`generate`.
+supplies three steps — encode images, prefill a prompt, decode one token — in its own runtime.
 """
 
 from __future__ import annotations
@@ -21,12 +20,12 @@ import torch
 
 from edge_mllm.chat import ChatTemplate, user_message
 from edge_mllm.errors import CheckpointError, ContextLengthError, EdgeMLLMError
+from edge_mllm.export import MANIFEST
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.pipeline import GenerationResult
 from edge_mllm.preprocess import NORMALIZED, ImageInput, ImageProcessor
 from edge_mllm.tokenizer import IMAGE_MARKER, StreamDecoder, Tokenizer
 
-MANIFEST = "manifest.json"
 # Images: files / PIL images / arrays, or pixels already normalised [N, 3, H, W].
 Images = Sequence[ImageInput] | np.ndarray | torch.Tensor
 
@@ -63,7 +62,8 @@ class BundleRuntime(ABC):
     @cached_property
     def tokenizer(self) -> Tokenizer:
         """The bundle's tokenizer folder (named by the manifest), loaded on first use."""
-        return Tokenizer.from_folder(self.path / Path(self.manifest.get("tokenizer", "tokenizer/x")).parent)
+        tokenizer_file = self.manifest.get("tokenizer", "tokenizer/tokenizer.json")
+        return Tokenizer.from_folder(self.path / Path(tokenizer_file).parent)
 
     @cached_property
     def image_processor(self) -> ImageProcessor | None:

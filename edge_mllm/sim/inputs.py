@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 from edge_mllm.errors import ConfigError
+from edge_mllm.export import MANIFEST
 from edge_mllm.sim.backends import Backend, backend_for_format, get_backend
 from edge_mllm.sim.formats import WeightPlan, weight_plan
 from edge_mllm.sim.shapes import ModelShape, shape_from_manifest
-
-MANIFEST = "manifest.json"  # export/bundle.py writes it at the bundle's root
 
 
 class BackendMismatch(ConfigError):
