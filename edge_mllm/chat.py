@@ -35,6 +35,20 @@ class ChatTemplate:
             raise EdgeMLLMError("the tokenizer has no chat template; use --raw or the vicuna_v1 template")
         return tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    def around_user_turn(self, tokenizer: Tokenizer) -> tuple[str, str]:
+        """(prefix, suffix) with ``render([user(content)]) == prefix + content + suffix`` for any content:
+        what an app without a Jinja engine (the Android demo) needs to build a one-turn prompt. Raises
+        if the template changes the content (trims it, say), where no such pair exists."""
+        sentinel = "\ue000"  # a private-use character no template treats specially
+        rendered = self.render([{"role": "user", "content": sentinel}], tokenizer)
+        if rendered.count(sentinel) != 1:
+            raise EdgeMLLMError(f"the {self.name} chat template does not place the user's text once")
+        prefix, suffix = rendered.split(sentinel)
+        probe = f" {IMAGE_MARKER}\nWhat is this? "
+        if self.render([{"role": "user", "content": probe}], tokenizer) != prefix + probe + suffix:
+            raise EdgeMLLMError(f"the {self.name} chat template changes the user's text: no fixed prefix/suffix")
+        return prefix, suffix
+
 
 def render_vicuna_v1(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """FastChat/MobileVLM ``SeparatorStyle.TWO``: "SYSTEM USER: q ASSISTANT: a</s>USER: q ASSISTANT:"."""

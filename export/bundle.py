@@ -25,8 +25,9 @@ from edge_mllm.quant.scheme import QuantScheme
 from edge_mllm.quant.storage import QuantizedWeights
 
 from edge_mllm import __version__
+from edge_mllm.chat import ChatTemplate, user_message
 from edge_mllm.checkpoint.base import LoadedModel
-from edge_mllm.errors import ConfigError
+from edge_mllm.errors import ConfigError, EdgeMLLMError
 from edge_mllm.fsutil import atomic_output_dir
 from edge_mllm.preprocess import NORMALIZED, RGB_UINT8
 
@@ -110,6 +111,19 @@ def image_preprocessing(loaded: LoadedModel, vision_input: str = NORMALIZED) -> 
     }
 
 
+def prompt_template(loaded: LoadedModel) -> dict[str, str] | None:
+    """One user turn of the chat template as plain strings: the prompt for a question about N images
+    is ``prefix + image * N + question + suffix`` (``edge_mllm.chat.user_message``), which is what
+    ``edge-mllm run`` renders. Apps that cannot run the tokenizer's Jinja template use this; None
+    for a template that changes the user's text (no such strings exist)."""
+    try:
+        prefix, suffix = ChatTemplate(loaded.chat_template).around_user_turn(loaded.tokenizer)
+    except EdgeMLLMError:
+        return None
+    image = user_message("", 1)["content"]
+    return {"prefix": prefix, "image": image, "suffix": suffix}
+
+
 def build_manifest(
     loaded: LoadedModel, fmt: str, out_dir: Path, quant: str | None, format_info: dict
 ) -> dict:
@@ -125,6 +139,7 @@ def build_manifest(
         "model": loaded.model.config.to_dict(),
         "tokenizer": f"{TOKENIZER_DIR}/tokenizer.json",
         "chat_template": loaded.chat_template,
+        "prompt_template": prompt_template(loaded),
         "image_preprocessing": image_preprocessing(loaded, format_info.get("vision_input", NORMALIZED)),
         "image_token_count": loaded.model.num_image_tokens,
         "max_seq_len": loaded.model.config.text.max_position_embeddings,

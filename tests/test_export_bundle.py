@@ -14,8 +14,9 @@ from edge_mllm.export import FORMATS
 from edge_mllm.export.bundle import BACKENDS, MANIFEST, Backend, backend, export_bundle, register, sha256
 from safetensors.torch import save_file
 
+from edge_mllm.chat import ChatTemplate, user_message
 from edge_mllm.checkpoint import load_model
-from edge_mllm.errors import ConfigError, QuantError
+from edge_mllm.errors import ConfigError, EdgeMLLMError, QuantError
 
 
 class Interrupted(RuntimeError):
@@ -68,6 +69,30 @@ def test_manifest_describes_every_file(tiny, tmp_path):
     assert manifest["special_tokens"]["eos"] == tiny.tokenizer.eos_token_id
     assert manifest["model"] == json.loads(json.dumps(config.to_dict()))
     assert manifest["test-weights"] == {"model_file": "llm.safetensors", "native": None}
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "tokenizer"])
+def test_manifest_prompt_template_renders_what_run_renders(tiny, template, tmp_path):
+    """Apps build prompts from ``prompt_template`` without a Jinja engine: the same text as ours."""
+    loaded = copy.deepcopy(tiny)
+    loaded.chat_template = template
+    if template == "tokenizer":  # the tiny tokenizer has none: give it SmolLM2's ChatML
+        loaded.tokenizer.hf.chat_template = load_model(None).tokenizer.hf.chat_template
+    out = export_bundle(loaded, "test-weights", tmp_path / "b", progress=False)
+    pt = json.loads((out / MANIFEST).read_text())["prompt_template"]
+    for question, images in (("What colour is the square?", 1), ("  two <b> images\n ", 2), ("no image", 0)):
+        ours = ChatTemplate(template).render([user_message(question, images)], loaded.tokenizer)
+        assert pt["prefix"] + pt["image"] * images + question + pt["suffix"] == ours
+
+
+def test_template_that_changes_the_text_has_no_prompt_template(tiny, tmp_path):
+    loaded = copy.deepcopy(tiny)
+    loaded.chat_template = "tokenizer"
+    loaded.tokenizer.hf.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}{% endfor %}"
+    with pytest.raises(EdgeMLLMError, match="changes the user's text"):
+        ChatTemplate("tokenizer").around_user_turn(loaded.tokenizer)
+    out = export_bundle(loaded, "test-weights", tmp_path / "b", progress=False)
+    assert json.loads((out / MANIFEST).read_text())["prompt_template"] is None
 
 
 def test_export_is_deterministic(tiny, tmp_path):
