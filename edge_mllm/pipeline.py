@@ -1,11 +1,16 @@
 """Image + prompt → answer, over the PyTorch model: templating, tokenization with image placeholders,
-image preprocessing, encoding and generation in one place."""
+image preprocessing, encoding and generation in one place.
+
+Images go through the fused vision path (``edge_mllm.model.fused_vision``: uint8 RGB in, normalisation
+and LayerNorm affines folded, one Q/K/V GEMM), as in the exported bundles; ``fuse_vision=False`` keeps
+the reference modules (``MultimodalLM.encode_images``) it is tested against."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -14,6 +19,7 @@ from edge_mllm.chat import ChatTemplate, user_message
 from edge_mllm.checkpoint import LoadedModel, load_model
 from edge_mllm.errors import EdgeMLLMError
 from edge_mllm.generate import GenerationConfig, check_context, generate
+from edge_mllm.model.fused_vision import FusedVisionEncoder
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.preprocess import ImageInput, ImageProcessor
 from edge_mllm.tokenizer import IMAGE_MARKER, StreamDecoder
@@ -42,8 +48,9 @@ def _file_key(images: Sequence[ImageInput]) -> tuple | None:
 class Pipeline:
     """A loaded model with everything needed to answer a prompt about images."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, fuse_vision: bool = True):
         self.model = loaded.model.eval()
+        self.fuse_vision = fuse_vision
         self.tokenizer = loaded.tokenizer
         self.chat_template = ChatTemplate(loaded.chat_template)
         vision = self.model.config.vision
@@ -82,11 +89,19 @@ class Pipeline:
         key = _file_key(images)
         if key is not None and self._image_cache is not None and self._image_cache[0] == key:
             return self._image_cache[1]
-        pixels = torch.stack([self.image_processor(image) for image in images])
         with torch.inference_mode():
-            embeds = self.model.encode_images(pixels)
+            if self.fuse_vision:
+                embeds = self.fused_vision(torch.stack([self.image_processor.rgb(image) for image in images]))
+            else:
+                embeds = self.model.encode_images(torch.stack([self.image_processor(image) for image in images]))
         self._image_cache = (key, embeds) if key is not None else None
         return embeds
+
+    @cached_property
+    def fused_vision(self) -> FusedVisionEncoder:
+        """The fused image path (uint8 RGB → image tokens), folded from the model's weights on first
+        use: like an export, it is a snapshot, so make a new ``Pipeline`` after changing the weights."""
+        return FusedVisionEncoder(self.model, rgb_max=255.0).eval()
 
     def generate(
         self,

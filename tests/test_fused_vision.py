@@ -21,6 +21,7 @@ from edge_mllm.model.fused_vision import (
     plain_norm,
 )
 from edge_mllm.model.mllm import MultimodalLM
+from edge_mllm.pipeline import Pipeline
 from edge_mllm.preprocess import NORMALIZED, RGB_FLOAT, RGB_UINT8, ImageProcessor
 
 TEXT = TextConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -136,6 +137,20 @@ def test_fused_equals_reference_on_checkpoints(kind, request, test_image):
         torch.testing.assert_close(FusedVisionEncoder(model, rgb_max=255.0)(rgb.float()), expected,
                                    atol=FP32_ATOL, rtol=0)
         torch.testing.assert_close(FusedVisionEncoder(model)(rgb.float() / 255), expected, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["mobilevlm_v2", "llava"])
+def test_pipeline_runs_the_fused_path(kind, request, test_image):
+    """Eager ``Pipeline`` encodes images with the fused module (uint8 RGB in), equal to the reference
+    path (``fuse_vision=False``), and answers with it."""
+    loaded = load_model(request.getfixturevalue(kind).path)
+    fused, reference = Pipeline(loaded), Pipeline(loaded, fuse_vision=False)
+    torch.testing.assert_close(fused.encode_images([test_image]), reference.encode_images([test_image]),
+                               atol=FP32_ATOL, rtol=0)
+    assert "fused_vision" not in vars(reference)
+    answering = Pipeline(loaded)
+    assert len(answering.generate("What is it?", [test_image], max_new_tokens=3, stop_token_ids=()).token_ids) == 3
+    assert isinstance(vars(answering)["fused_vision"], FusedVisionEncoder)
 
 
 def test_vision_inputs_from_an_image_and_from_normalized_pixels(test_image):
