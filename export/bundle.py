@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
@@ -179,24 +180,44 @@ def quantized_weights(
     return loaded.quantization
 
 
+@contextmanager
+def context_capped(loaded: LoadedModel, max_context: int | None) -> Iterator[None]:
+    """Within the block, the model's context is at most ``max_context`` positions: what every format
+    sizes from it sees fewer (ExecuTorch's preallocated KV cache, llama.cpp's n_ctx, ONNX Runtime
+    GenAI's context_length, the manifest's max_seq_len). RoPE tables are only ever sliced, so a lower
+    limit is safe; the model is left as it was."""
+    text = loaded.model.config.text
+    own = text.max_position_embeddings
+    if max_context is not None and max_context < 1:
+        raise ConfigError(f"max context must be at least 1 position, not {max_context}")
+    text.max_position_embeddings = own if max_context is None else min(own, max_context)
+    try:
+        yield
+    finally:
+        text.max_position_embeddings = own
+
+
 def export_bundle(
     loaded: LoadedModel, fmt: str, out_dir: str | Path, *, quant: str | None = None, progress: bool = True,
-    fuse_vision: bool = True,
+    fuse_vision: bool = True, max_context: int | None = None, manifest_extra: dict | None = None,
 ) -> Path:
     """Export ``loaded`` as a ``fmt`` bundle at ``out_dir`` (replaced only on success).
 
     ``quant``: one of our schemes (``awq-w4-g32``…), a format-native type (``q4_k_m`` for GGUF…), or
     None (floats, or a quantized model's own codes). ``fuse_vision``: the vision part as the fused graph
-    (``Backend.fuse_vision``); False keeps the reference one, which reads normalised pixels."""
+    (``Backend.fuse_vision``); False keeps the reference one, which reads normalised pixels.
+    ``max_context``: cap the bundle's context (prompt + image tokens + answer) below the model's
+    (:func:`context_capped`). ``manifest_extra``: more top-level manifest keys (e.g. ``target``)."""
     target = backend(fmt)
     target.fuse_vision = fuse_vision
     scheme, native = parse_quant(loaded, target, quant)
-    target.check(loaded, scheme, native)
-    weights = quantized_weights(loaded, scheme)
-    with atomic_output_dir(out_dir) as tmp:
-        format_info = target.write(loaded, tmp, weights, native, progress)
-        loaded.tokenizer.save(tmp / TOKENIZER_DIR)
-        label = native or (weights.scheme if weights is not None else None)
-        manifest = build_manifest(loaded, fmt, tmp, label, format_info)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    with context_capped(loaded, max_context):
+        target.check(loaded, scheme, native)
+        weights = quantized_weights(loaded, scheme)
+        with atomic_output_dir(out_dir) as tmp:
+            format_info = target.write(loaded, tmp, weights, native, progress)
+            loaded.tokenizer.save(tmp / TOKENIZER_DIR)
+            label = native or (weights.scheme if weights is not None else None)
+            manifest = build_manifest(loaded, fmt, tmp, label, format_info) | (manifest_extra or {})
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)

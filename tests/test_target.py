@@ -110,3 +110,28 @@ def test_cli_export_usage_errors(llava, tmp_path, capsys):
     assert "snapdragon-8-gen-3" in capsys.readouterr().err
     assert main(["export", str(llava.path), "-o", str(tmp_path / "x")]) == 2
     assert "--target" in capsys.readouterr().err
+
+
+def test_cli_export_max_context_caps_the_bundle_not_the_model(llava, tmp_path, capsys):
+    """--max-context is an exporter option: the bundle's context (manifest, llama.cpp's n_ctx in the
+    GGUF) is capped; the loaded model keeps its own; with --target it wins over the plan's."""
+    from edge_mllm.export.bundle import export_bundle
+    from gguf import GGUFReader
+
+    loaded = load_model(llava.path)
+    own = loaded.model.config.text.max_position_embeddings
+    out = export_bundle(loaded, "gguf", tmp_path / "capped", max_context=64, progress=False)
+    assert json.loads((out / "manifest.json").read_text())["max_seq_len"] == 64
+    field = GGUFReader(out / "model.gguf").get_field("llama.context_length")
+    assert int(field.parts[field.data[0]][0]) == 64
+    assert loaded.model.config.text.max_position_embeddings == own  # left as it was
+    assert export_bundle(loaded, "gguf", tmp_path / "roomy", max_context=10 * own, progress=False) and \
+        json.loads((tmp_path / "roomy" / "manifest.json").read_text())["max_seq_len"] == own  # never raised
+
+    out = tmp_path / "target"
+    assert main(["export", str(llava.path), "--target", "snapdragon-8-gen-3", "--format", "gguf",
+                 "--max-context", "96", "-o", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["max_seq_len"] == manifest["target"]["max_context"] == 96
+    assert "given (--max-context)" in capsys.readouterr().out
+    assert main(["export", str(llava.path), "--format", "gguf", "--max-context", "0", "-o", str(tmp_path / "z")]) == 2

@@ -125,10 +125,11 @@ def _max_context(config: MLLMConfig, name: str, fmt: str, quant: str | None, dev
 
 
 def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantized: str | None = None,
-                fmt: str | None = None, quant: str | None = None, available=delegate_missing) -> TargetPlan:
+                fmt: str | None = None, quant: str | None = None, max_context: int | None = None,
+                available=delegate_missing) -> TargetPlan:
     """The export settings for ``device``. ``quantized``: the model's own scheme, if it has codes;
-    ``fmt`` / ``quant``: the user's explicit choices, which win. ``available``: ``fmt`` → why it cannot
-    be exported here, or None (tests replace it)."""
+    ``fmt`` / ``quant`` / ``max_context``: the user's explicit choices, which win. ``available``:
+    ``fmt`` → why it cannot be exported here, or None (tests replace it)."""
     reasons = {}
     if fmt is None:
         fmt, reasons["format"] = _pick_format(device, available)
@@ -145,17 +146,21 @@ def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantiz
     threads = _threads(device)
     reasons["threads"] = ("this host's cores" if device.key == HOST else
                           f"the big cores ({threads} of {device.cores}; runtimes avoid the efficiency cores)")
-    context, reasons["max_context"] = _max_context(config, name, fmt, quant or quantized, device, threads)
+    if max_context is None:
+        context, reasons["max_context"] = _max_context(config, name, fmt, quant or quantized, device, threads)
+    else:
+        context = min(max_context, config.text.max_position_embeddings)
+        reasons["max_context"] = "given (--max-context)"
     return TargetPlan(device=device.key, format=fmt, backend=backend_for_format(fmt).name, quant=quant,
                       threads=threads, max_context=context, reasons=reasons)
 
 
 def export_for_target(loaded, device: DeviceProfile, out_dir, *, fmt: str | None = None, quant: str | None = None,
-                      progress: bool = True, fuse_vision: bool = True
+                      max_context: int | None = None, progress: bool = True, fuse_vision: bool = True
                       ) -> tuple[TargetPlan, dict, Prediction | None, str | None]:
-    """Plan for ``device``, export ``loaded`` (an edge-mllm ``LoadedModel``; its config's context is
-    lowered to the plan's) and record the plan in the bundle's ``manifest.json`` under ``target``.
-    → (plan, manifest, prediction, why there is no prediction)."""
+    """Plan for ``device``, export ``loaded`` (an edge-mllm ``LoadedModel``) with the plan's format,
+    quantization and context, and record the plan and the prediction in the bundle's
+    ``manifest.json`` under ``target``. → (plan, manifest, prediction, why there is no prediction)."""
     import json
     import os
 
@@ -164,25 +169,17 @@ def export_for_target(loaded, device: DeviceProfile, out_dir, *, fmt: str | None
     config = loaded.model.config
     name = os.path.basename(os.path.normpath(str(out_dir)))
     own = loaded.quantization.scheme if loaded.quantization is not None else None
-    plan = plan_target(device, config, name, quantized=own, fmt=fmt, quant=quant)
-    # Fewer positions: a smaller preallocated KV cache (ExecuTorch), a smaller n_ctx (llama.cpp, ONNX
-    # Runtime GenAI's context_length). RoPE tables are only ever sliced, so lowering is safe.
-    config.text.max_position_embeddings = min(config.text.max_position_embeddings, plan.max_context)
-    out = export_bundle(loaded, plan.format, out_dir, quant=plan.quant, progress=progress, fuse_vision=fuse_vision)
+    plan = plan_target(device, config, name, quantized=own, fmt=fmt, quant=quant, max_context=max_context)
     prediction, unpredicted = None, None
     try:
         prediction = predict_for(config, name, plan.format, plan.quant or own, device, plan.threads,
                                  plan.max_context)
     except ConfigError as exc:
         unpredicted = str(exc)
-    file = out / MANIFEST
-    manifest = json.loads(file.read_text())
-    # A manifest key, not a file: the manifest's file list (sizes, sha256) stays exactly what was exported.
-    manifest["target"] = plan.to_dict() | {"prediction": _summary(prediction) if prediction else unpredicted}
-    tmp = file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, file)
-    return plan, manifest, prediction, unpredicted
+    target = plan.to_dict() | {"prediction": _summary(prediction) if prediction else unpredicted}
+    out = export_bundle(loaded, plan.format, out_dir, quant=plan.quant, progress=progress, fuse_vision=fuse_vision,
+                        max_context=plan.max_context, manifest_extra={"target": target})
+    return plan, json.loads((out / MANIFEST).read_text()), prediction, unpredicted
 
 
 def _summary(p: Prediction) -> dict:
