@@ -3,7 +3,9 @@
 Paths: eager PyTorch through the reference modules (``MultimodalLM.encode_images``) and through
 ``FusedVisionEncoder``; ExecuTorch (XNNPACK, the bundle's ``vision_encoder`` method) and ONNX Runtime
 (``vision.onnx``), each with the reference graph (``--no-fuse-vision``) and the fused one; and
-llama.cpp's clip (libmtmd through llama-cpp-python) on the bundle's ``mmproj.gguf``.
+llama.cpp's clip (libmtmd through llama-cpp-python) on the bundle's ``mmproj.gguf``. The int8 rows are
+``--int8-vision`` where an export offers it (ONNX Runtime's dynamic int8, a Q8_0 mmproj) and
+``FusedVisionEncoder(int8=True)`` in eager PyTorch; their error is the relative L2 column.
 
 Encoders: the default model's (CLIP ViT 336 px / 14, width 256, 5 layers run, LDPv2), and a CLIP
 ViT-L/14-336-shaped tower (24 layers, 23 run, as MobileVLM and LLaVA select) with LDPv2, random
@@ -38,8 +40,10 @@ from edge_mllm.model.fused_vision import FusedVisionEncoder
 from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
 
-PATHS = ("eager unfused", "eager fused", "ExecuTorch XNNPACK unfused", "ExecuTorch XNNPACK fused",
-         "ONNX Runtime unfused", "ONNX Runtime fused", "llama.cpp clip")
+PATHS = ("eager unfused", "eager fused", "eager fused int8", "ExecuTorch XNNPACK unfused",
+         "ExecuTorch XNNPACK fused", "ONNX Runtime unfused", "ONNX Runtime fused", "ONNX Runtime fused int8",
+         "llama.cpp clip", "llama.cpp clip Q8_0")
+LLAMACPP = ("llama.cpp clip", "llama.cpp clip Q8_0")
 VIT_L_336 = VisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                          num_hidden_layers=24, num_attention_heads=16)
 
@@ -70,12 +74,14 @@ def timed(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
 def build_artifacts(loaded: LoadedModel, folder: Path) -> None:
     """The vision graphs as the exports write them, fused and (``--no-fuse-vision``) reference:
     ``vision[_ref].pte`` (the ``vision_encoder`` method alone, lowered as the bundle lowers it) and
-    ``vision[_ref].onnx``; and the GGUF bundle's ``model.gguf`` + ``mmproj.gguf``."""
+    ``vision[_ref].onnx`` (and ``vision_int8.onnx``); and the GGUF bundle's ``model.gguf`` +
+    ``mmproj.gguf`` (and its ``--int8-vision`` twin)."""
     from edge_mllm.export.bundle import export_bundle
     from edge_mllm.export.executorch.modules import FusedRGBVisionEncoder, VisionEncoder
     from edge_mllm.export.executorch.program import VISION_METHOD, MethodSpec, export_methods, lower_to_pte
     from edge_mllm.export.executorch.targets import XnnpackTarget
     from edge_mllm.export.onnx import files, graphs
+    from edge_mllm.export.onnx.bundle import _int8_dynamic
 
     model = loaded.model.eval()
     s = model.config.vision.image_size
@@ -86,12 +92,16 @@ def build_artifacts(loaded: LoadedModel, folder: Path) -> None:
         (folder / f"vision{suffix}.pte").write_bytes(pte)
         graph = graphs.export_vision(model, fused=not suffix)
         files.fold_weight_transposes(graph)
+        if not suffix:  # before saving: save() points the graph's weights at its data file
+            files.save(_int8_dynamic(graph), folder / "vision_int8.onnx")
         files.save(graph, folder / f"vision{suffix}.onnx")
     export_bundle(copy.deepcopy(loaded), "gguf", folder / "gguf", progress=False)
+    export_bundle(copy.deepcopy(loaded), "gguf", folder / "gguf_int8", progress=False, int8_vision=True)
 
 
 def measure(loaded: LoadedModel, folder: Path, threads: int, repeats: int) -> dict[str, list[float]]:
-    """[ms per image, max |Δ| of the tokens against the reference] of every path, at ``threads``.
+    """[ms per image, max |Δ|, relative L2 error of the tokens against the reference] of every path,
+    at ``threads``.
     Runs in a fresh process per thread count: resetting ExecuTorch's process-wide threadpool after
     other runtimes have run crashed them here (a glibc priority-mutex assertion, a segfault in ONNX
     Runtime), so each process sets it once, first."""
@@ -110,28 +120,40 @@ def measure(loaded: LoadedModel, folder: Path, threads: int, repeats: int) -> di
     rgb = processor.rgb(image)[None]  # square at the encoder's size: no resize, as llama.cpp sees it
     normalized, rgb01 = processor.normalize(rgb), rgb.float() / 255
     fused = FusedVisionEncoder(model).eval()
+    fused_int8 = FusedVisionEncoder(model, int8=True).eval()
     method, method_ref = (Runtime.get().load_program(folder / f"vision{suffix}.pte").load_method(VISION_METHOD)
                           for suffix in ("", "_ref"))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session, session_ref = (ort.InferenceSession(str(folder / f"vision{suffix}.onnx"), options,
-                                                 providers=["CPUExecutionProvider"]) for suffix in ("", "_ref"))
-    gguf = folder / "gguf"
-    with torch.inference_mode(), llamacpp_encoder(gguf / "model.gguf", gguf / "mmproj.gguf", image, threads) as clip:
+    session, session_ref, session_int8 = (
+        ort.InferenceSession(str(folder / f"vision{suffix}.onnx"), options, providers=["CPUExecutionProvider"])
+        for suffix in ("", "_ref", "_int8"))
+    gguf, gguf_int8 = folder / "gguf", folder / "gguf_int8"
+    with (torch.inference_mode(),
+          llamacpp_encoder(gguf / "model.gguf", gguf / "mmproj.gguf", image, threads) as clip,
+          llamacpp_encoder(gguf_int8 / "model.gguf", gguf_int8 / "mmproj.gguf", image, threads) as clip_q8):
         calls = {
             "eager unfused": lambda: model.encode_images(normalized)[0].numpy(),
             "eager fused": lambda: fused(rgb01)[0].numpy(),
+            "eager fused int8": lambda: fused_int8(rgb01)[0].numpy(),
             "ExecuTorch XNNPACK unfused": lambda: method_ref.execute([normalized])[0][0].numpy(),
             "ExecuTorch XNNPACK fused": lambda: method.execute([rgb])[0][0].numpy(),
             "ONNX Runtime unfused": lambda: session_ref.run(None, {"pixel_values": normalized.numpy()})[0],
             "ONNX Runtime fused": lambda: session.run(None, {"pixel_values": rgb01.numpy()})[0],
+            "ONNX Runtime fused int8": lambda: session_int8.run(None, {"pixel_values": rgb01.numpy()})[0],
             "llama.cpp clip": clip,
+            "llama.cpp clip Q8_0": clip_q8,
         }
         ms = timed(calls, repeats)
         outputs = {name: call() for name, call in calls.items()}
     reference = outputs["eager unfused"]
-    return {name: [ms[name], float(np.abs(out.reshape(reference.shape) - reference).max())]
-            for name, out in outputs.items()}
+    llamacpp_reference = outputs["llama.cpp clip"]  # its own token order (see the README's footnote)
+    out = {}
+    for name, tokens in outputs.items():
+        ref = llamacpp_reference if name == "llama.cpp clip Q8_0" else reference
+        diff = tokens.reshape(ref.shape) - ref
+        out[name] = [ms[name], float(np.abs(diff).max()), float(np.linalg.norm(diff) / np.linalg.norm(ref))]
+    return out
 
 
 @contextmanager
@@ -180,14 +202,14 @@ def print_table(title: str, results: dict[int, dict[str, list[float]]]) -> None:
     base = {n: results[n]["eager unfused"][0] for n in threads}
     print(f"\n{title}")
     print("| path | " + " | ".join(f"ms, {n} thread{'s' * (n > 1)} | × unfused" for n in threads)
-          + " | max abs Δ vs reference |")
-    print("| --- | " + " | ".join("---: | ---:" for _ in threads) + " | ---: |")
+          + " | max abs Δ vs reference | rel. L2 vs reference |")
+    print("| --- | " + " | ".join("---: | ---:" for _ in threads) + " | ---: | ---: |")
     for path in PATHS:
         cells = " | ".join(f"{results[n][path][0]:.1f} | {base[n] / results[n][path][0]:.2f}×" for n in threads)
-        print(f"| {path} | {cells} | {results[threads[0]][path][1]:.1e} |")
+        print(f"| {path} | {cells} | {results[threads[0]][path][1]:.1e} | {results[threads[0]][path][2]:.1e} |")
     for n in threads:
-        ours = min(results[n][p][0] for p in PATHS if p != "llama.cpp clip")
-        print(f"{n} thread(s): our fastest path is {results[n]['llama.cpp clip'][0] / ours:.2f}× llama.cpp's clip")
+        ours = min(results[n][p][0] for p in PATHS if p not in LLAMACPP and "int8" not in p)
+        print(f"{n} thread(s): our fastest fp32 path is {results[n]['llama.cpp clip'][0] / ours:.2f}× llama.cpp's clip")
 
 
 def model_for(name: str) -> LoadedModel:

@@ -347,22 +347,25 @@ def quantize(model, scheme, calib_path, output, report, eval_data, eval_scenes, 
 @click.option("--no-fuse-vision", "no_fuse_vision", is_flag=True,
               help="Export the reference vision graph (normalised pixels in) instead of the fused one "
                    "(RGB in; normalisation, LayerNorm affines and Q/K/V folded).")
+@click.option("--int8-vision", "int8_vision", is_flag=True,
+              help="The vision tower's matrices as int8 weights: ONNX Runtime's dynamic int8 (onnx) or Q8_0 "
+                   "mmproj blocks (gguf).")
 @click.option("--max-context", type=click.IntRange(min=1),
               help="Cap the bundle's context (prompt + image tokens + answer) below the model's: a smaller "
                    "preallocated KV cache. Default: the model's (ExecuTorch: at most 2048), or --target's pick.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def export(model, fmt, quant, output, target, no_fuse_vision, max_context, as_json) -> None:
+def export(model, fmt, quant, output, target, no_fuse_vision, int8_vision, max_context, as_json) -> None:
     """Export MODEL as a bundle for a phone runtime: artifacts + tokenizer + manifest.json."""
     from edge_mllm.checkpoint import load_model
     from edge_mllm.export.bundle import MANIFEST, export_bundle
 
     if target is not None:
-        _export_for_target(model, target, fmt, quant, max_context, output, not no_fuse_vision, as_json)
+        _export_for_target(model, target, fmt, quant, max_context, output, not no_fuse_vision, int8_vision, as_json)
         return
     if fmt is None:
         raise click.UsageError("give --format FORMAT, or --target DEVICE to have it picked")
     out = export_bundle(load_model(model), fmt, output, quant=quant, fuse_vision=not no_fuse_vision,
-                        max_context=max_context)
+                        int8_vision=int8_vision, max_context=max_context)
     manifest = json.loads((out / MANIFEST).read_text())
     if as_json:
         _emit_json(manifest)
@@ -383,14 +386,15 @@ def _target_device(param, name: str | None):
         raise click.BadParameter(str(exc), param=param) from exc
 
 
-def _export_for_target(model, device, fmt, quant, max_context, output, fuse_vision, as_json) -> None:
+def _export_for_target(model, device, fmt, quant, max_context, output, fuse_vision, int8_vision, as_json) -> None:
     """``export --target``: the device's picks (explicit --format/--quant/--max-context win), then the
     prediction."""
     from edge_mllm.checkpoint import load_model
     from edge_mllm.sim.target import export_for_target
 
     plan, manifest, prediction, unpredicted = export_for_target(
-        load_model(model), device, output, fmt=fmt, quant=quant, max_context=max_context, fuse_vision=fuse_vision)
+        load_model(model), device, output, fmt=fmt, quant=quant, max_context=max_context, fuse_vision=fuse_vision,
+        int8_vision=int8_vision)
     if as_json:
         _emit_json(manifest)
         return

@@ -44,6 +44,10 @@ class Backend(ABC):
     # Write option: the vision part as one fused graph (``edge_mllm.model.fused_vision``) where the format
     # runs our graph; the format's part of the manifest then names the graph's input as "vision_input".
     fuse_vision: bool = True
+    # Write option: the vision tower's matrices as int8 weights, through the format's own int8 path;
+    # a format without one says why here (None: it has one).
+    int8_vision: bool = False
+    int8_vision_unsupported: ClassVar[str | None] = "this format has no int8 vision option"
 
     @abstractmethod
     def check(self, loaded: LoadedModel, scheme: QuantScheme | None, native_quant: str | None) -> None:
@@ -199,17 +203,24 @@ def context_capped(loaded: LoadedModel, max_context: int | None) -> Iterator[Non
 
 def export_bundle(
     loaded: LoadedModel, fmt: str, out_dir: str | Path, *, quant: str | None = None, progress: bool = True,
-    fuse_vision: bool = True, max_context: int | None = None, manifest_extra: dict | None = None,
+    fuse_vision: bool = True, int8_vision: bool = False, max_context: int | None = None,
+    manifest_extra: dict | None = None,
 ) -> Path:
     """Export ``loaded`` as a ``fmt`` bundle at ``out_dir`` (replaced only on success).
 
     ``quant``: one of our schemes (``awq-w4-g32``…), a format-native type (``q4_k_m`` for GGUF…), or
     None (floats, or a quantized model's own codes). ``fuse_vision``: the vision part as the fused graph
     (``Backend.fuse_vision``); False keeps the reference one, which reads normalised pixels.
+    ``int8_vision``: the vision tower's matrices as int8 (``Backend.int8_vision``).
     ``max_context``: cap the bundle's context (prompt + image tokens + answer) below the model's
     (:func:`context_capped`). ``manifest_extra``: more top-level manifest keys (e.g. ``target``)."""
     target = backend(fmt)
     target.fuse_vision = fuse_vision
+    if int8_vision and target.int8_vision_unsupported:
+        raise ConfigError(f"int8 vision weights in a {fmt} bundle: {target.int8_vision_unsupported}")
+    if int8_vision and not loaded.model.config.has_vision:
+        raise ConfigError("int8 vision weights: the model has no vision encoder")
+    target.int8_vision = int8_vision
     scheme, native = parse_quant(loaded, target, quant)
     with context_capped(loaded, max_context):
         target.check(loaded, scheme, native)

@@ -282,6 +282,20 @@ def test_llamacpp_image_embeddings_equal_ours(vision_runs):
     assert relative_error(theirs, ours) < 3e-3
 
 
+def test_int8_vision_mmproj_is_q8_0_and_runs_in_llamacpp(llava_model, tmp_path):
+    """--int8-vision for GGUF: the mmproj's matrices as Q8_0 (the patch convolution F16, which clip.cpp
+    needs), and llama.cpp's image embeddings stay within int8 error of the fp32 ones."""
+    out = export_bundle(copy.deepcopy(llava_model), "gguf", tmp_path / "int8", quant="f32", int8_vision=True,
+                        progress=False)
+    types = tensor_types(out / "mmproj.gguf")
+    assert types["v.blk.1.attn_q.weight"] == types["mm.0.weight"] == "Q8_0"
+    assert types["v.patch_embd.weight"] == "F16" and types["v.blk.1.attn_q.bias"] == "F32"
+    image = square_image(llava_model.model.config.vision.image_size)
+    theirs = llamacpp_image_embeddings(out / "model.gguf", out / "mmproj.gguf", image)
+    expected = llamacpp_order_encode(llava_model.model, pixels(llava_model, image))[0].numpy()
+    assert 0 < relative_error(theirs, expected) < 0.03  # the int8 budget of tests/test_fused_vision.py
+
+
 # ----------------------------------------------------------------------------------------------
 # generation through llama-cpp-python's multimodal chat handler
 

@@ -156,8 +156,8 @@ def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantiz
 
 
 def export_for_target(loaded, device: DeviceProfile, out_dir, *, fmt: str | None = None, quant: str | None = None,
-                      max_context: int | None = None, progress: bool = True, fuse_vision: bool = True
-                      ) -> tuple[TargetPlan, dict, Prediction | None, str | None]:
+                      max_context: int | None = None, progress: bool = True, fuse_vision: bool = True,
+                      int8_vision: bool = False) -> tuple[TargetPlan, dict, Prediction | None, str | None]:
     """Plan for ``device``, export ``loaded`` (an edge-mllm ``LoadedModel``) with the plan's format,
     quantization and context, and record the plan and the prediction in the bundle's
     ``manifest.json`` under ``target``. → (plan, manifest, prediction, why there is no prediction)."""
@@ -178,7 +178,7 @@ def export_for_target(loaded, device: DeviceProfile, out_dir, *, fmt: str | None
         unpredicted = str(exc)
     target = plan.to_dict() | {"prediction": _summary(prediction) if prediction else unpredicted}
     out = export_bundle(loaded, plan.format, out_dir, quant=plan.quant, progress=progress, fuse_vision=fuse_vision,
-                        max_context=plan.max_context, manifest_extra={"target": target})
+                        int8_vision=int8_vision, max_context=plan.max_context, manifest_extra={"target": target})
     return plan, json.loads((out / MANIFEST).read_text()), prediction, unpredicted
 
 

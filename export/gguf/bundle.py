@@ -131,6 +131,7 @@ class GGUFBackend(Backend):
 
     name = "gguf"
     native_quant = GGUF_PY_TYPES + LLAMACPP_TYPES
+    int8_vision_unsupported = None  # mmproj matrices as Q8_0 (codes the model carries stay its own)
 
     def check(self, loaded: LoadedModel, scheme: QuantScheme | None, native_quant: str | None) -> None:
         lm = loaded.model.language_model
@@ -173,7 +174,7 @@ class GGUFBackend(Backend):
         if config.has_vision:
             # The vision tower is small and quantization-sensitive: F32 next to an F32 model, else F16
             # (as llama.cpp's own mmproj files), or our own 8-bit codes when the model carries them.
-            mmproj_type = "f32" if model_type == "f32" else "f16"
+            mmproj_type = "q8_0" if self.int8_vision else "f32" if model_type == "f32" else "f16"
             write_mmproj_gguf(loaded, out_dir / MMPROJ_FILE, float_type=mmproj_type,
                               quantized=weights.tensors if weights is not None else None, progress=progress)
             info.update(

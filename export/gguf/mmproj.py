@@ -63,6 +63,7 @@ FEATURE_LAYER_KEY = "clip.vision.feature_layer"
 MMPROJ_FLOAT_TYPES = {
     "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
     "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),  # int8 vision: gguf-py's Q8_0 blocks
 }
 TOWER = "vision_tower."
 PROJECTOR = "mm_projector."
@@ -174,6 +175,8 @@ def _encode(
         # pairs that only with an F16 kernel (an F32 one aborts the graph), so F16 whatever was asked.
         return quantize(data, f16), f16
     if codes is None:
+        if qtype == GGMLQuantizationType.Q8_0 and (data.ndim != 2 or data.shape[-1] % 32):
+            qtype = f16  # Q8_0 holds rows of 32; clip.cpp's patch convolution takes F16 / F32 kernels only
         return quantize(data, qtype), qtype
     if data.ndim == 2 and codes.codes.shape == data.shape:
         try:
@@ -197,7 +200,8 @@ def write_mmproj_gguf(
     Args:
         loaded: a model with a vision tower (see :func:`check_mmproj` for what llama.cpp can run).
         path: output file, written atomically.
-        float_type: "f16" or "f32" for the matrices (norms, biases and embeddings stay F32).
+        float_type: "f16", "f32" or "q8_0" (int8 blocks of 32, llama.cpp's usual int8 mmproj) for the
+            matrices (norms, biases and embeddings stay F32; the patch convolution is F16 under q8_0).
         quantized: our codes by parameter name (``QuantizedWeights.tensors``). Matrices whose codes fit
             a GGML block type (8-bit symmetric, groups of 32 → Q8_0) are written as those blocks; the
             rest (convolutions, per-channel codes) as F32 of the model's dequantized weights, which is

@@ -77,6 +77,20 @@ def _ort_quantize(model: onnx.ModelProto, op_type: str, block_size: int, accurac
     return quantizer.model.model
 
 
+def _int8_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's dynamic int8 quantization of a vision graph: per-channel int8 weights, activations
+    quantized per tensor at run time (MatMulInteger, and QAttention for the fused attention)."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "int8.onnx"
+        quantize_dynamic(model, out, op_types_to_quantize=["MatMul", "Attention"], per_channel=True,
+                         weight_type=QuantType.QInt8, use_external_data_format=True)
+        return onnx.load(str(out))
+
+
 def _graph(
     export: Callable[[MultimodalLM], onnx.ModelProto],
     loaded: LoadedModel,
@@ -84,6 +98,7 @@ def _graph(
     native_quant: str | None,
     accuracy_level: int,
     what: str,
+    int8_vision: bool = False,
 ) -> onnx.ModelProto:
     """Export one component and give it its quantized weights."""
     model = export(loaded.model)
@@ -98,6 +113,8 @@ def _graph(
     if native_quant is not None and what != "vision":
         op_type = "Gather" if what == "embedding" else "MatMul"
         model = _ort_quantize(model, op_type, NATIVE_BLOCK_SIZES[native_quant], accuracy_level)
+    if int8_vision and what == "vision":
+        model = _int8_dynamic(model)
     return model
 
 
@@ -116,11 +133,13 @@ def write_onnx(
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     progress: bool = False,
     fuse_vision: bool = True,
+    int8_vision: bool = False,
 ) -> dict:
     """Write the ONNX files and ``genai_config.json`` of ``loaded`` into ``out_dir``; returns the
     format's part of the manifest. ``weights``: the codes the model's weights were quantized to.
     ``fuse_vision``: ``vision.onnx`` as the fused graph (RGB in [0, 1]; its weights are the folded
-    fp32 values, also of a quantized vision tower) or the reference one (normalised pixels)."""
+    fp32 values, also of a quantized vision tower) or the reference one (normalised pixels).
+    ``int8_vision``: ``vision.onnx``'s float matrices through ONNX Runtime's dynamic int8 quantization."""
     out_dir = Path(out_dir)
     model = loaded.model.eval()
     codes = codes_by_name(model, weights) if weights is not None else None
@@ -130,7 +149,7 @@ def write_onnx(
         components.insert(0, ("vision", VISION_FILE, partial(graphs.export_vision, fused=fuse_vision)))
     info: dict = {"genai_config": FILENAME, "opset": graphs.OPSET, "operators": {}}
     for what, filename, export in tqdm(components, desc="ONNX export", unit="graph", disable=not progress):
-        graph = _graph(export, loaded, codes, native_quant, accuracy_level, what)
+        graph = _graph(export, loaded, codes, native_quant, accuracy_level, what, int8_vision)
         info[what] = filename
         info["operators"][what] = _operators(graph)
         files.save(graph, out_dir / filename)
@@ -145,6 +164,8 @@ def write_onnx(
     if model.config.has_vision:
         info["vision_fused"] = fuse_vision
         info["vision_input"] = RGB_FLOAT if fuse_vision else NORMALIZED
+        info["vision_weights"] = ("int8 (onnxruntime quantize_dynamic: MatMulInteger / QAttention, per-channel "
+                                  "weights, activations quantized at run time)" if int8_vision else "as the model's")
     return info
 
 
@@ -154,6 +175,7 @@ class ONNXBackend(Backend):
 
     name = "onnx"
     native_quant = tuple(NATIVE_BLOCK_SIZES)
+    int8_vision_unsupported = None
 
     def check(self, loaded: LoadedModel, scheme: QuantScheme | None, native_quant: str | None) -> None:
         model = loaded.model
@@ -171,4 +193,5 @@ class ONNXBackend(Backend):
 
     def write(self, loaded: LoadedModel, out_dir: Path, weights: QuantizedWeights | None,
               native_quant: str | None, progress: bool) -> dict:
-        return write_onnx(loaded, out_dir, weights, native_quant, progress=progress, fuse_vision=self.fuse_vision)
+        return write_onnx(loaded, out_dir, weights, native_quant, progress=progress, fuse_vision=self.fuse_vision,
+                          int8_vision=self.int8_vision)
