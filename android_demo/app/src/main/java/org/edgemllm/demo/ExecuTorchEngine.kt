@@ -41,10 +41,11 @@ class ExecuTorchEngine(private val bundle: Bundle) : AnswerEngine {
         for (segment in prefill) {
             if (segment.isImage) {
                 val image = images[nextImage++]
-                if (image.bytes != null) {
-                    module.prefillImages(image.bytes, image.size, image.size, 3)
+                val bytes = image.bytes
+                if (bytes != null) {
+                    module.prefillImages(bytes, image.size, image.size, 3)
                 } else {
-                    module.prefillImages(image.floats, image.size, image.size, 3)
+                    module.prefillImages(requireNotNull(image.floats), image.size, image.size, 3)
                 }
                 listener.onImageDone()
             } else {
