@@ -81,7 +81,7 @@ def build_artifacts(loaded: LoadedModel, folder: Path) -> None:
     from edge_mllm.export.executorch.program import VISION_METHOD, MethodSpec, export_methods, lower_to_pte
     from edge_mllm.export.executorch.targets import XnnpackTarget
     from edge_mllm.export.onnx import files, graphs
-    from edge_mllm.export.onnx.bundle import _int8_dynamic
+    from edge_mllm.export.onnx.bundle import quantize_vision_int8
 
     model = loaded.model.eval()
     s = model.config.vision.image_size
@@ -93,7 +93,7 @@ def build_artifacts(loaded: LoadedModel, folder: Path) -> None:
         graph = graphs.export_vision(model, fused=not suffix)
         files.fold_weight_transposes(graph)
         if not suffix:  # before saving: save() points the graph's weights at its data file
-            files.save(_int8_dynamic(graph), folder / "vision_int8.onnx")
+            files.save(quantize_vision_int8(graph), folder / "vision_int8.onnx")
         files.save(graph, folder / f"vision{suffix}.onnx")
     export_bundle(copy.deepcopy(loaded), "gguf", folder / "gguf", progress=False)
     export_bundle(copy.deepcopy(loaded), "gguf", folder / "gguf_int8", progress=False, int8_vision=True)

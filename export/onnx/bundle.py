@@ -77,7 +77,7 @@ def _ort_quantize(model: onnx.ModelProto, op_type: str, block_size: int, accurac
     return quantizer.model.model
 
 
-def _int8_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
+def quantize_vision_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX Runtime's dynamic int8 quantization of a vision graph: per-channel int8 weights, activations
     quantized per tensor at run time (MatMulInteger, and QAttention for the fused attention)."""
     import tempfile
@@ -114,7 +114,7 @@ def _graph(
         op_type = "Gather" if what == "embedding" else "MatMul"
         model = _ort_quantize(model, op_type, NATIVE_BLOCK_SIZES[native_quant], accuracy_level)
     if int8_vision and what == "vision":
-        model = _int8_dynamic(model)
+        model = quantize_vision_int8(model)
     return model
 
 
