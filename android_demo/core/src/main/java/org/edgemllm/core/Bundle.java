@@ -196,7 +196,8 @@ public final class Bundle {
         for (Object item : (List<?>) raw) {
             Map<String, Object> entry = asObject(item, "files[]");
             String path = requireString(entry, "path", "files[].");
-            if (path.startsWith("/") || path.startsWith("\\") || path.contains("..") || path.isEmpty()) {
+            if (path.isEmpty() || path.startsWith("/") || path.startsWith("\\")
+                    || java.util.Arrays.asList(path.split("[/\\\\]")).contains("..")) {
                 throw new BundleException(MANIFEST + " lists an unsafe file path: " + path);
             }
             out.add(new FileEntry(path, requireLong(entry, "size"), requireString(entry, "sha256", "files[].")));
