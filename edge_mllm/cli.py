@@ -168,13 +168,15 @@ def _training_data(data_path: str, stage: str, images: str | None):
 @click.option("--lr", default=2e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(min=0),
               help="instruct: LoRA rank on the LLM's linears; 0 trains the whole LLM.")
+@click.option("--freeze-llm", is_flag=True,
+              help="instruct: keep the LLM frozen (connector, and the vision encoder with --train-vision, learn).")
 @click.option("--train-vision", is_flag=True, help="Also train the vision encoder.")
 @click.option("--max-len", default=512, show_default=True, type=click.IntRange(min=8))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/ (optimizer, step).")
 @click.option("--json", "as_json", is_flag=True)
-def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_rank, train_vision, max_len, seed,
-          resume, as_json) -> None:
+def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_rank, freeze_llm, train_vision, max_len,
+          seed, resume, as_json) -> None:
     """Train the connector (pretrain) or connector + LLM (instruct) on conversations."""
     from pathlib import Path
 
@@ -186,7 +188,7 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
     from edge_mllm.train.trainer import TrainConfig, Trainer
 
     config = TrainConfig(stage=stage, epochs=epochs, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
-                         train_vision=train_vision, max_len=max_len, seed=seed)
+                         freeze_llm=freeze_llm, train_vision=train_vision, max_len=max_len, seed=seed)
     conversations = _training_data(data_path, stage, images)
     loaded = load_model(model)
     torch.manual_seed(seed)

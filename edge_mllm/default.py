@@ -92,9 +92,11 @@ def apply_trained(loaded: LoadedModel, path: Path) -> LoadedModel:
     own = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
     load_into(model.vision_tower, select(own, "vision_tower."), str(path))
     load_into(model.mm_projector, select(own, "mm_projector."), str(path))
-    add_lora_factors(model.language_model, select(state, "language_model."))
+    lora = select(state, "language_model.")
+    add_lora_factors(model.language_model, lora)
+    trained = "vision tower, LDPv2 projector" + (", LoRA on the LLM" if lora else "; the LLM is SmolLM2 unchanged")
     model.config.notes["vision_tower"] = (
-        "trained on synthetic scenes by edge_mllm.train.recipe (vision tower, LDPv2 projector, LoRA on the LLM); "
+        f"trained on synthetic scenes by edge_mllm.train.recipe ({trained}); "
         "WEAK: far below its accuracy targets on the held-out synthetic split; see TRAINING.md"
     )
     return loaded

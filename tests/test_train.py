@@ -144,6 +144,19 @@ def test_instruct_steps_lower_the_loss_and_train_lora_only(tiny, synth_data):
     assert after < before * 0.9, (before, after)
 
 
+def test_frozen_llm_instruct_trains_connector_and_tower_only(tiny, synth_data):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    trainer = Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template),
+                      TrainConfig(stage="instruct", epochs=1, batch_size=3, lr=1e-2, freeze_llm=True,
+                                  train_vision=True))
+    trainer.train(load_conversations(synth_data / CONVERSATIONS_FILE), progress=False)
+    after = tiny.model.state_dict()
+    assert set(after) == set(before)  # no LoRA wrappers: the LLM is the one it was
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("vision_tower.") for k in changed) and any(k.startswith("mm_projector.") for k in changed)
+    assert not any(k.startswith("language_model.") for k in changed)
+
+
 def test_resume_restores_optimizer_and_step(mobilevlm_v2, synth_data, tmp_path, monkeypatch):
     conversations = load_conversations(synth_data / CONVERSATIONS_FILE)
     config = TrainConfig(stage="instruct", epochs=2, batch_size=3, lr=1e-3, lora_rank=2, checkpoint_every=2, seed=5)

@@ -42,10 +42,14 @@ class RecipeConfig:
     align_epochs: float = 1.0
     align_lr: float = 3e-3
     instruct_epochs: float = 1.0
-    instruct_lr: float = 3e-4  # LoRA
+    instruct_lr: float = 3e-4  # what stage 2 trains besides the connector (vision tower, or LoRA)
     instruct_projector_lr: float = 1e-3
     instruct_batch: int = 4
-    lora_rank: int = 8
+    # SmolLM2 stays frozen: its weights, and so its 4-bit exports, stay exactly the shipped Q4_1 ones
+    # (merged LoRA updates are below a 4-bit step and vanish when the LLM is re-quantized).
+    freeze_llm: bool = True
+    lora_rank: int = 8  # stage 2's LoRA rank when the LLM is not frozen
+    instruct_train_vision: bool = True  # with the LLM frozen, the tower adapts to what the LLM reads
 
     @classmethod
     def quick(cls) -> RecipeConfig:
@@ -92,7 +96,8 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
         load_conversations(train_dir / CAPTIONS_FILE), progress=progress))
     instruct = TrainConfig(stage="instruct", epochs=config.instruct_epochs, lr=config.instruct_lr,
                            projector_lr=config.instruct_projector_lr, batch_size=config.instruct_batch,
-                           lora_rank=config.lora_rank, seed=config.seed,
+                           lora_rank=config.lora_rank, freeze_llm=config.freeze_llm,
+                           train_vision=config.instruct_train_vision, seed=config.seed,
                            checkpoint_every=0)
     instruct_metrics = timed("instruct", lambda: Trainer(model, loaded.tokenizer, template, instruct).train(
         load_conversations(train_dir / CONVERSATIONS_FILE), progress=progress))

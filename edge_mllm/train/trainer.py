@@ -38,6 +38,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lora_rank: int = 8  # instruct only; 0 trains the whole LLM
+    freeze_llm: bool = False  # instruct only: train the connector (and vision) under a frozen LLM
     lora_alpha: float = 16.0
     train_vision: bool = False
     max_len: int = 512
@@ -63,7 +64,7 @@ def set_trainable(model: MultimodalLM, config: TrainConfig) -> list[torch.nn.Par
         model.mm_projector.requires_grad_(True)
     if config.train_vision and model.vision_tower is not None:
         model.vision_tower.requires_grad_(True)
-    if config.stage == "instruct":
+    if config.stage == "instruct" and not config.freeze_llm:
         if config.lora_rank > 0:
             apply_lora(model.language_model.model.layers, config.lora_rank, config.lora_alpha)
             for name, param in model.language_model.named_parameters():
