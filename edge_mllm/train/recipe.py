@@ -4,7 +4,8 @@ under 45 minutes on a 2-core CPU (faster with CUDA).
 1. Render synthetic train scenes (captions, multi-turn VQA + POPE) and a held-out test split.
 2. Pretrain the vision tower on dense scene attributes (``vision_pretrain``).
 3. Stage 1: align the LDPv2 projector on captions, vision tower and LLM frozen.
-4. Stage 2: instruction-tune projector + LoRA on SmolLM2's linears on the multi-turn conversations.
+4. Stage 2: instruction-tune projector + vision tower under the frozen SmolLM2 (or LoRA on it) on the
+   multi-turn conversations.
 5. Evaluate on the test split and write the small trained tensors as one safetensors file.
 """
 
@@ -59,7 +60,7 @@ class RecipeConfig:
 
 
 def trained_tensors(model) -> dict[str, torch.Tensor]:
-    """What the default model adds to SmolLM2: vision tower, projector and LoRA factors (fp16)."""
+    """What the default model adds to SmolLM2: vision tower, projector and any LoRA factors (fp16)."""
     state = {f"vision_tower.{k}": v for k, v in model.vision_tower.state_dict().items()}
     state.update({f"mm_projector.{k}": v for k, v in model.mm_projector.state_dict().items()})
     state.update({f"language_model.{k}": v for k, v in lora_factors(model.language_model).items()})
