@@ -104,6 +104,6 @@ def apply_trained(loaded: LoadedModel, path: Path) -> LoadedModel:
 
 
 def load_default(progress: bool = True) -> LoadedModel:
-    """SmolLM2-135M-Instruct + the trained vision tower, projector and LoRA updates."""
+    """SmolLM2-135M-Instruct + the trained vision tower and projector (and LoRA updates, if the file has any)."""
     return apply_trained(untrained_default(progress=progress), TRAINED_WEIGHTS)
 
