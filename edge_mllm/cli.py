@@ -166,8 +166,8 @@ def _training_data(data_path: str, stage: str, images: str | None):
 @click.option("--epochs", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=2e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(min=0),
-              help="instruct: LoRA rank on the LLM's linears; 0 trains the whole LLM.")
+@click.option("--lora-rank", type=click.IntRange(min=0),
+              help="instruct: LoRA rank on the LLM's linears; 0 trains the whole LLM.  [default: 8]")
 @click.option("--freeze-llm", is_flag=True,
               help="instruct: keep the LLM frozen (connector, and the vision encoder with --train-vision, learn).")
 @click.option("--train-vision", is_flag=True, help="Also train the vision encoder.")
@@ -187,8 +187,11 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
     from edge_mllm.train.lora import merge_lora
     from edge_mllm.train.trainer import TrainConfig, Trainer
 
-    config = TrainConfig(stage=stage, epochs=epochs, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
-                         freeze_llm=freeze_llm, train_vision=train_vision, max_len=max_len, seed=seed)
+    if freeze_llm and lora_rank is not None:
+        raise click.UsageError("--freeze-llm trains no LoRA (the LLM stays as it is): drop --lora-rank")
+    lora = {} if lora_rank is None else {"lora_rank": lora_rank}
+    config = TrainConfig(stage=stage, epochs=epochs, batch_size=batch_size, lr=lr, freeze_llm=freeze_llm,
+                         train_vision=train_vision, max_len=max_len, seed=seed, **lora)
     conversations = _training_data(data_path, stage, images)
     loaded = load_model(model)
     torch.manual_seed(seed)

@@ -253,3 +253,8 @@ def test_cli_data_synth_and_train(mobilevlm_v2, tmp_path):
                "-o", str(tmp_path / "never"))
     assert proc.returncode == 1 and "no training data" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "never").exists()
+    # A frozen LLM takes no LoRA: asking for both is a usage error, not a silently ignored rank.
+    proc = cli("train", str(mobilevlm_v2.path), "--stage", "instruct", "--data", str(tmp_path / "data"),
+               "--freeze-llm", "--lora-rank", "4", "-o", str(tmp_path / "never"))
+    assert proc.returncode == 2 and "--lora-rank" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "never").exists()
