@@ -8,19 +8,23 @@ accuracy — with llama.cpp running the GGUF of the same weights as the anchor f
 Rows: PyTorch eager (the reference), then per format the float export and 4-bit. "4-bit" is our
 ``--scheme`` codes in every format (ExecuTorch 8da4w linears, ONNX MatMulNBits, GGUF Q4_0/Q4_1), so
 the formats compute the same weights; native rows (torchao 8da4w, llama.cpp Q4_K_M) are each
-format's own quantizer. Speed runs alternate between runtimes, repeated, and report medians, so
-machine noise hits every row alike; ratios are to llama.cpp on the same weights (float rows: the F16
-GGUF; 4-bit rows: the GGUF of the same codes).
+format's own quantizer. Every bundle runs in its own process (runtimes sharing a process slow each
+other: edge_mllm/bench/worker.py); eager rows run in this one. Speed runs alternate between rows,
+repeated, and report medians, so machine noise hits every row alike; ratios are to llama.cpp on the
+same weights (float rows: the F16 GGUF; 4-bit rows: the GGUF of the same codes). Each speed run is
+``edge-mllm bench``'s request (its prompt, synthetic test scene 0, stop tokens ignored).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +33,15 @@ import torch
 from edge_mllm.export.bundle import MANIFEST, export_bundle, quantized_weights
 from edge_mllm.quant.scheme import QuantScheme
 
-from edge_mllm import runtime
+from edge_mllm.bench.measure import one_run
+from edge_mllm.bench.suite import accuracy
+from edge_mllm.bench.worker import RuntimeProcess
 from edge_mllm.checkpoint import LoadedModel, load_model
-from edge_mllm.data.synth import render, sample_scene, scene_rng, write_split
-from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
+from edge_mllm.data.synth import write_split
 from edge_mllm.pipeline import Pipeline
 
-PROMPT = "Describe the picture in detail."
+# A row's runtime: call(fn, *args) runs fn(runtime, *args) where the runtime lives.
+Call = Callable[..., object]
 
 
 @dataclass(frozen=True)
@@ -64,24 +70,25 @@ def bundle_size(out: Path) -> int:
     return sum(f["size"] for f in json.loads((out / MANIFEST).read_text())["files"])
 
 
-def build(row: Row, model: LoadedModel, quantized: LoadedModel, root: Path,
-          threads: int) -> tuple[object, float, int | None]:
-    """(runtime, export seconds, artifact bytes) for a row; eager rows are the models themselves."""
+def build(row: Row, model: LoadedModel, quantized: LoadedModel, root: Path, threads: int,
+          stack: contextlib.ExitStack) -> tuple[Call, float, int | None]:
+    """(call, export seconds, artifact bytes) for a row: eager rows run here, bundles in a process."""
     source = quantized if row.quant == "codes" else model
     if row.fmt is None:
-        return Pipeline(copy.deepcopy(source)), 0.0, None
+        pipeline = Pipeline(copy.deepcopy(source))
+        return (lambda fn, *args: fn(pipeline, *args)), 0.0, None
     t0 = time.perf_counter()
     out = export_bundle(copy.deepcopy(source), row.fmt, root / row.name,
                         quant=None if row.quant == "codes" else row.quant, progress=False)
     seconds = time.perf_counter() - t0
-    return runtime.load(out, threads=threads), seconds, bundle_size(out)
+    worker = stack.enter_context(RuntimeProcess(str(out), threads, row.name))
+    return worker.call, seconds, bundle_size(out)
 
 
-def speed(rt, image, tokens: int) -> dict[str, float]:
-    out = rt.generate(PROMPT, [image], max_new_tokens=tokens, stop_token_ids=())
-    t = out.timings
-    return {"vision_ms": 1000 * t["vision_encode_s"], "prefill_tok_s": t["prefill_tokens_per_s"],
-            "decode_tok_s": t["decode_tokens_per_s"], "prompt_tokens": out.prompt_tokens}
+def speed(call: Call, tokens: int) -> dict[str, float]:
+    run = call(one_run, tokens)
+    return {"vision_ms": run["vision_encode_ms"], "prefill_tok_s": run["prefill_tok_s"],
+            "decode_tok_s": run["decode_tok_s"], "prompt_tokens": run["prompt_tokens"]}
 
 
 def main() -> None:
@@ -103,32 +110,29 @@ def main() -> None:
     quantized = copy.deepcopy(model)
     if any(r.quant == "codes" for r in rows):
         quantized_weights(quantized, QuantScheme.parse(args.scheme))  # once, shared by every 4-bit row
-    image = render(sample_scene(scene_rng("test", 0, 0)))
 
     results: dict[str, dict] = {}
-    runtimes = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    calls: dict[str, Call] = {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         for row in rows:
             print(f"exporting {row.name}", flush=True)
-            rt, seconds, size = build(row, model, quantized, Path(tmp), args.threads)
-            runtimes[row.name] = rt
+            calls[row.name], seconds, size = build(row, model, quantized, Path(tmp), args.threads, stack)
             results[row.name] = {"format": row.fmt or "pytorch", "quant": args.scheme if row.quant == "codes"
                                  else row.quant, "export_s": seconds, "size_mb": None if size is None else size / 1e6}
-        for rt in runtimes.values():
-            speed(rt, image, 4)  # warm-up: first-call allocations, thread pools
-        runs: dict[str, list[dict]] = {name: [] for name in runtimes}
+        for call in calls.values():
+            speed(call, 4)  # warm-up: first-call allocations, thread pools
+        runs: dict[str, list[dict]] = {name: [] for name in calls}
         for _ in range(args.repeats):
-            for name, rt in runtimes.items():
-                runs[name].append(speed(rt, image, args.tokens))
+            for name, call in calls.items():
+                runs[name].append(speed(call, args.tokens))
         for name, samples in runs.items():
             for key in samples[0]:
                 results[name][key] = statistics.median(s[key] for s in samples)
         if args.vqa_scenes:
-            data = write_split(Path(tmp) / "test", "test", seed=0, n=args.vqa_scenes)
-            questions = load_eval_set(data)
-            for name, rt in runtimes.items():
+            data = str(write_split(Path(tmp) / "test", "test", seed=0, n=args.vqa_scenes))
+            for name, call in calls.items():
                 print(f"VQA {name}", flush=True)
-                report = evaluate(pipeline_answer(rt), questions, progress=False)
+                report = call(accuracy, data, None, True)
                 results[name]["vqa"] = report["vqa"]["accuracy"]
                 results[name]["answers"] = [p["prediction"] for p in report["predictions"]]
 

@@ -1,6 +1,6 @@
 """Predicted vs published: ``edge-mllm simulate``'s roofline model against on-device measurements.
 
-    python benchmarks/sim_validation.py [--fit] [--json]
+    python benchmarks/sim_validation.py [--fit] [--json] [--host BENCH_JSON]
 
 Rows of set "published" are every row of ../shared/reference/published_numbers.md; the backends'
 efficiency factors (edge_mllm/sim/backends.py) are fitted on them (``--fit`` prints the fit: per backend
@@ -8,6 +8,10 @@ and resource, the factor minimising the largest |log(predicted / published)|). S
 come from the other reference notes and fit what no published row covers (onnxruntime's compute
 factor, ExecuTorch's runtime memory overhead); "held out" rows, from the same notes, fit nothing.
 Goal: every ratio within 0.7-1.3.
+
+``--host BENCH_JSON`` adds set "host" rows: each bundle of an ``edge-mllm bench --json`` run predicted
+on the ``host`` profile (with the copy bandwidth that run measured) against what the run measured
+here. They fit nothing.
 
 Model shapes are the published ones; where a row's source gives the model file's size, the bits per
 weight are taken from it rather than from the quantization type's nominal rate.
@@ -21,12 +25,14 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edge_mllm.config import MLLMConfig, ProjectorConfig, TextConfig, VisionConfig
 from edge_mllm.sim.backends import BACKENDS, Backend
 from edge_mllm.sim.formats import F16, F32, GGUF_TYPES, WeightFormat, WeightPlan
+from edge_mllm.sim.inputs import from_bundle
 from edge_mllm.sim.predict import Prediction, Scenario, simulate
-from edge_mllm.sim.profiles import get_device
+from edge_mllm.sim.profiles import DeviceProfile, get_device
 from edge_mllm.sim.shapes import ModelShape, shape_from_config, shape_from_hf_config
 
 TOLERANCE = 0.30
@@ -114,12 +120,12 @@ class Row:
     label: str
     shape: ModelShape
     plan: WeightPlan
-    device: str
+    device: str | DeviceProfile
     backend: str
     scenario: Scenario
     published: dict[str, float | tuple[float, float]]
     source: str
-    role: str = "published"  # published | fit, notes | held out
+    role: str = "published"  # published | fit, notes | held out | host
     notes: list[str] = field(default_factory=list)
 
 
@@ -182,7 +188,30 @@ def published_value(value: float | tuple[float, float]) -> float:
 
 
 def run_row(row: Row, backend: Backend | None = None) -> Prediction:
-    return simulate(row.shape, row.plan, get_device(row.device), backend or BACKENDS[row.backend], row.scenario)
+    device = row.device if isinstance(row.device, DeviceProfile) else get_device(row.device)
+    return simulate(row.shape, row.plan, device, backend or BACKENDS[row.backend], row.scenario)
+
+
+def host_rows(bench_json: str) -> list[Row]:
+    """One row per bundle of an ``edge-mllm bench --json`` run: what it measured on this host."""
+    run = json.loads(Path(bench_json).read_text())
+    host = dataclasses.replace(get_device("host"), peak_gbs=run["machine"]["bandwidth_gbs"])
+    rows = []
+    for result in run["results"]:
+        path = Path(result["path"])
+        if not path.is_absolute() and not path.exists():
+            path = Path(bench_json).parent / path  # bench paths are as given on its command line
+        shape, plan, backend = from_bundle(path)
+        image_tokens = shape.vision.image_tokens if shape.vision is not None else 0
+        measured = {"vision_s": result["vision_encode_ms"] / 1e3, "prefill_tok_s": result["prefill_tok_s"],
+                    "decode_tok_s": result["decode_tok_s"]}
+        if result.get("bundle_rss_mib"):
+            measured["peak_mib"] = result["bundle_rss_mib"]
+        rows.append(Row(f"{result['name']} ({result['format']}, {result['quantization']}), host, "
+                        f"{result['threads']} threads", shape, plan, host, backend.name,
+                        Scenario(prompt_tokens=result["prompt_tokens"] - image_tokens, threads=result["threads"]),
+                        measured, f"edge-mllm bench, {run['timestamp']}", role="host"))
+    return rows
 
 
 def results(rows: list[Row]) -> list[dict]:
@@ -204,7 +233,7 @@ def fit(rows: list[Row]) -> dict[str, dict[str, float]]:
     that would make it exact, found by scaling the current factor, twice to settle roofline switches)."""
     factors: dict[str, dict[str, float]] = {}
     for name, backend in BACKENDS.items():
-        mine = [r for r in rows if r.role != "held out" and r.backend == name]
+        mine = [r for r in rows if r.role in ("published", "fit, notes") and r.backend == name]
         if not mine:
             continue
         current = {"compute": backend.compute, "bandwidth": backend.bandwidth}
@@ -248,17 +277,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fit", action="store_true", help="Print the efficiency factors the rows fit.")
     parser.add_argument("--json", action="store_true", help="Print the table as JSON.")
+    parser.add_argument("--host", metavar="BENCH_JSON",
+                        help="Also compare with the bundles an `edge-mllm bench --json` run measured on this host.")
     args = parser.parse_args(argv)
-    table = results(ROWS)
+    rows = ROWS + (host_rows(args.host) if args.host else [])
+    table = results(rows)
     if args.json:
         print(json.dumps({"rows": table, "fit": fit(ROWS) if args.fit else None}, indent=2, default=str))
         return 0
     print(markdown(table))
     print()
-    for role in ("published", "fit, notes", "held out"):
+    for role in ("published", "fit, notes", "held out", "host"):
         mine = [r for r in table if r["set"] == role]
+        if not mine:
+            continue
         print(f"{role}: {sum(r['within'] for r in mine)}/{len(mine)} within ±{TOLERANCE:.0%}")
-    for row in ROWS:
+    for row in rows:
         for note in row.notes:
             print(f"note ({row.label}): {note}")
     if args.fit:

@@ -116,3 +116,41 @@ def test_model_folders_run_in_pytorch_eager(llava):
     assert (row["format"], row["runtime"], row["quantization"]) == ("pytorch", "pytorch", None)
     assert row["size_bytes"] > 0 and row["decode_tok_s"] > 0 and row["vision_encode_ms"] > 0
     assert row["decode_pct_of_roofline"] > 0 and row["peak_rss_mib"] is None
+
+
+def test_each_subject_runs_in_its_own_process(bundles, tmp_path):
+    import os
+
+    from edge_mllm.bench.worker import RuntimeProcess
+    from edge_mllm.errors import EdgeMLLMError
+
+    with RuntimeProcess(str(bundles["gguf"]), threads=1, name="gguf-f32") as worker:
+        assert worker.config is None  # bundles have no PyTorch config
+        assert worker._process.pid != os.getpid()
+        assert worker.call(getattr, "threads") == 1  # the call reached the loaded runtime
+        # an error in the child comes back as one line, and the runtime keeps serving
+        with pytest.raises(EdgeMLLMError, match=r"^gguf-f32: AttributeError: .*no_such_attribute"):
+            worker.call(getattr, "no_such_attribute")
+        assert worker.call(getattr, "threads") == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EdgeMLLMError, match="empty: "):
+        RuntimeProcess(str(tmp_path / "empty"), name="empty")
+
+
+def test_sim_validation_compares_host_predictions_with_a_bench_run(report, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import sim_validation
+
+    (tmp_path / "bench.json").write_text(json.dumps(report))
+    table = sim_validation.results(sim_validation.host_rows(str(tmp_path / "bench.json")))
+    measured = {(r["name"], m): r[k] for r in report["results"]
+                for m, k in (("prefill_tok_s", "prefill_tok_s"), ("decode_tok_s", "decode_tok_s"))}
+    assert {row["set"] for row in table} == {"host"}
+    assert {row["backend"] for row in table} == {"llama.cpp", "onnxruntime"}
+    for row in table:
+        assert row["predicted"] > 0 and row["ratio"] == pytest.approx(row["predicted"] / row["published"])
+        name = row["row"].split(" ")[0]
+        if (name, row["metric"]) in measured:
+            assert row["published"] == measured[name, row["metric"]]

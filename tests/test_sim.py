@@ -184,6 +184,32 @@ def test_host_is_measured():
     assert host.data["memory"]["peak_gbs"]["source"].startswith("measured")
 
 
+def test_host_cpu_peak_is_the_phones_arithmetic(monkeypatch):
+    """Clock x SIMD pipes x operations per pipe, as for phones, so phone-fitted factors apply; a
+    machine without a readable clock falls back to the measured matmul rate."""
+    from edge_mllm.sim import host as host_module
+
+    flags = {"fma", "avx", "avx2"}  # an AVX2 x86 core: 2 FMA pipes x 256 bits = 4 128-bit pipes
+    monkeypatch.setattr(host_module, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(host_module, "_clock_ghz", lambda: (3.0, "test"))
+    host_module.host_profile.cache_clear()
+    try:
+        host = host_module.host_profile()
+        assert host.cpu_gops("fp32", 1) == pytest.approx(8 * 4 * 3.0)
+        assert host.cpu_gops("fp16", 1) == host.cpu_gops("fp32", 1)  # no AVX512-FP16: converted to fp32
+        assert host.cpu_gops("int8", 1) == pytest.approx(16 * 4 * 3.0)  # vpmaddubsw, no VNNI
+        flags |= {"avx512f", "avx512_vnni"}
+        host_module.host_profile.cache_clear()
+        assert host_module.host_profile().cpu_gops("int8", 2) == pytest.approx(2 * 32 * 8 * 3.0)
+        monkeypatch.setattr(host_module, "_clock_ghz", lambda: None)
+        host_module.host_profile.cache_clear()
+        fallback = host_module.host_profile()
+        measured = fallback.data["cpu"][0]["fp32_gflops_per_core"]["value"]
+        assert fallback.cpu_gops("fp32", 1) == pytest.approx(measured, abs=0.01)
+    finally:
+        host_module.host_profile.cache_clear()
+
+
 def test_unknown_device_and_backend_list_the_valid_names():
     with pytest.raises(ConfigError, match="snapdragon-8-gen-3.*host"):
         get_device("pixel-99")

@@ -1,5 +1,6 @@
 """The timed runs: one warm-up per subject, then ``repeats`` rounds that each run every subject once
 (alternating, so slow drift and noise on a shared machine hit every subject alike), medians reported.
+Each subject runs in its own process (:mod:`edge_mllm.bench.worker`), as it would in an app.
 
 Every run answers the same prompt about the same synthetic scene (text-only models: the prompt alone)
 and decodes exactly ``tokens`` tokens (stop tokens ignored), greedily, in the subject's own runtime."""
@@ -9,6 +10,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+
+from edge_mllm.bench.worker import RuntimeProcess
 
 PROMPT = "Describe the picture in detail."
 WARMUP_TOKENS = 4
@@ -43,19 +46,19 @@ def one_run(runtime, tokens: int) -> dict[str, float]:
     }
 
 
-def measure(runtimes: dict[str, object], repeats: int, tokens: int,
+def measure(workers: dict[str, RuntimeProcess], repeats: int, tokens: int,
             progress: Callable[[str], None] | None = None) -> dict[str, dict]:
-    """Medians of ``repeats`` alternating runs per runtime (after one warm-up each), with the samples."""
-    for name, rt in runtimes.items():
+    """Medians of ``repeats`` alternating runs per subject (after one warm-up each), with the samples."""
+    for name, worker in workers.items():
         if progress:
             progress(f"warm-up {name}")
-        one_run(rt, WARMUP_TOKENS)  # first-call allocations, thread pools, lazy kernels
-    samples: dict[str, list[dict]] = {name: [] for name in runtimes}
+        worker.call(one_run, WARMUP_TOKENS)  # first-call allocations, thread pools, lazy kernels
+    samples: dict[str, list[dict]] = {name: [] for name in workers}
     for i in range(repeats):
-        for name, rt in runtimes.items():
+        for name, worker in workers.items():
             if progress:
                 progress(f"run {i + 1}/{repeats} {name}")
-            samples[name].append(one_run(rt, tokens))
+            samples[name].append(worker.call(one_run, tokens))
     return {name: summarise(runs) for name, runs in samples.items()}
 
 

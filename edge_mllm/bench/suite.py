@@ -1,5 +1,5 @@
 """The whole ``edge-mllm bench`` run: resolve every subject (bad paths fail before any work), load
-each in its runtime, time them alternating, measure peak RSS per subject in a fresh process, score
+each in its runtime in its own process, time them alternating, measure peak RSS per subject in a fresh process, score
 accuracy if asked, and add the anchors (llama.cpp ratios, % of the host's bandwidth roofline)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from edge_mllm.bench.rss import METHOD as RSS_METHOD
 from edge_mllm.bench.rss import measure_peak_rss
 from edge_mllm.bench.schema import SCHEMA, add_ratios, new_row
 from edge_mllm.bench.subjects import Subject, resolve_all
+from edge_mllm.bench.worker import RuntimeProcess
 
 
 @dataclass
@@ -38,12 +39,14 @@ def host_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def accuracy(rt, data: str, limit: int | None) -> dict:
-    """VQA accuracy (or, for a POPE-only set, mean POPE accuracy) of one runtime on an eval set."""
+def accuracy(rt, data: str, limit: int | None, predictions: bool = False) -> dict:
+    """VQA accuracy (or, for a POPE-only set, mean POPE accuracy) of one runtime on an eval set; with
+    ``predictions``, every answer too."""
     from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
 
     report = evaluate(pipeline_answer(rt), load_eval_set(data, limit), progress=False)
-    report.pop("predictions", None)
+    if not predictions:
+        report.pop("predictions", None)
     if report["vqa"]:
         return {"metric": "VQA", "score": report["vqa"]["accuracy"], **report}
     pope = report["pope"]
@@ -65,29 +68,30 @@ def _row(subject: Subject, threads: int, timed: dict, roof: dict, memory: dict |
 
 def run_bench(settings: BenchSettings) -> dict:
     """Benchmark every subject; the report in :mod:`edge_mllm.bench.schema`'s layout."""
-    from edge_mllm import runtime
     from edge_mllm.sim.host import host_profile
 
     say = settings.progress or (lambda _msg: None)
     subjects = resolve_all(settings.paths)
     threads = settings.threads or host_cores()
-    host = host_profile()
-    runtimes = {}
-    for s in subjects:
-        say(f"loading {s.name}")
-        runtimes[s.name] = runtime.load(s.load_path, threads=threads)
-    timed = timing.measure(runtimes, settings.repeats, settings.tokens, say)
-    rows = []
-    for s in subjects:
-        rt = runtimes[s.name]
-        config = None if s.is_bundle else rt.model.config
-        roof = decode_roofline(s, host.peak_gbs, timed[s.name]["prompt_tokens"], settings.tokens, config)
-        acc = None
-        if settings.eval_data:
-            say(f"eval {s.name}")
-            acc = accuracy(rt, settings.eval_data, settings.eval_limit)
-        rows.append((s, roof, acc))
-    runtimes.clear()  # free the models before the memory processes start
+    host = host_profile()  # before any runtime process starts: its copy bandwidth is the roofline's
+    workers: dict[str, RuntimeProcess] = {}
+    try:
+        for s in subjects:
+            say(f"loading {s.name}")
+            workers[s.name] = RuntimeProcess(s.load_path, threads, s.name)
+        timed = timing.measure(workers, settings.repeats, settings.tokens, say)
+        rows = []
+        for s in subjects:
+            worker = workers[s.name]
+            roof = decode_roofline(s, host.peak_gbs, timed[s.name]["prompt_tokens"], settings.tokens, worker.config)
+            acc = None
+            if settings.eval_data:
+                say(f"eval {s.name}")
+                acc = worker.call(accuracy, settings.eval_data, settings.eval_limit)
+            rows.append((s, roof, acc))
+    finally:
+        for worker in workers.values():  # free the models before the memory processes start
+            worker.close()
     results = []
     for s, roof, acc in rows:
         memory = None

@@ -1,13 +1,19 @@
-"""The ``host`` profile: this machine, measured at run time (well under a second).
+"""The ``host`` profile: this machine, read and measured at run time (well under a second).
 
 - cores: the CPUs this process may run on;
-- memory bandwidth: best of a few ``numpy.copyto`` passes over 64 MiB arrays (bytes read + written);
-- fp32 matmul GFLOP/s: best of a few 768x768 float32 products through numpy's BLAS on every core;
+- CPU peak: the same arithmetic as the phones' (cores x clock x 128-bit SIMD pipes x operations per
+  pipe, :mod:`edge_mllm.sim.profiles`), so the backends' efficiency factors, fitted on phone
+  datasheet peaks, mean the same thing here. Clock: ``cpuinfo_max_freq`` from sysfs, else the highest
+  ``cpu MHz`` in ``/proc/cpuinfo``; vector width from the ISA flags (AVX-512, AVX2, else 128-bit);
+  two vector FMA pipes per core (an estimate: true of x86 cores since Haswell / Zen and of Arm's big
+  cores, which ``/proc/cpuinfo`` does not describe). Where no clock can be read, a numpy matmul's
+  attained rate stands in;
+- memory bandwidth: best of a few ``numpy.copyto`` passes over 64 MiB arrays (bytes read + written):
+  an attained rate, since no datasheet number exists for a machine's share of its DRAM;
+- fp32 matmul GFLOP/s: best of a few 768x768 float32 products through numpy's BLAS, reported next to
+  the peak (the fraction a tuned GEMM attains here);
 - RAM and budget: ``MemTotal`` / ``MemAvailable`` from ``/proc/meminfo``;
 - ISA: ``/proc/cpuinfo`` flags.
-
-The host has no published peak: its "peaks" are these attained numbers, so efficiency factors
-calibrated on phones (fractions of peak) will under-predict it somewhat.
 """
 
 from __future__ import annotations
@@ -19,14 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_mllm.sim.profiles import ISA, Cluster, DeviceProfile
+from edge_mllm.sim.profiles import FP32_PER_PIPE, ISA, Cluster, DeviceProfile
 
 COPY_BYTES = 64 * 2**20
 MATMUL_N = 768
 REPEATS = 5
-# numpy has no int8 GEMM to time: integer-dot kernels (AVX2 vpmaddubsw, AVX-VNNI, NEON SDOT) run about
-# twice the fp32 FMA rate; x86 without AVX512-FP16 has no fp16 arithmetic and converts to fp32.
+FMA_PIPES = 2  # vector FMA pipes per core (estimate, see above)
+# Without a readable clock: integer-dot kernels (AVX2 vpmaddubsw, AVX-VNNI, NEON SDOT) run about twice
+# the fp32 FMA rate that the matmul attains.
 INT8_OVER_FP32 = 2.0
+MAX_FREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
 
 
 def _best_seconds(fn, repeats: int = REPEATS) -> float:
@@ -76,6 +84,25 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _clock_ghz() -> tuple[float, str] | None:
+    """The cores' top clock (GHz) and where it was read; None where the system does not say."""
+    try:
+        return int(MAX_FREQ.read_text()) / 1e6, f"{MAX_FREQ}"
+    except (OSError, ValueError):
+        pass
+    try:
+        mhz = [float(line.split(":", 1)[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("cpu MHz")]
+    except (OSError, ValueError):
+        mhz = []
+    return (max(mhz) / 1e3, "/proc/cpuinfo cpu MHz (highest)") if mhz else None
+
+
+def simd_bits(flags: set[str]) -> int:
+    """Widest vector register the ISA flags advertise (128 for NEON / SSE)."""
+    return 512 if "avx512f" in flags else 256 if "avx2" in flags or "avx" in flags else 128
+
+
 @lru_cache(maxsize=1)
 def host_profile() -> DeviceProfile:
     """Measure this machine (once per process)."""
@@ -83,21 +110,38 @@ def host_profile() -> DeviceProfile:
     bandwidth, gflops = copy_bandwidth_gbs(), matmul_gflops()
     total, available = _meminfo_gb()
     flags = _cpu_flags()
-    isa = ISA(dotprod=bool(flags & {"asimddp", "avx_vnni", "avx512_vnni"}), i8mm="i8mm" in flags, sve="sve" in flags)
-    per_core = gflops / cores
-    gops = {"fp32": per_core, "fp16": per_core, "int8": per_core * INT8_OVER_FP32}
+    isa = ISA(dotprod=bool(flags & {"asimddp", "avx_vnni", "avx512_vnni"}), i8mm="i8mm" in flags, sve="sve" in flags,
+              fp16=bool(flags & {"asimdhp", "avx512_fp16"}))
     measured = "measured at run time (edge_mllm/sim/host.py)"
+    matmul = {"value": round(gflops / cores, 2), "source": f"{measured}: {MATMUL_N}x{MATMUL_N} float32 numpy matmul"}
+    clock = _clock_ghz()
+    if clock is not None:
+        ghz, clock_source = clock
+        bits = simd_bits(flags)
+        pipes = FMA_PIPES * bits // 128
+        cluster = Cluster(core="host", count=cores, ghz=ghz, simd_pipes=pipes)
+        cpu = {"core": "host", "count": {"value": cores, "source": f"{measured}: os.sched_getaffinity"},
+               "max_ghz": {"value": round(ghz, 3), "source": f"{measured}: {clock_source}"},
+               "simd_pipes_128b": {"value": pipes, "estimate": True,
+                                   "source": f"estimate: {FMA_PIPES} FMA pipes of {bits} bits (/proc/cpuinfo flags)"},
+               "fp32_gflops_per_core_peak": {"value": round(cluster.core_gops("fp32", isa), 2),
+                                             "source": f"derived: {FP32_PER_PIPE} FLOPs x pipes x clock"},
+               "fp32_gflops_per_core_attained": matmul}
+    else:
+        per_core = gflops / cores
+        cluster = Cluster(core="host", count=cores, ghz=0.0, simd_pipes=0.0,
+                          measured_gops={"fp32": per_core, "fp16": per_core, "int8": per_core * INT8_OVER_FP32})
+        cpu = {"core": "host", "count": {"value": cores, "source": f"{measured}: os.sched_getaffinity"},
+               "fp32_gflops_per_core": matmul,
+               "int8_gops_per_core": {"value": round(per_core * INT8_OVER_FP32, 2), "estimate": True,
+                                      "source": "estimate: twice the measured fp32 rate (host.py INT8_OVER_FP32)"}}
     data = {
         "name": "this machine (measured)",
         "vendor": "host",
         "reference_device": "the machine running edge-mllm",
-        "cpu": [{"core": "host", "count": {"value": cores, "source": f"{measured}: os.sched_getaffinity"},
-                 "fp32_gflops_per_core": {"value": round(per_core, 2),
-                                          "source": f"{measured}: {MATMUL_N}x{MATMUL_N} float32 numpy matmul"},
-                 "int8_gops_per_core": {"value": round(per_core * INT8_OVER_FP32, 2), "estimate": True,
-                                        "source": "estimate: twice the measured fp32 rate (host.py INT8_OVER_FP32)"}}],
+        "cpu": [cpu],
         "isa": {k: {"value": getattr(isa, k), "source": f"{measured}: /proc/cpuinfo flags"}
-                for k in ("dotprod", "i8mm", "sve")},
+                for k in ("dotprod", "i8mm", "sve", "fp16")},
         "memory": {"type": "host DRAM",
                    "peak_gbs": {"value": round(bandwidth, 2),
                                 "source": f"{measured}: numpy.copyto over {COPY_BYTES >> 20} MiB, read + write"}},
@@ -106,7 +150,7 @@ def host_profile() -> DeviceProfile:
     }
     return DeviceProfile(
         key="host", name=data["name"], vendor="host", reference_device=data["reference_device"],
-        clusters=(Cluster(core="host", count=cores, ghz=0.0, simd_pipes=0.0, measured_gops=gops),),
+        clusters=(cluster,),
         isa=isa, memory_type="host DRAM", peak_gbs=bandwidth, ram_gb=total, app_budget_gb=available,
         gpu=None, npu=None, data=data,
     )

@@ -185,8 +185,9 @@ def simulate(shape: ModelShape, plan: WeightPlan, device: DeviceProfile, backend
     if backend.assumed:
         notes.append(f"{backend.name}: {' and '.join(backend.assumed)} efficiency assumed ({backend.calibration})")
     if device.key == "host":
-        notes.append("host peaks are measured attained rates, not datasheet peaks: expect the factors "
-                     "calibrated on phones to under-predict this machine")
+        notes.append("host: CPU peak derived from its clock and vector width (FMA pipes assumed); its memory "
+                     "peak is the measured copy rate, an attained number (benchmarks/sim_validation.py --host "
+                     "compares predictions with bundle runs here)")
     if device.data["memory"]["peak_gbs"].get("estimate"):
         notes.append(f"{device.key}: peak memory bandwidth is an estimate (see `edge-mllm devices --json`)")
     precisions = {precision, plan.vision.compute} if images else {precision}

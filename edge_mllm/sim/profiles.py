@@ -30,6 +30,7 @@ class ISA:
     dotprod: bool
     i8mm: bool
     sve: bool
+    fp16: bool = True  # native fp16 arithmetic (every ARMv8.2 phone core); x86 without AVX512-FP16 converts
 
     @property
     def int8_path(self) -> str:
@@ -38,8 +39,8 @@ class ISA:
 
 @dataclass(frozen=True)
 class Cluster:
-    """Identical cores at one clock. ``measured_gops``: per-core peaks measured on the host, which
-    replace the pipe arithmetic."""
+    """Identical cores at one clock. ``measured_gops``: per-core rates measured on a host whose clock
+    cannot be read, which replace the pipe arithmetic."""
 
     core: str
     count: int
@@ -52,7 +53,8 @@ class Cluster:
         """Peak giga-operations per second of one core at ``precision``."""
         if self.measured_gops is not None:
             return self.measured_gops[precision]
-        per_pipe = {"fp32": FP32_PER_PIPE, "fp16": FP16_PER_PIPE, "int8": INT8_PER_PIPE[isa.int8_path]}[precision]
+        fp16 = FP16_PER_PIPE if isa.fp16 else FP32_PER_PIPE
+        per_pipe = {"fp32": FP32_PER_PIPE, "fp16": fp16, "int8": INT8_PER_PIPE[isa.int8_path]}[precision]
         return per_pipe * self.simd_pipes * self.ghz
 
 
