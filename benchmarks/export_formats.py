@@ -119,6 +119,7 @@ def main() -> None:
             calls[row.name], seconds, size = build(row, model, quantized, Path(tmp), args.threads, stack)
             results[row.name] = {"format": row.fmt or "pytorch", "quant": args.scheme if row.quant == "codes"
                                  else row.quant, "export_s": seconds, "size_mb": None if size is None else size / 1e6}
+        print(f"timing {len(calls)} rows", flush=True)
         for call in calls.values():
             speed(call, 4)  # warm-up: first-call allocations, thread pools
         runs: dict[str, list[dict]] = {name: [] for name in calls}

@@ -178,14 +178,28 @@ def _quantize_blocks(
             store(full, _quantize_one(params[full], plan, hessian), hessian)
         hidden = [_run_layer(llm, layer, x) for x in hidden]
     head = f"{LLM_PREFIX}lm_head.weight"
-    if head not in params:  # tied to the embedding
+    tied = head not in params
+    if tied:
         head = f"{LLM_PREFIX}model.embed_tokens.weight"
     plan = plans.get(head)
     if plan is not None:
         acc = HessianAccumulator(params[head].shape[1])
         for x in hidden:
             acc.add(llm.model.norm(x))
-        store(head, _quantize_one(params[head], plan, acc.hessian), acc.hessian)
+        objective = tied_head_hessian(params[head], acc.hessian) if tied else acc.hessian
+        store(head, _quantize_one(params[head], plan, objective), acc.hessian)
+
+
+def tied_head_hessian(weight: torch.Tensor, head_hessian: torch.Tensor) -> torch.Tensor:
+    """GPTQ's objective for an LM head tied to the token embedding. GPTQ on the head alone minimises
+    the logits' error, tr(ΔW H ΔWᵀ), and pushes the rounding error of each row into the directions the
+    final hidden states rarely take; but the same rows are also read as they are, as the prompt's
+    token embeddings, where every direction counts (||ΔW||²). The two uses' relative errors are
+    weighed equally: H / tr(W H Wᵀ) + I / ||W||²."""
+    w = as_matrix(weight).float()
+    out_scale = ((w @ head_hessian) * w).sum().clamp_min(1e-12)
+    in_scale = (w * w).sum().clamp_min(1e-12)
+    return head_hessian / out_scale + torch.eye(head_hessian.shape[0]) / in_scale
 
 
 def _run_layer(llm: nn.Module, layer: LlamaDecoderLayer, x: torch.Tensor) -> torch.Tensor:

@@ -266,6 +266,22 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     assert relative_error(w, gptq) > relative_error(w, rtn) * 0.9
 
 
+def test_tied_head_objective_sits_between_gptq_and_rtn():
+    """A tied LM head is also the token embedding: its GPTQ objective keeps the weight error near RTN's
+    while still cutting the logits' error below RTN's."""
+    from edge_mllm.quant.quantize import tied_head_hessian
+
+    w = weights(64, 128, seed=7)
+    x = correlated_inputs()
+    acc = HessianAccumulator(128)
+    acc.add(x[None])
+    plain = gptq_quantize(w, acc.hessian, 4, 32, symmetric=True)
+    tied = gptq_quantize(w, tied_head_hessian(w, acc.hessian), 4, 32, symmetric=True)
+    rtn = quantize_rtn(w, 4, 32)
+    assert relative_error(w, tied) < relative_error(w, plain)
+    assert output_error(w, tied.dequantize(), x) < output_error(w, rtn.dequantize(), x)
+
+
 def test_awq_scaling_keeps_the_float_layer_exact_and_lowers_its_error():
     g = torch.Generator().manual_seed(8)
     norm_weight = torch.nn.Parameter(torch.rand(128, generator=g) + 0.5)
