@@ -4,7 +4,7 @@
 - CPU peak: the same arithmetic as the phones' (cores x clock x 128-bit SIMD pipes x operations per
   pipe, :mod:`edge_mllm.sim.profiles`), so the backends' efficiency factors, fitted on phone
   datasheet peaks, mean the same thing here. Clock: ``cpuinfo_max_freq`` from sysfs, else the highest
-  ``cpu MHz`` in ``/proc/cpuinfo``; vector width from the ISA flags (AVX-512, AVX2, else 128-bit);
+  ``cpu MHz`` in ``/proc/cpuinfo``; FMA width from the ISA flags (AVX-512, AVX2, else 128-bit);
   two vector FMA pipes per core (an estimate: true of x86 cores since Haswell / Zen and of Arm's big
   cores, which ``/proc/cpuinfo`` does not describe). Where no clock can be read, a numpy matmul's
   attained rate stands in;
@@ -98,9 +98,10 @@ def _clock_ghz() -> tuple[float, str] | None:
     return (max(mhz) / 1e3, "/proc/cpuinfo cpu MHz (highest)") if mhz else None
 
 
-def simd_bits(flags: set[str]) -> int:
-    """Widest vector register the ISA flags advertise (128 for NEON / SSE)."""
-    return 512 if "avx512f" in flags else 256 if "avx2" in flags or "avx" in flags else 128
+def _fma_bits(flags: set[str]) -> int:
+    """Width of the widest vector FMA the ISA flags advertise (AVX without AVX2 has no FMA: its
+    separate 256-bit add and multiply pipes count as one 128-bit FMA's rate; NEON / SSE: 128)."""
+    return 512 if "avx512f" in flags else 256 if "avx2" in flags else 128
 
 
 @lru_cache(maxsize=1)
@@ -115,26 +116,25 @@ def host_profile() -> DeviceProfile:
     measured = "measured at run time (edge_mllm/sim/host.py)"
     matmul = {"value": round(gflops / cores, 2), "source": f"{measured}: {MATMUL_N}x{MATMUL_N} float32 numpy matmul"}
     clock = _clock_ghz()
+    cpu = {"core": "host", "count": {"value": cores, "source": f"{measured}: os.sched_getaffinity"}}
     if clock is not None:
         ghz, clock_source = clock
-        bits = simd_bits(flags)
+        bits = _fma_bits(flags)
         pipes = FMA_PIPES * bits // 128
         cluster = Cluster(core="host", count=cores, ghz=ghz, simd_pipes=pipes)
-        cpu = {"core": "host", "count": {"value": cores, "source": f"{measured}: os.sched_getaffinity"},
-               "max_ghz": {"value": round(ghz, 3), "source": f"{measured}: {clock_source}"},
-               "simd_pipes_128b": {"value": pipes, "estimate": True,
-                                   "source": f"estimate: {FMA_PIPES} FMA pipes of {bits} bits (/proc/cpuinfo flags)"},
-               "fp32_gflops_per_core_peak": {"value": round(cluster.core_gops("fp32", isa), 2),
-                                             "source": f"derived: {FP32_PER_PIPE} FLOPs x pipes x clock"},
-               "fp32_gflops_per_core_attained": matmul}
+        cpu |= {"max_ghz": {"value": round(ghz, 3), "source": f"{measured}: {clock_source}"},
+                "simd_pipes_128b": {"value": pipes, "estimate": True,
+                                    "source": f"estimate: {FMA_PIPES} FMA pipes of {bits} bits (/proc/cpuinfo flags)"},
+                "fp32_gflops_per_core_peak": {"value": round(cluster.core_gops("fp32", isa), 2),
+                                              "source": f"derived: {FP32_PER_PIPE} FLOPs x pipes x clock"},
+                "fp32_gflops_per_core_attained": matmul}
     else:
         per_core = gflops / cores
         cluster = Cluster(core="host", count=cores, ghz=0.0, simd_pipes=0.0,
                           measured_gops={"fp32": per_core, "fp16": per_core, "int8": per_core * INT8_OVER_FP32})
-        cpu = {"core": "host", "count": {"value": cores, "source": f"{measured}: os.sched_getaffinity"},
-               "fp32_gflops_per_core": matmul,
-               "int8_gops_per_core": {"value": round(per_core * INT8_OVER_FP32, 2), "estimate": True,
-                                      "source": "estimate: twice the measured fp32 rate (host.py INT8_OVER_FP32)"}}
+        cpu |= {"fp32_gflops_per_core": matmul,
+                "int8_gops_per_core": {"value": round(per_core * INT8_OVER_FP32, 2), "estimate": True,
+                                       "source": "estimate: twice the measured fp32 rate (host.py INT8_OVER_FP32)"}}
     data = {
         "name": "this machine (measured)",
         "vendor": "host",
