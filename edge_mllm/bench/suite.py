@@ -1,6 +1,7 @@
 """The whole ``edge-mllm bench`` run: resolve every subject (bad paths fail before any work), load
-each in its runtime in its own process, time them alternating, measure peak RSS per subject in a fresh process, score
-accuracy if asked, and add the anchors (llama.cpp ratios, % of the host's bandwidth roofline)."""
+each in its runtime in its own process, time them alternating, measure peak RSS per subject in a
+fresh process, score accuracy if asked, and add the anchors (llama.cpp ratios, % of the host's
+bandwidth roofline)."""
 
 from __future__ import annotations
 
