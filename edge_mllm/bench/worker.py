@@ -32,7 +32,13 @@ def _serve(path: str | None, threads: int | None, conn) -> None:
     except Exception as exc:  # noqa: BLE001 - any load failure goes back as one line
         conn.send((_ERROR, _one_line(exc)))
         return
-    while (request := conn.recv()) is not None:
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if request is None:
+            return
         fn, args = request
         try:
             conn.send((_OK, fn(rt, *args)))
