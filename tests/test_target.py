@@ -47,7 +47,8 @@ def test_other_devices(config):
     jetson = plan_target(get_device("jetson-agx-orin"), config, "m", available=no_sdk)
     assert (jetson.format, jetson.backend, jetson.threads) == ("gguf", "llama.cpp", 12)
     host = get_device("host")
-    assert plan_target(host, config, "m", available=no_sdk).threads == host.cores
+    plan = plan_target(host, config, "m", available=no_sdk)
+    assert (plan.format, plan.threads) == ("gguf", host.cores) and "measured here" in plan.reasons["format"]
 
 
 def test_explicit_choices_and_a_quantized_model_win(config):
