@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edge_mllm.bench.worker import one_line
 from edge_mllm.errors import EdgeMLLMError
 
 METHOD = ("fresh subprocess per subject: peak RSS (VmHWM, reset after imports) while loading it and "
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _child(args.path, args.threads, args.tokens)
     except Exception as exc:  # one line for the parent's error message
-        print(f"{type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(one_line(exc), file=sys.stderr)
         return 1
     print(json.dumps(result))
     return 0

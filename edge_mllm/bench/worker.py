@@ -18,7 +18,8 @@ START_TIMEOUT_S = 1800  # loading an ExecuTorch program or a GGUF can take minut
 _READY, _OK, _ERROR = "ready", "ok", "error"
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and its message with whitespace collapsed."""
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
@@ -30,7 +31,7 @@ def _serve(path: str | None, threads: int | None, conn) -> None:
         rt = runtime.load(path, threads=threads)
         conn.send((_READY, getattr(getattr(rt, "model", None), "config", None)))
     except Exception as exc:  # noqa: BLE001 - any load failure goes back as one line
-        conn.send((_ERROR, _one_line(exc)))
+        conn.send((_ERROR, one_line(exc)))
         return
     while True:
         try:
@@ -43,7 +44,7 @@ def _serve(path: str | None, threads: int | None, conn) -> None:
         try:
             conn.send((_OK, fn(rt, *args)))
         except Exception as exc:  # noqa: BLE001
-            conn.send((_ERROR, _one_line(exc)))
+            conn.send((_ERROR, one_line(exc)))
 
 
 class RuntimeProcess:
@@ -58,7 +59,11 @@ class RuntimeProcess:
         self._process = ctx.Process(target=_serve, args=(path, threads, child), daemon=True)
         self._process.start()
         child.close()
-        self.config = self._receive(START_TIMEOUT_S, "load")
+        try:
+            self.config = self._receive(START_TIMEOUT_S, "load")
+        except EdgeMLLMError:
+            self.close()  # reap the child that failed to load
+            raise
 
     def _receive(self, timeout: float | None, what: str) -> Any:
         if not self._conn.poll(timeout):
