@@ -4,6 +4,7 @@ accuracy — with llama.cpp running the GGUF of the same weights as the anchor f
 
     python benchmarks/export_formats.py [--model DIR] [--scheme rtn-w4-g32] [--rows NAME ...]
                                         [--threads 2] [--repeats 3] [--vqa-scenes N] [--json OUT]
+                                        [--keep DIR]
 
 Rows: PyTorch eager (the reference), then per format the float export and 4-bit. "4-bit" is our
 ``--scheme`` codes in every format (ExecuTorch 8da4w linears, ONNX MatMulNBits, GGUF Q4_0/Q4_1), so
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vqa-scenes", type=int, default=0, help="also VQA on N held-out scenes (~11 q each)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--keep", default=None, metavar="DIR",
+                        help="export the bundles into DIR (one folder per row) and keep them, e.g. for edge-mllm bench")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -114,9 +117,11 @@ def main() -> None:
     results: dict[str, dict] = {}
     calls: dict[str, Call] = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        bundles = Path(args.keep) if args.keep else Path(tmp)
+        bundles.mkdir(parents=True, exist_ok=True)
         for row in rows:
             print(f"exporting {row.name}", flush=True)
-            calls[row.name], seconds, size = build(row, model, quantized, Path(tmp), args.threads, stack)
+            calls[row.name], seconds, size = build(row, model, quantized, bundles, args.threads, stack)
             results[row.name] = {"format": row.fmt or "pytorch", "quant": args.scheme if row.quant == "codes"
                                  else row.quant, "export_s": seconds, "size_mb": None if size is None else size / 1e6}
         print(f"timing {len(calls)} rows", flush=True)
