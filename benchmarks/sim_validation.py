@@ -1,6 +1,6 @@
 """Predicted vs published: ``edge-mllm simulate``'s roofline model against on-device measurements.
 
-    python benchmarks/sim_validation.py [--fit] [--json] [--host BENCH_JSON]
+    python benchmarks/sim_validation.py [--fit] [--json] [--host BENCH_JSON [--host-fit NAME ...]]
 
 Rows of set "published" are every row of ../shared/reference/published_numbers.md; the backends'
 efficiency factors (edge_mllm/sim/backends.py) are fitted on them (``--fit`` prints the fit: per backend
@@ -9,9 +9,10 @@ come from the other reference notes and fit what no published row covers (onnxru
 factor, ExecuTorch's runtime memory overhead); "held out" rows, from the same notes, fit nothing.
 Goal: every ratio within 0.7-1.3.
 
-``--host BENCH_JSON`` adds set "host" rows: each bundle of an ``edge-mllm bench --json`` run predicted
-on the ``host`` profile (with the copy bandwidth that run measured) against what the run measured
-here. They fit nothing.
+``--host BENCH_JSON`` adds rows for this host: each bundle of an ``edge-mllm bench --json`` run
+predicted on the ``host`` profile (with the copy bandwidth that run measured) against what the run
+measured here. Bundles named by ``--host-fit`` are set "host, fit": on an x86-64 host ``--fit`` fits
+the backends' ``x86_64`` factors (and runtime overheads) on them; the others are "host, held out".
 
 Model shapes are the published ones; where a row's source gives the model file's size, the bits per
 weight are taken from it rather than from the quantization type's nominal rate.
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_mllm.config import MLLMConfig, ProjectorConfig, TextConfig, VisionConfig
-from edge_mllm.sim.backends import BACKENDS, Backend
+from edge_mllm.sim.backends import BACKENDS, Backend, Efficiency
 from edge_mllm.sim.formats import F16, F32, GGUF_TYPES, WeightFormat, WeightPlan
 from edge_mllm.sim.inputs import from_bundle
 from edge_mllm.sim.predict import Prediction, Scenario, simulate
@@ -125,7 +126,7 @@ class Row:
     scenario: Scenario
     published: dict[str, float | tuple[float, float]]
     source: str
-    role: str = "published"  # published | fit, notes | held out | host
+    role: str = "published"  # published | fit, notes | held out | host, fit | host, held out
     notes: list[str] = field(default_factory=list)
 
 
@@ -187,21 +188,22 @@ def published_value(value: float | tuple[float, float]) -> float:
     return math.sqrt(value[0] * value[1]) if isinstance(value, tuple) else value
 
 
+def _device(row: Row) -> DeviceProfile:
+    return row.device if isinstance(row.device, DeviceProfile) else get_device(row.device)
+
+
 def run_row(row: Row, backend: Backend | None = None) -> Prediction:
-    device = row.device if isinstance(row.device, DeviceProfile) else get_device(row.device)
-    return simulate(row.shape, row.plan, device, backend or BACKENDS[row.backend], row.scenario)
+    return simulate(row.shape, row.plan, _device(row), backend or BACKENDS[row.backend], row.scenario)
 
 
-def host_rows(bench_json: str) -> list[Row]:
-    """One row per bundle of an ``edge-mllm bench --json`` run: what it measured on this host."""
+def host_rows(bench_json: str, fit_names: tuple[str, ...] = ()) -> list[Row]:
+    """One row per bundle of an ``edge-mllm bench --json`` run: what it measured on this host (set
+    "host, fit" for the bundles named in ``fit_names``, else "host, held out")."""
     run = json.loads(Path(bench_json).read_text())
     host = dataclasses.replace(get_device("host"), peak_gbs=run["machine"]["bandwidth_gbs"])
     rows = []
     for result in run["results"]:
-        path = Path(result["path"])
-        if not path.is_absolute() and not path.exists():
-            path = Path(bench_json).parent / path  # bench paths are as given on its command line
-        shape, plan, backend = from_bundle(path)
+        shape, plan, backend = from_bundle(Path(result["path"]))
         image_tokens = shape.vision.image_tokens if shape.vision is not None else 0
         measured = {"vision_s": result["vision_encode_ms"] / 1e3, "prefill_tok_s": result["prefill_tok_s"],
                     "decode_tok_s": result["decode_tok_s"]}
@@ -210,7 +212,11 @@ def host_rows(bench_json: str) -> list[Row]:
         rows.append(Row(f"{result['name']} ({result['format']}, {result['quantization']}), host, "
                         f"{result['threads']} threads", shape, plan, host, backend.name,
                         Scenario(prompt_tokens=result["prompt_tokens"] - image_tokens, threads=result["threads"]),
-                        measured, f"edge-mllm bench, {run['timestamp']}", role="host"))
+                        measured, f"edge-mllm bench, {run['timestamp']}",
+                        role="host, fit" if result["name"] in fit_names else "host, held out"))
+    unknown = set(fit_names) - {r["name"] for r in run["results"]}
+    if unknown:
+        raise SystemExit(f"--host-fit: {', '.join(sorted(unknown))} not in {bench_json}")
     return rows
 
 
@@ -227,29 +233,48 @@ def results(rows: list[Row]) -> list[dict]:
     return out
 
 
+FIT_ROLES = ("published", "fit, notes", "host, fit")
+RESOURCES = ("compute", "bandwidth", "overhead_mib")
+
+
+def _with_factors(backend: Backend, arch: str, factors: dict[str, float]) -> Backend:
+    """``backend`` with ``factors`` as its efficiency on CPUs of ``arch``."""
+    if arch == backend.arch:
+        return dataclasses.replace(backend, **factors)
+    return dataclasses.replace(backend, x86_64=Efficiency(**factors, calibration="being fitted"))
+
+
 def fit(rows: list[Row]) -> dict[str, dict[str, float]]:
-    """Per backend and resource, the factor with the smallest worst |log(predicted / published)| over
-    the rows that are not held out: the geometric midpoint of the per-row factors (each row's factor is the one
-    that would make it exact, found by scaling the current factor, twice to settle roofline switches)."""
+    """Per backend (and CPU architecture) and resource, the factor with the smallest worst error over
+    the rows of the fit sets: for compute and bandwidth the geometric midpoint of the per-row factors
+    (each row's factor is the one that would make it exact, found by scaling the current factor, twice
+    to settle roofline switches), which minimises the largest |log(predicted / published)|; for the
+    runtime overhead, the midpoint of the per-row overheads (never below 0)."""
     factors: dict[str, dict[str, float]] = {}
     for name, backend in BACKENDS.items():
-        mine = [r for r in rows if r.role in ("published", "fit, notes") and r.backend == name]
-        if not mine:
-            continue
-        current = {"compute": backend.compute, "bandwidth": backend.bandwidth}
-        for _ in range(2):
-            needed: dict[str, list[float]] = {"compute": [], "bandwidth": []}
-            trial = dataclasses.replace(backend, **current)
-            for row in mine:
-                prediction = run_row(row, trial)
-                for metric, value in row.published.items():
-                    _, resource, faster = METRICS[metric]
-                    if resource not in needed:
-                        continue
-                    ratio = predicted(prediction, metric) / published_value(value)
-                    needed[resource].append(current[resource] * (1 / ratio if faster else ratio))
-            current = {k: math.sqrt(min(v) * max(v)) if v else current[k] for k, v in needed.items()}
-        factors[name] = current
+        for arch in ("arm64", "x86_64"):
+            mine = [r for r in rows if r.role in FIT_ROLES and r.backend == name and _device(r).cpu_arch == arch]
+            if not mine:
+                continue
+            start = backend.on(_device(mine[0]))
+            current = {k: getattr(start, k) for k in RESOURCES}
+            for _ in range(2):
+                needed: dict[str, list[float]] = {k: [] for k in RESOURCES}
+                trial = _with_factors(backend, arch, current)
+                for row in mine:
+                    prediction = run_row(row, trial)
+                    for metric, value in row.published.items():
+                        _, resource, faster = METRICS[metric]
+                        got = predicted(prediction, metric)
+                        if resource == "memory":
+                            if row.role == "host, fit":  # the phones' overheads come from their notes (backends.py)
+                                needed["overhead_mib"].append(current["overhead_mib"] + published_value(value) - got)
+                        else:
+                            ratio = got / published_value(value)
+                            needed[resource].append(current[resource] * (1 / ratio if faster else ratio))
+                current = {k: current[k] if not v else max(0.0, (min(v) + max(v)) / 2) if k == "overhead_mib"
+                           else math.sqrt(min(v) * max(v)) for k, v in needed.items()}
+            factors[name if arch == "arm64" else f"{name} ({arch})"] = current
     return factors
 
 
@@ -279,15 +304,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="Print the table as JSON.")
     parser.add_argument("--host", metavar="BENCH_JSON",
                         help="Also compare with the bundles an `edge-mllm bench --json` run measured on this host.")
+    parser.add_argument("--host-fit", nargs="*", default=(), metavar="NAME",
+                        help="Bench results (by name) that --fit fits the host architecture's factors on; "
+                             "the others are held out.")
     args = parser.parse_args(argv)
-    rows = ROWS + (host_rows(args.host) if args.host else [])
+    rows = ROWS + (host_rows(args.host, tuple(args.host_fit)) if args.host else [])
     table = results(rows)
     if args.json:
-        print(json.dumps({"rows": table, "fit": fit(ROWS) if args.fit else None}, indent=2, default=str))
+        print(json.dumps({"rows": table, "fit": fit(rows) if args.fit else None}, indent=2, default=str))
         return 0
     print(markdown(table))
     print()
-    for role in ("published", "fit, notes", "held out", "host"):
+    for role in ("published", "fit, notes", "held out", "host, fit", "host, held out"):
         mine = [r for r in table if r["set"] == role]
         if not mine:
             continue
@@ -297,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note ({row.label}): {note}")
     if args.fit:
         print("\nfitted efficiency factors (edge_mllm/sim/backends.py):")
-        for name, factors in fit(ROWS).items():
-            print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in factors.items()))
+        for name, factors in fit(rows).items():
+            print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" if k != "overhead_mib" else f"overhead {v:.0f} MiB"
+                                            for k, v in factors.items()))
     return 0
 
 

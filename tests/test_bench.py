@@ -88,15 +88,17 @@ def test_markdown_table_and_plot(report, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_json_markdown_and_errors(bundles, tmp_path, capsys):
+def test_cli_json_markdown_and_errors(bundles, tmp_path, capsys, monkeypatch):
     md = tmp_path / "bench.md"
-    code = main(["bench", str(bundles["onnx"]), "--threads", "1", "--repeats", "1", "--tokens", "2", "--no-rss",
+    monkeypatch.chdir(bundles["onnx"].parent)  # a relative path on the command line
+    code = main(["bench", bundles["onnx"].name, "--threads", "1", "--repeats", "1", "--tokens", "2", "--no-rss",
                  "--json", "--markdown", str(md)])
     out = capsys.readouterr()
     assert code == 0, out.err
     data = json.loads(out.out)
     row = data["results"][0]
     assert row["peak_rss_mib"] is None and row["anchor"] is None and row["decode_pct_of_roofline"] > 0
+    assert row["path"] == str(bundles["onnx"].resolve())  # the report is readable from anywhere
     assert md.read_text().startswith("| bundle |")
 
     (tmp_path / "notabundle").mkdir()
@@ -144,10 +146,13 @@ def test_sim_validation_compares_host_predictions_with_a_bench_run(report, tmp_p
     import sim_validation
 
     (tmp_path / "bench.json").write_text(json.dumps(report))
-    table = sim_validation.results(sim_validation.host_rows(str(tmp_path / "bench.json")))
+    fitted = report["results"][0]["name"]
+    rows = sim_validation.host_rows(str(tmp_path / "bench.json"), (fitted,))
+    table = sim_validation.results(rows)
     measured = {(r["name"], m): r[k] for r in report["results"]
                 for m, k in (("prefill_tok_s", "prefill_tok_s"), ("decode_tok_s", "decode_tok_s"))}
-    assert {row["set"] for row in table} == {"host"}
+    assert {row["set"] for row in table} == {"host, fit", "host, held out"}
+    assert {row["set"] for row in table if row["row"].startswith(fitted + " ")} == {"host, fit"}
     assert {row["backend"] for row in table} == {"llama.cpp", "onnxruntime"}
     for row in table:
         assert row["predicted"] > 0 and row["ratio"] == pytest.approx(row["predicted"] / row["published"])

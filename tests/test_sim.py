@@ -5,6 +5,7 @@ Nothing here loads a model or touches the network; the host measurement takes ab
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 from edge_mllm.config import MLLMConfig, ProjectorConfig, TextConfig, VisionConfig
 from edge_mllm.errors import ConfigError
-from edge_mllm.sim.backends import BACKENDS, Backend, get_backend
+from edge_mllm.sim.backends import BACKENDS, Backend, Efficiency, get_backend
 from edge_mllm.sim.formats import F32, WeightFormat, WeightPlan, weight_plan
 from edge_mllm.sim.predict import MIB, Scenario, simulate
 from edge_mllm.sim.profiles import ISA, Cluster, DeviceProfile, device_names, get_device, load_data
@@ -227,6 +228,43 @@ def test_backends_refuse_devices_they_do_not_run_on():
         simulate(shape, TOY_PLAN, get_device("snapdragon-8-gen-3"), BACKENDS["executorch-qnn"])
     with pytest.raises(ConfigError, match="--threads must be 1..8"):
         simulate(shape, TOY_PLAN, get_device("snapdragon-888"), BACKENDS["llama.cpp"], Scenario(threads=9))
+
+
+def test_cpu_backends_use_the_factors_of_the_devices_architecture():
+    x86 = dataclasses.replace(toy_device(), cpu_arch="x86_64")
+    both = dataclasses.replace(TOY_BACKEND, x86_64=Efficiency(compute=0.25, bandwidth=0.2, overhead_mib=30,
+                                                               calibration="x86 test"))
+    scenario = Scenario(prompt_tokens=10, images=0, threads=4)
+    arm = simulate(toy_shape(), TOY_PLAN, toy_device(), both, scenario)
+    assert arm.decode_tok_s == pytest.approx(10e9 * 0.5 / 50.5e6) and arm.memory.overhead_mib == 10
+    on_x86 = simulate(toy_shape(), TOY_PLAN, x86, both, scenario)
+    assert on_x86.decode_tok_s == pytest.approx(10e9 * 0.2 / 50.5e6) and on_x86.memory.overhead_mib == 30
+    assert on_x86.attainable_compute_gops["int8"] == pytest.approx(128 * 0.25)
+    assert not any("assumed" in note for note in on_x86.notes)
+    # no x86 set: the arm64 factors, said to be assumed
+    fallback = simulate(toy_shape(), TOY_PLAN, x86, TOY_BACKEND, scenario)
+    assert fallback.decode_tok_s == pytest.approx(arm.decode_tok_s)
+    assert any("not calibrated on x86_64" in note for note in fallback.notes)
+    assert both.on(x86).on(x86) == both.on(x86)
+
+
+def test_host_fit_recovers_the_factors_a_run_was_made_with(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import sim_validation
+
+    x86 = dataclasses.replace(toy_device(), cpu_arch="x86_64")
+    truth = Efficiency(compute=0.3, bandwidth=0.4, overhead_mib=50, calibration="truth")
+    monkeypatch.setitem(sim_validation.BACKENDS, "toy", dataclasses.replace(TOY_BACKEND, x86_64=truth))
+    scenario = Scenario(prompt_tokens=100, images=0, threads=4)
+    made = simulate(toy_shape(), TOY_PLAN, x86, sim_validation.BACKENDS["toy"], scenario)
+    monkeypatch.setitem(sim_validation.BACKENDS, "toy", TOY_BACKEND)  # start the fit from the arm64 factors
+    measured = {"prefill_tok_s": made.prefill_tok_s, "decode_tok_s": made.decode_tok_s,
+                "peak_mib": made.memory.peak_mib}
+    rows = [sim_validation.Row("toy run", toy_shape(), TOY_PLAN, x86, "toy", scenario, measured, "test",
+                               role="host, fit")]
+    fitted = sim_validation.fit(rows)["toy (x86_64)"]
+    assert fitted == pytest.approx({"compute": 0.3, "bandwidth": 0.4, "overhead_mib": 50})
+    assert "toy" not in sim_validation.fit(rows)  # the arm64 factors are not touched by x86 rows
 
 
 def test_published_rows_are_within_30_percent(monkeypatch):

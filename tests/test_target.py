@@ -48,7 +48,22 @@ def test_other_devices(config):
     assert (jetson.format, jetson.backend, jetson.threads) == ("gguf", "llama.cpp", 12)
     host = get_device("host")
     plan = plan_target(host, config, "m", available=no_sdk)
-    assert (plan.format, plan.threads) == ("gguf", host.cores) and "measured here" in plan.reasons["format"]
+    assert plan.threads == host.cores and host.cpu_arch in plan.reasons["format"]
+
+
+def test_cpu_devices_get_the_runtime_predicted_to_decode_faster_on_their_architecture(config):
+    # arm64 (published phone rows): XNNPACK reaches twice llama.cpp's share of the bandwidth;
+    # x86-64 (bundle runs on this project's host): llama.cpp's kernels decode faster than XNNPACK's
+    tensor = get_device("tensor-g3")
+    plan = plan_target(tensor, config, "m", available=no_sdk)
+    assert (plan.format, plan.backend) == ("executorch", "executorch-xnnpack")
+    assert "arm64 CPU: the simulator predicts the faster decode for executorch-xnnpack" in plan.reasons["format"]
+    x86 = plan_target(dataclasses.replace(tensor, cpu_arch="x86_64"), config, "m", available=no_sdk)
+    assert (x86.format, x86.backend) == ("gguf", "llama.cpp")
+    assert "x86_64 CPU: the simulator predicts the faster decode for llama.cpp" in x86.reasons["format"]
+    # a quantization only one format has decides the format
+    k_quant = plan_target(tensor, config, "m", quant="q4_k_m", available=no_sdk)
+    assert k_quant.format == "gguf" and "executorch cannot take this quantization" in k_quant.reasons["format"]
 
 
 def test_explicit_choices_and_a_quantized_model_win(config):

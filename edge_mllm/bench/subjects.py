@@ -60,11 +60,12 @@ def resolve(arg: str) -> Subject:
     path = Path(arg).expanduser()
     if not path.exists():
         raise CheckpointError(f"{arg}: no such bundle or model")
+    path = path.resolve()  # the report's paths must not depend on the directory it was run from
     if path.is_dir() and (path / MANIFEST).is_file():
         manifest = read_manifest(path)
         if "format" not in manifest or "files" not in manifest:
             raise CheckpointError(f"{path / MANIFEST} is not an edge-mllm bundle manifest (no format / files)")
-        return Subject(path.resolve().name, path, manifest["format"], manifest.get("quantization"), manifest,
+        return Subject(path.name, path, manifest["format"], manifest.get("quantization"), manifest,
                        bundle_size(manifest))
     from edge_mllm.checkpoint import detect_layout
 
@@ -77,7 +78,7 @@ def resolve(arg: str) -> Subject:
     report = path / "quant_report.json" if path.is_dir() else None
     if report is not None and report.is_file():
         quant = json.loads(report.read_text()).get("scheme")
-    return Subject(path.resolve().name, path, EAGER, quant, None, size)
+    return Subject(path.name, path, EAGER, quant, None, size)
 
 
 def resolve_all(args: list[str]) -> list[Subject]:

@@ -8,14 +8,32 @@ the one that minimises the worst relative error over that backend's rows (the ge
 the smallest and largest per-row factor, which minimises the largest |log(predicted / published)|).
 ``calibration`` says which rows; a factor no published row backs is listed in ``assumed``, and every
 prediction that uses it says so.
+
+Those rows are all arm64 devices, and a CPU backend's factors describe its arm64 kernels (NEON, SDOT,
+I8MM). On an x86-64 CPU the same runtime runs other kernels (AVX2 / AVX-512), which reach other
+fractions of the hardware, so CPU backends carry a second set, ``x86_64``, calibrated on this
+project's x86-64 host by real bundle runs against the peaks its micro-benchmarks measure
+(``edge_mllm.sim.host``; ``benchmarks/sim_validation.py --host BENCH_JSON --fit``). ``on(device)``
+picks the set for the device's CPU architecture; still one set per backend and architecture, shared
+by every device of it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edge_mllm.errors import ConfigError
 from edge_mllm.sim.profiles import Accelerator, DeviceProfile
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """A CPU backend's factors on another CPU architecture than arm64, and where they come from."""
+
+    compute: float
+    bandwidth: float
+    overhead_mib: float
+    calibration: str
 
 
 @dataclass(frozen=True)
@@ -30,6 +48,20 @@ class Backend:
     calibration: str
     assumed: tuple[str, ...] = ()  # factors with no published measurement behind them
     vendors: tuple[str, ...] = ()  # devices it runs on (empty: any device with the unit)
+    arch: str = "arm64"  # the CPU architecture the factors above describe
+    x86_64: Efficiency | None = None  # CPU backends: the factors of its x86-64 kernels
+
+    def on(self, device: DeviceProfile) -> Backend:
+        """This backend with the factors of ``device``'s CPU architecture (accelerator backends: as is;
+        an architecture with no calibrated set keeps the arm64 factors, marked assumed)."""
+        if self.unit != "cpu" or device.cpu_arch == self.arch:
+            return self
+        if device.cpu_arch == "x86_64" and self.x86_64 is not None:
+            e = self.x86_64
+            return replace(self, compute=e.compute, bandwidth=e.bandwidth, overhead_mib=e.overhead_mib,
+                           calibration=e.calibration, assumed=(), arch="x86_64")
+        return replace(self, arch=device.cpu_arch, assumed=_BOTH,
+                       calibration=f"not calibrated on {device.cpu_arch}: the arm64 factors ({self.calibration})")
 
     def accelerator(self, device: DeviceProfile) -> Accelerator:
         """The GPU/NPU this backend runs on, with the reason when it cannot."""
@@ -53,24 +85,31 @@ _LLAMACPP_ROWS = ("MobileVLM-1.7B on Snapdragon 888 (llama.cpp docs and MobileVL
                   "Qwen3.5-2B on Snapdragon 8 Gen 2 (llama.cpp #26957)")
 _UNCALIBRATED = "not calibrated: no published measurement; factors assumed equal to {}'s"
 _BOTH = ("compute", "bandwidth")
+# benchmarks/sim_validation.py --host BENCH --host-fit gguf-4bit executorch-4bit onnx-4bit --fit (README)
+_HOST_RUN = ("this project's 2-core x86-64 host (AMD EPYC), 2026-12-04: the default model's 4-bit bundles "
+             "(gptq-w4-g32 codes) of one `edge-mllm bench` run, 2 threads; the float, Q4_0, Q4_K_M and "
+             "torchao 8da4w bundles of that run held out")
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("llama.cpp", "cpu", "gguf", compute=0.058, bandwidth=0.273, kv_bytes=2, overhead_mib=150,
-                calibration=f"compute and bandwidth: {_LLAMACPP_ROWS}; overhead: estimate (compute buffers)"),
+                calibration=f"compute and bandwidth: {_LLAMACPP_ROWS}; overhead: estimate (compute buffers)",
+                x86_64=Efficiency(compute=0.177, bandwidth=0.527, overhead_mib=21, calibration=_HOST_RUN)),
         Backend("llama.cpp-cuda", "gpu", "gguf", compute=0.029, bandwidth=0.257, kv_bytes=2, overhead_mib=300,
                 calibration="MobileVLM-1.7B on Jetson Orin (llama.cpp docs): one row, fitted exactly; "
                             "overhead: estimate (CUDA context)"),
         Backend("executorch-xnnpack", "cpu", "executorch", compute=0.193, bandwidth=0.526, kv_bytes=4,
                 overhead_mib=700,
                 calibration="Llama 3.2 1B SpinQuant and LLaVA-1.5 7B on OnePlus 12 (ExecuTorch READMEs); "
-                            "overhead: RSS minus .pte size of the 1B models (~830 MiB) less their fp32 KV cache"),
+                            "overhead: RSS minus .pte size of the 1B models (~830 MiB) less their fp32 KV cache",
+                x86_64=Efficiency(compute=0.414, bandwidth=0.388, overhead_mib=0, calibration=_HOST_RUN)),
         Backend("onnxruntime", "cpu", "onnx", compute=0.157, bandwidth=0.273, kv_bytes=4, overhead_mib=200,
                 calibration="compute: Phi-3-mini int4 prompt processing on a Galaxy S21 (onnxruntime PR #21380, "
                             "../shared/reference/onnx_nncf.md), one row fitted exactly; bandwidth: not calibrated, "
                             "assumed equal to llama.cpp's; overhead: estimate",
-                assumed=("bandwidth",)),
+                assumed=("bandwidth",),
+                x86_64=Efficiency(compute=0.352, bandwidth=0.197, overhead_mib=0, calibration=_HOST_RUN)),
         Backend("executorch-coreml", "npu", "executorch", compute=0.19, bandwidth=0.53, kv_bytes=2,
                 overhead_mib=700, calibration=_UNCALIBRATED.format("executorch-xnnpack"), assumed=_BOTH,
                 vendors=("apple",)),

@@ -13,12 +13,14 @@
 - fp32 matmul GFLOP/s: best of a few 768x768 float32 products through numpy's BLAS, reported next to
   the peak (the fraction a tuned GEMM attains here);
 - RAM and budget: ``MemTotal`` / ``MemAvailable`` from ``/proc/meminfo``;
-- ISA: ``/proc/cpuinfo`` flags.
+- ISA: ``/proc/cpuinfo`` flags; CPU architecture: ``platform.machine()`` (it picks the backends'
+  efficiency factors: :mod:`edge_mllm.sim.backends`).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -104,6 +106,12 @@ def _fma_bits(flags: set[str]) -> int:
     return 512 if "avx512f" in flags else 256 if "avx2" in flags else 128
 
 
+def cpu_arch() -> str:
+    """This CPU's architecture as the simulator names it: ``arm64``, ``x86_64`` or what the OS says."""
+    machine = platform.machine().lower()
+    return {"aarch64": "arm64", "arm64": "arm64", "x86_64": "x86_64", "amd64": "x86_64"}.get(machine, machine)
+
+
 @lru_cache(maxsize=1)
 def host_profile() -> DeviceProfile:
     """Measure this machine (once per process)."""
@@ -139,6 +147,7 @@ def host_profile() -> DeviceProfile:
         "name": "this machine (measured)",
         "vendor": "host",
         "reference_device": "the machine running edge-mllm",
+        "cpu_arch": {"value": cpu_arch(), "source": f"{measured}: platform.machine()"},
         "cpu": [cpu],
         "isa": {k: {"value": getattr(isa, k), "source": f"{measured}: /proc/cpuinfo flags"}
                 for k in ("dotprod", "i8mm", "sve", "fp16")},
@@ -152,5 +161,5 @@ def host_profile() -> DeviceProfile:
         key="host", name=data["name"], vendor="host", reference_device=data["reference_device"],
         clusters=(cluster,),
         isa=isa, memory_type="host DRAM", peak_gbs=bandwidth, ram_gb=total, app_budget_gb=available,
-        gpu=None, npu=None, data=data,
+        gpu=None, npu=None, data=data, cpu_arch=cpu_arch(),
     )

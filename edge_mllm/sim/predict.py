@@ -133,7 +133,9 @@ def _activation_bytes(shape: ModelShape, tokens: int, context: int, ubatch: int)
 
 def simulate(shape: ModelShape, plan: WeightPlan, device: DeviceProfile, backend: Backend,
              scenario: Scenario = Scenario()) -> Prediction:
-    """Predict vision-encode time, prefill and decode speed, TTFT and peak memory."""
+    """Predict vision-encode time, prefill and decode speed, TTFT and peak memory (with ``backend``'s
+    efficiency factors for ``device``'s CPU architecture)."""
+    backend = backend.on(device)
     roof = _Roofline(device, backend)
     cpu = backend.unit == "cpu"
     threads = (scenario.threads or device.big_cores) if cpu else None
@@ -186,8 +188,8 @@ def simulate(shape: ModelShape, plan: WeightPlan, device: DeviceProfile, backend
         notes.append(f"{backend.name}: {' and '.join(backend.assumed)} efficiency assumed ({backend.calibration})")
     if device.key == "host":
         notes.append("host: CPU peak derived from its clock and vector width (FMA pipes assumed); its memory "
-                     "peak is the measured copy rate, an attained number (benchmarks/sim_validation.py --host "
-                     "compares predictions with bundle runs here)")
+                     "peak is the measured copy rate, an attained number; the efficiency factors are the "
+                     f"{backend.arch} set ({backend.calibration})")
     if device.data["memory"]["peak_gbs"].get("estimate"):
         notes.append(f"{device.key}: peak memory bandwidth is an estimate (see `edge-mllm devices --json`)")
     precisions = {precision, plan.vision.compute} if images else {precision}

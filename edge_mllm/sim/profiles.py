@@ -82,6 +82,7 @@ class DeviceProfile:
     gpu: Accelerator | None
     npu: Accelerator | None
     data: dict[str, Any]  # the profile as stored (sources included), for `edge-mllm devices --json`
+    cpu_arch: str = "arm64"  # every phone and the Jetson in devices.json; the host says its own
 
     @property
     def cores(self) -> int:

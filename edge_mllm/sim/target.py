@@ -5,9 +5,11 @@ The picks, each with its reason (every reason ends up in the bundle's manifest u
 
 - format / runtime: Apple → ``executorch-coreml`` (vision encoder on the Neural Engine, decoder on
   XNNPACK); Qualcomm with Qualcomm's QNN SDK on this machine → ``executorch-qnn``; NVIDIA Jetson →
-  ``gguf`` for llama.cpp's CUDA backend; this host → ``gguf`` (measured here: llama.cpp decoded 1.8x
-  faster than ExecuTorch); every other CPU (Android phones) → ``executorch`` on XNNPACK, whose bandwidth
-  efficiency the simulator's published phone rows put at about twice llama.cpp's.
+  ``gguf`` for llama.cpp's CUDA backend; every other CPU → ``executorch`` on XNNPACK or ``gguf``,
+  whichever the simulator predicts decodes the model faster there. Its efficiency factors are per CPU
+  architecture (:mod:`edge_mllm.sim.backends`): on arm64 phones XNNPACK reaches about twice llama.cpp's
+  share of the bandwidth (published rows); on x86-64 llama.cpp decodes faster (bundle runs on this
+  project's host).
   Where a delegate's SDK is missing here, the pick falls back to XNNPACK and says so.
 - quantization: our ``rtn-w4-g32`` codes (symmetric 4-bit, group 32), which every format runs as its
   own 4-bit operator on the same weights (ExecuTorch 8da4w linears, GGUF Q4_0 blocks, ONNX Runtime
@@ -21,6 +23,7 @@ The picks, each with its reason (every reason ends up in the bundle's manifest u
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from edge_mllm.config import MLLMConfig
@@ -32,6 +35,7 @@ from edge_mllm.sim.profiles import HOST, DeviceProfile
 from edge_mllm.sim.shapes import shape_from_config
 
 DEFAULT_SCHEME = "rtn-w4-g32"
+CPU_FORMATS = ("executorch", "gguf")
 PHONE_CONTEXT = 2048  # ExecuTorch's DEFAULT_MAX_SEQ_LEN in export/executorch/bundle.py: same reasoning
 PROMPT_TOKENS = 64  # the request the prediction is for: 64 text tokens + one image
 MIN_TEXT_CONTEXT = PROMPT_TOKENS + 32  # the smallest context planned: that prompt + a 32-token answer
@@ -65,7 +69,8 @@ def delegate_missing(fmt: str) -> str | None:
     return None
 
 
-def _pick_format(device: DeviceProfile, available=delegate_missing) -> tuple[str, str]:
+def _pick_format(device: DeviceProfile, decode_tok_s: Callable[[str], float],
+                 available=delegate_missing) -> tuple[str, str]:
     if device.vendor == "apple":
         missing = available("executorch-coreml")
         if missing is None:
@@ -80,11 +85,21 @@ def _pick_format(device: DeviceProfile, available=delegate_missing) -> tuple[str
                               "ExecuTorch on XNNPACK (CPU); GGUF Q4_0 (--format gguf) is the llama.cpp alternative")
     if device.gpu is not None and device.gpu.cuda:
         return "gguf", f"{device.gpu.name}: llama.cpp's CUDA backend runs GGUF"
-    if device.key == HOST:
-        return "gguf", ("this host: measured here (README, edge-mllm bench), llama.cpp decoded the default "
-                        "model's 4-bit codes 1.8x faster than ExecuTorch on XNNPACK, at 54% of the roofline")
-    return "executorch", ("CPU: ExecuTorch on XNNPACK reaches about twice llama.cpp's share of the memory "
-                          "bandwidth in decode on the published rows (edge_mllm/sim/backends.py)")
+    # Decode is what the user waits on and it is bandwidth-bound: the two runtimes differ in the share
+    # of the bandwidth they reach (per CPU architecture) and in the bytes their format reads per token.
+    speeds, refused = {}, {}
+    for fmt in CPU_FORMATS:
+        try:
+            speeds[fmt] = decode_tok_s(fmt)
+        except ConfigError as exc:  # the quantization asked for has no such type in this format
+            refused[fmt] = exc
+    if not speeds:
+        raise next(iter(refused.values()))
+    best = max(speeds, key=speeds.get)
+    said = ", ".join([f"{backend_for_format(fmt).name} {tok_s:.0f} tok/s" for fmt, tok_s in speeds.items()]
+                     + [f"{fmt} cannot take this quantization" for fmt in refused])
+    return best, (f"{device.cpu_arch} CPU: the simulator predicts the faster decode for "
+                  f"{backend_for_format(best).name} ({said})")
 
 
 def _threads(device: DeviceProfile) -> int:
@@ -134,20 +149,21 @@ def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantiz
     """The export settings for ``device``. ``quantized``: the model's own scheme, if it has codes;
     ``fmt`` / ``quant`` / ``max_context``: the user's explicit choices, which win. ``available``:
     ``fmt`` → why it cannot be exported here, or None (tests replace it)."""
-    reasons = {}
-    if fmt is None:
-        fmt, reasons["format"] = _pick_format(device, available)
-    else:
-        reasons["format"] = "given (--format)"
     if quant is not None:
-        reasons["quant"] = "given (--quant)"
+        quant_reason = "given (--quant)"
     elif quantized is not None:
-        reasons["quant"] = f"the model's own {quantized} codes"
+        quant_reason = f"the model's own {quantized} codes"
     else:
         quant = DEFAULT_SCHEME
-        reasons["quant"] = ("our 4-bit codes, group 32, symmetric: ExecuTorch 8da4w / GGUF Q4_0 / "
-                            "ONNX MatMulNBits on the same codes")
+        quant_reason = ("our 4-bit codes, group 32, symmetric: ExecuTorch 8da4w / GGUF Q4_0 / "
+                        "ONNX MatMulNBits on the same codes")
     threads = _threads(device)
+    reasons = {"format": "given (--format)", "quant": quant_reason}
+    if fmt is None:
+        context = min(config.text.max_position_embeddings, PHONE_CONTEXT)
+        fmt, reasons["format"] = _pick_format(
+            device, lambda f: predict_for(config, name, f, quant or quantized, device, threads, context).decode_tok_s,
+            available)
     reasons["threads"] = ("this host's cores" if device.key == HOST else
                           f"the big cores ({threads} of {device.cores}; runtimes avoid the efficiency cores)")
     if max_context is None:
