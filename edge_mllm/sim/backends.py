@@ -13,7 +13,7 @@ Those rows are all arm64 devices, and a CPU backend's factors describe its arm64
 I8MM). On an x86-64 CPU the same runtime runs other kernels (AVX2 / AVX-512), which reach other
 fractions of the hardware, so CPU backends carry a second set, ``x86_64``, calibrated on this
 project's x86-64 host by real bundle runs against the peaks its micro-benchmarks measure
-(``edge_mllm.sim.host``; ``benchmarks/sim_validation.py --host BENCH_JSON --fit``). ``on(device)``
+(``edge_mllm.sim.host``; ``benchmarks/sim_validation.py --host BENCH_JSON --host-fit NAME... --fit``). ``on(device)``
 picks the set for the device's CPU architecture; still one set per backend and architecture, shared
 by every device of it.
 """
