@@ -23,8 +23,10 @@ exactly as ``edge_mllm.preprocess.ImageProcessor`` does before it rescales (thos
 the graph) — with values in [0, ``rgb_max``]: ``rgb_max=1.0`` for uint8 / 255, ``255.0`` for the
 uint8 values themselves cast to float.
 
-``int8=True`` stores every linear and convolution weight of the tower and projector as per-output-
-channel symmetric int8 codes with an fp32 scale (:class:`Int8Linear`); activations stay fp32.
+``int8=True`` runs every linear of the tower and projector through torchao's int8 dynamic-activation
+int8-weight form (``Int8DynamicActivationInt8WeightConfig``: weights per output channel, activations
+quantized per token at run time, int8 GEMMs), the eager counterpart of ONNX Runtime's dynamic int8
+export; the convolutions (patch embedding, LDP) stay fp32.
 """
 
 from __future__ import annotations
@@ -80,47 +82,11 @@ def plain_norm(norm: nn.LayerNorm) -> nn.LayerNorm:
     return nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
 
 
-class Int8Linear(nn.Module):
-    """A linear whose weight is stored as int8 codes with one fp32 scale per output channel
-    (symmetric, round to nearest); dequantized on the fly, activations in fp32."""
+def int8_dynamic_(module: nn.Module) -> None:
+    """Every ``nn.Linear`` under ``module`` as torchao's int8 dynamic-activation int8-weight linear, in place."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach()
-        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-        self.register_buffer("codes", torch.round(w / scale).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.float())
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.codes.float() * self.scale, self.bias)
-
-
-class Int8Conv2d(nn.Module):
-    """``nn.Conv2d`` with int8 weight codes and an fp32 scale per output channel (as :class:`Int8Linear`)."""
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        w = conv.weight.detach()
-        scale = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127
-        self.register_buffer("codes", torch.round(w / scale).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.float())
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
-        self.stride, self.padding, self.groups = conv.stride, conv.padding, conv.groups
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.codes.float() * self.scale, self.bias, self.stride, self.padding, groups=self.groups)
-
-
-def int8_weights_(module: nn.Module) -> None:
-    """Replace every ``nn.Linear`` / ``nn.Conv2d`` under ``module`` by its int8-weight form, in place."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child))
-        elif isinstance(child, nn.Conv2d):
-            setattr(module, name, Int8Conv2d(child))
-        else:
-            int8_weights_(child)
+    quantize_(module, Int8DynamicActivationInt8WeightConfig())
 
 
 class SDPA(nn.Module):
@@ -193,7 +159,8 @@ class FusedQueryProjector(nn.Module):
         key_pos = F.pad(proj.pos_embed.double() @ w_in[d:2 * d].T, (0, d))
         self.register_buffer("kv_pos", key_pos.float())
         self.sdpa = SDPA()
-        self.out_proj = copy.deepcopy(attn.out_proj)
+        self.out_proj = nn.Linear(d, d)  # a plain linear: MHA's NonDynamicallyQuantizableLinear is skipped by int8
+        self.out_proj.load_state_dict(attn.out_proj.state_dict())
         self.norm_post = plain_norm(proj.ln_post)
         self.proj = fold_affine_into_linear(proj.ln_post, [proj.proj])
 
@@ -230,7 +197,7 @@ class FusedVisionEncoder(nn.Module):
         proj = model.mm_projector
         self.projector = FusedQueryProjector(proj) if isinstance(proj, QueryProjector) else copy.deepcopy(proj)
         if int8:
-            int8_weights_(self)
+            int8_dynamic_(self)
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(rgb.to(self.positions.dtype)).flatten(2).transpose(1, 2)
@@ -241,4 +208,4 @@ class FusedVisionEncoder(nn.Module):
 
 
 __all__ = ["FusedVisionEncoder", "FusedEncoderLayer", "PackedSelfAttention", "SDPA", "FusedQueryProjector",
-           "Int8Linear", "Int8Conv2d", "fold_normalization", "fold_affine_into_linear", "int8_weights_", "plain_norm"]
+           "fold_normalization", "fold_affine_into_linear", "int8_dynamic_", "plain_norm"]
