@@ -244,6 +244,14 @@ def _with_factors(backend: Backend, arch: str, factors: dict[str, float]) -> Bac
     return dataclasses.replace(backend, x86_64=Efficiency(**factors, calibration="being fitted"))
 
 
+def _midpoint(resource: str, per_row: list[float]) -> float:
+    """The value that minimises the largest miss over rows that each need ``per_row``: geometric for an
+    efficiency (errors are ratios), arithmetic and never below 0 for an overhead in MiB."""
+    if resource == "overhead_mib":
+        return max(0.0, (min(per_row) + max(per_row)) / 2)
+    return math.sqrt(min(per_row) * max(per_row))
+
+
 def fit(rows: list[Row]) -> dict[str, dict[str, float]]:
     """Per backend (and CPU architecture) and resource, the factor with the smallest worst error over
     the rows of the fit sets: for compute and bandwidth the geometric midpoint of the per-row factors
@@ -272,8 +280,7 @@ def fit(rows: list[Row]) -> dict[str, dict[str, float]]:
                         else:
                             ratio = got / published_value(value)
                             needed[resource].append(current[resource] * (1 / ratio if faster else ratio))
-                current = {k: current[k] if not v else max(0.0, (min(v) + max(v)) / 2) if k == "overhead_mib"
-                           else math.sqrt(min(v) * max(v)) for k, v in needed.items()}
+                current = {k: _midpoint(k, v) if v else current[k] for k, v in needed.items()}
             factors[name if arch == "arm64" else f"{name} ({arch})"] = current
     return factors
 
