@@ -362,8 +362,13 @@ def quantize(model, scheme, calib_path, output, report, eval_data, eval_scenes, 
 def export(model, fmt, quant, output, target, no_fuse_vision, int8_vision, max_context, as_json) -> None:
     """Export MODEL as a bundle for a phone runtime: artifacts + tokenizer + manifest.json."""
     from edge_mllm.checkpoint import load_model
-    from edge_mllm.export.bundle import MANIFEST, export_bundle
+    from edge_mllm.errors import ConfigError, QuantError
+    from edge_mllm.export.bundle import MANIFEST, check_options, export_bundle
 
+    try:  # before loading the model: option values no model could export are usage errors
+        check_options(fmt, quant, int8_vision)
+    except (ConfigError, QuantError) as exc:
+        raise click.UsageError(str(exc)) from exc
     if target is not None:
         _export_for_target(model, target, fmt, quant, max_context, output, not no_fuse_vision, int8_vision, as_json)
         return

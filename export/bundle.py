@@ -28,7 +28,7 @@ from edge_mllm.quant.storage import QuantizedWeights
 from edge_mllm import __version__
 from edge_mllm.chat import ChatTemplate, user_message
 from edge_mllm.checkpoint.base import LoadedModel
-from edge_mllm.errors import ConfigError, EdgeMLLMError
+from edge_mllm.errors import ConfigError, EdgeMLLMError, QuantError
 from edge_mllm.fsutil import atomic_output_dir
 from edge_mllm.preprocess import NORMALIZED, RGB_UINT8
 
@@ -153,6 +153,23 @@ def build_manifest(
     }
 
 
+def check_options(fmt: str | None, quant: str | None, int8_vision: bool = False) -> None:
+    """Raise ConfigError / QuantError for export options no model could satisfy: an unknown format, a
+    ``quant`` that is neither one of our schemes nor a native type of ``fmt`` (of any format when
+    ``fmt`` is None, i.e. still to be picked), int8 vision in a format without it. It needs no model,
+    so the CLI runs it before loading one and reports these as usage errors."""
+    targets = [backend(fmt)] if fmt is not None else [backend(name) for name in FORMATS]
+    if int8_vision and fmt is not None and targets[0].int8_vision_unsupported:
+        raise ConfigError(f"int8 vision weights in {fmt} bundles: {targets[0].int8_vision_unsupported}")
+    native = sorted({name for t in targets for name in t.native_quant})
+    if quant is None or quant.lower() in native:
+        return
+    try:
+        QuantScheme.parse(quant)
+    except QuantError as exc:
+        raise QuantError(f"{exc}; or {fmt or 'a format'}'s own types: {', '.join(native)}") from exc
+
+
 def parse_quant(loaded: LoadedModel, target: Backend, quant: str | None) -> tuple[QuantScheme | None, str | None]:
     """``quant`` → (our scheme, or the format's native type). None keeps a quantized model's own codes
     (or exports floats)."""
@@ -214,10 +231,9 @@ def export_bundle(
     ``int8_vision``: the vision tower's matrices as int8 (``Backend.int8_vision``).
     ``max_context``: cap the bundle's context (prompt + image tokens + answer) below the model's
     (:func:`context_capped`). ``manifest_extra``: more top-level manifest keys (e.g. ``target``)."""
+    check_options(fmt, quant, int8_vision)
     target = backend(fmt)
     target.fuse_vision = fuse_vision
-    if int8_vision and target.int8_vision_unsupported:
-        raise ConfigError(f"int8 vision weights in a {fmt} bundle: {target.int8_vision_unsupported}")
     if int8_vision and not loaded.model.config.has_vision:
         raise ConfigError("int8 vision weights: the model has no vision encoder")
     target.int8_vision = int8_vision

@@ -130,6 +130,24 @@ def test_usage_errors_exit_2(tmp_path, args, fragment):
     assert_usage_error(edge_mllm(*args, cwd=tmp_path), fragment)
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--format", "gguf", "--quant", "q3_x"], "gguf's own types: f16, f32, q4_0"),
+        (["--format", "executorch", "--quant", "q4_k_m"], "executorch's own types: 8da4w"),
+        (["--format", "onnx", "--quant", "gptq-w3-g32"], "3-bit weights are not supported"),
+        (["--target", "tensor-g3", "--quant", "zzz"], "a format's own types"),
+        (["--format", "executorch", "--int8-vision"], "int8 vision weights in executorch bundles"),
+    ],
+    ids=["gguf-unknown-quant", "quant-of-another-format", "bad-scheme", "target-unknown-quant", "et-int8-vision"],
+)
+def test_export_option_errors_exit_2_before_loading(tmp_path, args, fragment):
+    # The model path does not exist: exit 2 (not "not found", exit 1) shows the options are checked first.
+    out = tmp_path / "bundle"
+    assert_usage_error(edge_mllm("export", "no/such/model", *args, "-o", str(out), cwd=tmp_path), fragment)
+    assert not out.exists()
+
+
 def test_missing_model_path(tmp_path):
     line = assert_runtime_error(edge_mllm("run", "does/not/exist", "--prompt", "hi", cwd=tmp_path), "not found")
     assert "does/not/exist" in line
