@@ -1,6 +1,6 @@
 """Quantize a MultimodalLM's weights by a scheme: the one entry point every command and export uses.
 
-Decoder blocks are processed in order on calibration sequences (GPTQ / AWQ): each block sees the
+Decoder blocks are processed in order on calibration sequences (GPTQ / AWQ / SmoothQuant): each block sees the
 outputs of the already-quantized blocks before it, as it will at run time. The model's weights are
 replaced in place by their dequantized values, so the PyTorch model computes what the quantized
 runtimes compute; the integer codes come back for packing into each runtime's format.
@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from edge_mllm.quant.awq import apply_scales, search_scales
 from edge_mllm.quant.gptq import HessianAccumulator, gptq_quantize
 from edge_mllm.quant.groupwise import QuantizedTensor, as_matrix, double_quantize, quantize_rtn
+from edge_mllm.quant.scaling import apply_scales, migration_groups, search_scales, smoothquant_scales
 from edge_mllm.quant.scheme import QuantScheme, TensorPlan, plan_tensor
 from edge_mllm.quant.storage import QuantizedWeights
 from torch import nn
@@ -86,18 +86,13 @@ class _InputRecorder:
             h.remove()
 
 
-def _awq_block(layer: LlamaDecoderLayer, rec: _InputRecorder, names: dict[str, str], plan: TensorPlan) -> None:
-    attn, mlp = layer.self_attn, layer.mlp
-    groups = [
-        (layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "q_proj"),
-        (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], "gate_proj"),
-        (mlp.up_proj, [mlp.down_proj], "down_proj"),
-    ]
-    if attn.num_heads == attn.num_kv_heads:  # with GQA, v's rows feed several heads' o_proj columns
-        groups.append((attn.v_proj, [attn.o_proj], "o_proj"))
-    for producer, consumers, reader in groups:
-        scales = search_scales(consumers, rec.rows(names[reader]), plan.bits, plan.group_size, plan.symmetric,
-                               plan.float_min)
+def _migrate_scales(layer: LlamaDecoderLayer, rec: _InputRecorder, names: dict[str, str], plan: TensorPlan,
+                    smooth: bool) -> None:
+    """Fold per-channel scales into the block: SmoothQuant's when ``smooth``, else AWQ's search."""
+    for producer, consumers, reader in migration_groups(layer):
+        x = rec.rows(names[reader])
+        scales = (smoothquant_scales(consumers, x) if smooth else
+                  search_scales(consumers, x, plan.bits, plan.group_size, plan.symmetric, plan.float_min))
         apply_scales(producer, consumers, scales)
 
 
@@ -111,7 +106,7 @@ def quantize_model(
     """Quantize ``model`` in place by ``scheme``.
 
     ``calibration``: inputs_embeds [1, T, D] sequences (text and image prompts from the model's own
-    domain), needed by GPTQ and AWQ. Returns the codes and a per-tensor error report.
+    domain), needed by GPTQ, AWQ and ``-sq``. Returns the codes and a per-tensor error report.
     """
     if scheme.needs_calibration and not calibration:
         raise QuantError(f"{scheme.name} needs calibration data (--calib)")
@@ -133,7 +128,7 @@ def quantize_model(
         param.copy_(qt.dequantize().to(param.dtype))
 
     if calibration:
-        _quantize_blocks(model, plans, calibration, store, progress)
+        _quantize_blocks(model, plans, calibration, store, progress, scheme.smooth)
     for name, plan in plans.items():
         if plan is not None and name not in result.tensors:
             store(name, _quantize_one(params[name], plan, None))
@@ -146,6 +141,7 @@ def _quantize_blocks(
     calibration: Sequence[torch.Tensor],
     store: Callable[..., None],
     progress: bool,
+    smooth: bool = False,
 ) -> None:
     llm = model.language_model
     hidden = [x.detach().float() for x in calibration]
@@ -159,8 +155,8 @@ def _quantize_blocks(
             _run_layer(llm, layer, x)
         rec.remove()
         plan_any = next(p for n, p in plans.items() if n.startswith(prefix) and p is not None)
-        if plan_any.method in ("awq", "awq+gptq"):
-            _awq_block(layer, rec, short, plan_any)
+        if smooth or plan_any.method in ("awq", "awq+gptq"):
+            _migrate_scales(layer, rec, short, plan_any, smooth)
             # inputs changed by the folded scales: record again for the error report
             rec = _InputRecorder(linears)
             for x in hidden:

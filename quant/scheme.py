@@ -1,9 +1,12 @@
 """Quantization schemes by name, and the policy that says which tensor gets how many bits.
 
-Names: ``{method}-w{bits}-g{group}[-asym|-min][-dq][-mixed]``, e.g. ``rtn-w4-g32``, ``gptq-w4-g64-asym``,
-``awq-w4-g32-mixed``, ``rtn-w4-g32-min``, ``rtn-w8-g32``. ``-asym``: integer zero point; ``-min``: a
-float minimum per group (GGUF's Q4_1 form, 4-bit only); ``-dq``: the language model's group
-scales (and minimums) stored as 8-bit codes on per-row fp16 steps (half a bit per weight less).
+Names: ``{method}-w{bits}-g{group}[-asym|-min][-dq][-sq][-mixed]``, e.g. ``rtn-w4-g32``,
+``gptq-w4-g64-asym``, ``awq-w4-g32-mixed``, ``rtn-w4-g32-min``, ``gptq-w4-g32-sq``, ``rtn-w8-g32``.
+``-asym``: integer zero point; ``-min``: a float minimum per group (GGUF's Q4_1 form, 4-bit only);
+``-dq``: the language model's group scales (and minimums) stored as 8-bit codes on per-row fp16 steps
+(half a bit per weight less); ``-sq``: SmoothQuant's scale migration folded into the decoder before
+rounding (``quant.scaling``), for runtimes that also quantize activations to int8 (ExecuTorch's
+8da4w); it needs calibration data and does not combine with AWQ, which picks its own scales.
 Methods: ``rtn`` (round to nearest), ``gptq``, ``awq``
 (activation-aware scaling, then round to nearest), ``awq+gptq`` (AWQ's scaling, then GPTQ's
 rounding); all but ``rtn`` need calibration data.
@@ -23,7 +26,7 @@ METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 GROUP_SIZES = (32, 64, 128)
 _NAME = re.compile(
     r"^(?P<method>[a-z+]+)-w(?P<bits>\d+)-g(?P<group>\d+)(?:(?P<asym>-asym)|(?P<min>-min))?(?P<dq>-dq)?"
-    r"(?P<mixed>-mixed)?$"
+    r"(?P<sq>-sq)?(?P<mixed>-mixed)?$"
 )
 VISION_BITS = 8
 
@@ -37,23 +40,24 @@ class QuantScheme:
     mixed: bool = False
     float_min: bool = False  # the Q4_1 form (implies not symmetric)
     double_quant: bool = False  # scales (and minimums) as 8-bit codes on per-row steps
+    smooth: bool = False  # SmoothQuant scale migration before rounding
 
     @property
     def name(self) -> str:
         zero = "-min" if self.float_min else "" if self.symmetric else "-asym"
         return (f"{self.method}-w{self.bits}-g{self.group_size}{zero}" + ("-dq" if self.double_quant else "")
-                + ("-mixed" if self.mixed else ""))
+                + ("-sq" if self.smooth else "") + ("-mixed" if self.mixed else ""))
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn"
+        return self.method != "rtn" or self.smooth
 
     @classmethod
     def parse(cls, name: str) -> QuantScheme:
         m = _NAME.match(name.strip().lower())
         if not m:
             raise QuantError(
-                f"unknown quantization scheme {name!r}: expected METHOD-wBITS-gGROUP[-asym|-min][-dq][-mixed], "
+                f"unknown quantization scheme {name!r}: expected METHOD-wBITS-gGROUP[-asym|-min][-dq][-sq][-mixed], "
                 "e.g. rtn-w4-g32, gptq-w4-g64-asym, rtn-w4-g32-min, awq-w4-g32-mixed"
             )
         method, bits, group = m["method"], int(m["bits"]), int(m["group"])
@@ -67,9 +71,11 @@ class QuantScheme:
             raise QuantError("-min (a float minimum per group, GGUF's Q4_1 form) is 4-bit only")
         if m["asym"] and m["dq"]:
             raise QuantError("-dq double-quantizes symmetric or -min scales; integer zero points (-asym) are not")
+        if m["sq"] and "awq" in method:
+            raise QuantError("-sq and AWQ both pick per-channel scales: use gptq-…-sq or rtn-…-sq, or awq alone")
         float_min = bool(m["min"])
         return cls(method, bits, group, symmetric=not (m["asym"] or float_min), mixed=bool(m["mixed"]),
-                   float_min=float_min, double_quant=bool(m["dq"]))
+                   float_min=float_min, double_quant=bool(m["dq"]), smooth=bool(m["sq"]))
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,7 @@ def plan_tensor(scheme: QuantScheme, name: str, shape: tuple[int, ...], num_laye
         raise QuantError(f"group size {scheme.group_size} does not divide {name}'s reduction dim {k}")
     # The (usually tied) embedding / LM head cannot take AWQ's scales, which the lookup would see,
     # so data-aware schemes give it GPTQ on the LM head's inputs.
-    method = ("gptq" if scheme.needs_calibration else "rtn") if embedding else scheme.method
+    method = ("rtn" if scheme.method == "rtn" else "gptq") if embedding else scheme.method
     float_min = scheme.float_min and bits == 4  # -mixed's 8-bit tensors are symmetric (Q8_0) instead
     return TensorPlan(bits, scheme.group_size, scheme.symmetric or (scheme.float_min and not float_min), method,
                       float_min, scheme.double_quant)

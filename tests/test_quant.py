@@ -14,10 +14,10 @@ import pytest
 import torch
 from edge_mllm.export.gguf.blocks import ggml_type, pack_blocks
 from edge_mllm.export.onnx.nbits import pack_nbits
-from edge_mllm.quant.awq import apply_scales, search_scales
 from edge_mllm.quant.gptq import HessianAccumulator, gptq_quantize
 from edge_mllm.quant.groupwise import quantize_rtn, relative_error
 from edge_mllm.quant.quantize import quantize_model
+from edge_mllm.quant.scaling import apply_scales, search_scales, smoothquant_scales
 from edge_mllm.quant.scheme import QuantScheme, plan_tensor
 from edge_mllm.quant.storage import fp16_bytes
 from gguf import GGMLQuantizationType
@@ -304,6 +304,40 @@ def test_awq_scaling_keeps_the_float_layer_exact_and_lowers_its_error():
     assert awq_error < rtn_error
 
 
+def per_token_int8(x: torch.Tensor) -> torch.Tensor:
+    """What XNNPACK's 8da4w linears read: each row (token) rounded to 256 asymmetric int8 steps."""
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    step = ((hi - lo) / 255).clamp_min(1e-12)
+    zero = torch.round(-lo / step) - 128
+    return (torch.clamp(torch.round(x / step) + zero, -128, 127) - zero) * step
+
+
+def test_smoothquant_scaling_keeps_the_float_layer_exact_and_lowers_the_int8_activation_error():
+    g = torch.Generator().manual_seed(10)
+    norm_weight = torch.nn.Parameter(torch.rand(128, generator=g) + 0.5)
+    linears = [torch.nn.Linear(128, 64, bias=False) for _ in range(2)]
+    with torch.no_grad():
+        for k, lin in enumerate(linears):
+            lin.weight.copy_(weights(64, 128, seed=11 + k))
+    x = torch.randn(512, 128, generator=g)
+    x[:, :4] *= 50  # outlier channels: each token's int8 step is set by them
+    producer = torch.nn.Module()
+    producer.weight = norm_weight
+
+    def outputs(quantize_input: bool) -> list[torch.Tensor]:
+        h = x * norm_weight
+        return [lin(per_token_int8(h) if quantize_input else h).detach() for lin in linears]
+
+    before, before_int8 = outputs(False), outputs(True)
+    apply_scales(producer, linears, smoothquant_scales(linears, (x * norm_weight).detach()))
+    after, after_int8 = outputs(False), outputs(True)
+    for a, b in zip(after, before, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    error_before = sum(float((q - f).norm() / f.norm()) for q, f in zip(before_int8, before, strict=True))
+    error_after = sum(float((q - f).norm() / f.norm()) for q, f in zip(after_int8, after, strict=True))
+    assert error_after < 0.5 * error_before, (error_after, error_before)
+
+
 # ----------------------------------------------------------------------------------------------
 # schemes and the model-level quantizer
 
@@ -313,7 +347,8 @@ def test_awq_scaling_keeps_the_float_layer_exact_and_lowers_its_error():
     [("int4", "unknown quantization scheme"), ("foo-w4-g32", "unknown quantization method"),
      ("rtn-w3-g32", "3-bit"), ("rtn-w4-g48", "group size 48"), ("rtn-w4-g32-sym", "unknown quantization scheme"),
      ("rtn-w8-g32-min", "4-bit only"), ("rtn-w4-g32-asym-min", "unknown quantization scheme"),
-     ("rtn-w4-g32-asym-dq", "integer zero points")],
+     ("rtn-w4-g32-asym-dq", "integer zero points"), ("awq-w4-g32-sq", "both pick per-channel scales"),
+     ("gptq-w4-g32-mixed-sq", "unknown quantization scheme")],
 )
 def test_bad_scheme_names_are_clear(name, message):
     with pytest.raises(QuantError, match=message):
@@ -322,9 +357,13 @@ def test_bad_scheme_names_are_clear(name, message):
 
 def test_scheme_names_round_trip():
     for name in ("rtn-w4-g32", "gptq-w4-g64-asym", "awq-w4-g128-mixed", "rtn-w8-g32-asym-mixed", "awq+gptq-w4-g32",
-                 "awq-w4-g32-min-mixed", "gptq-w4-g32-min-dq-mixed", "rtn-w4-g64-dq"):
+                 "awq-w4-g32-min-mixed", "gptq-w4-g32-min-dq-mixed", "rtn-w4-g64-dq", "gptq-w4-g32-sq",
+                 "rtn-w4-g32-sq-mixed"):
         assert QuantScheme.parse(name).name == name
     assert QuantScheme.parse("AWQ-W4-G32").needs_calibration
+    rtn_sq = QuantScheme.parse("rtn-w4-g32-sq")
+    assert rtn_sq.smooth and rtn_sq.needs_calibration  # the scales come from calibration activations
+    assert plan_tensor(rtn_sq, "language_model.model.embed_tokens.weight", (64, 64), 4).method == "rtn"
 
 
 def test_incompatible_group_size_names_the_tensor():
@@ -361,7 +400,7 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize(
     "scheme_name", ["rtn-w4-g32", "gptq-w4-g32", "awq-w4-g32-mixed", "awq+gptq-w4-g64-asym", "rtn-w8-g32-asym",
-                    "gptq-w4-g32-min", "awq-w4-g32-min-dq"]
+                    "gptq-w4-g32-min", "awq-w4-g32-min-dq", "gptq-w4-g32-sq", "rtn-w4-g32-sq"]
 )
 def test_quantize_model_replaces_weights_by_their_codes(tiny_mllm, scheme_name):
     model = copy.deepcopy(tiny_mllm.model)
@@ -378,6 +417,10 @@ def test_quantize_model_replaces_weights_by_their_codes(tiny_mllm, scheme_name):
     for name, qt in result.tensors.items():
         torch.testing.assert_close(params[name].detach().float(), qt.dequantize())  # the model computes the codes
     assert "language_model.model.norm.weight" not in result.tensors
+    norm = "language_model.model.layers.0.input_layernorm.weight"
+    scales_folded = not torch.equal(params[norm], dict(tiny_mllm.model.named_parameters())[norm])
+    if scheme.smooth or "awq" not in scheme.method:  # AWQ's search may settle on scales of 1
+        assert scales_folded == scheme.smooth
     got = _logits(model, ids)
     rel = float((got - reference).norm() / reference.norm())
     assert 0 < rel < (0.02 if scheme.bits == 8 else 0.5)
