@@ -245,6 +245,39 @@ def test_4bit_bundle_agrees_with_the_quantized_pytorch_model(q4_bundle):
     assert max(float((a - e).abs().max()) for a, e in zip(actual, expected, strict=True)) < 0.1 * scale
 
 
+def _with_activation_outliers(loaded) -> None:
+    """Give the decoder's norm outputs a few huge channels, as LLM activations have, keeping the float
+    model exact: norm weight × 40 on those channels, the reading linears' columns ÷ 40."""
+    with torch.no_grad():
+        for layer in loaded.model.language_model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                                  (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+                norm.weight[:3] *= 40
+                for lin in readers:
+                    lin.weight[:, :3] /= 40
+
+
+@pytest.mark.slow
+def test_smoothquant_codes_bring_executorch_8da4w_closer_to_pytorch(llama_folder, tmp_path):
+    """8da4w rounds each token's activations to int8; outlier channels set the step. ``-sq`` codes
+    (scales migrated into the weights before rounding) must leave the bundle closer to the PyTorch
+    model carrying the same codes than plain codes do."""
+    prompt = "The quick brown fox jumps over the lazy dog because"
+    errors = {}
+    for scheme in ("rtn-w4-g32", "rtn-w4-g32-sq"):
+        loaded = load_model(llama_folder[0])
+        _with_activation_outliers(loaded)
+        out = export_bundle(loaded, "executorch", tmp_path / scheme, quant=scheme, progress=False)
+        pipe, runner = Pipeline(loaded), ExecuTorchRunner(out)
+        ids = loaded.tokenizer.encode(prompt)
+        tokens = runner.generate(ids, max_new_tokens=16, stop_token_ids=()).token_ids
+        expected = torch.stack(reference_logits(pipe, ids, [], tokens))
+        actual = torch.stack(runtime_logits(runner, ids, [], tokens))
+        errors[scheme] = float((actual - expected).norm() / expected.norm())
+    assert errors["rtn-w4-g32-sq"] < 0.5 * errors["rtn-w4-g32"], errors
+
+
 # ----------------------------------------------------------------------------------------------
 # targets and bad input
 
