@@ -1,6 +1,7 @@
 """``edge-mllm export --target DEVICE``: the picks per device profile (format, quantization, threads,
 max context), explicit --format/--quant overriding them, the plan recorded in the manifest without
-touching its file list, and the prediction printed. Exports are the tiny LLaVA as GGUF / ONNX."""
+touching its file list, and the prediction printed. Exports are the tiny LLaVA as GGUF / ONNX (and one
+ExecuTorch export with the phone picks)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from edge_mllm.checkpoint import load_model
 from edge_mllm.cli import main
 from edge_mllm.errors import EdgeMLLMError
 from edge_mllm.sim.profiles import get_device
-from edge_mllm.sim.target import DEFAULT_SCHEME, plan_target
+from edge_mllm.sim.target import DEFAULT_SCHEME, EXECUTORCH_SCHEME, plan_target
 
 
 def no_sdk(fmt: str) -> str:
@@ -33,10 +34,14 @@ def config(llava):
 def test_snapdragon_picks_xnnpack_8da4w_codes_without_qnn_and_qnn_with_it(config):
     device = get_device("snapdragon-8-gen-3")
     plan = plan_target(device, config, "m", available=no_sdk)
-    assert (plan.format, plan.backend, plan.quant) == ("executorch", "executorch-xnnpack", DEFAULT_SCHEME)
+    assert (plan.format, plan.backend, plan.quant) == ("executorch", "executorch-xnnpack", EXECUTORCH_SCHEME)
     assert plan.threads == 6 and plan.threads == device.big_cores  # 1 X4 + 5 A720, not the A520s
     assert plan.max_context == config.text.max_position_embeddings  # 256: fits easily
-    assert "QNN" in plan.reasons["format"] and "8da4w" in plan.reasons["quant"]
+    assert "QNN" in plan.reasons["format"] and "SmoothQuant" in plan.reasons["quant"]
+    # the user's choices win: a given scheme or format keeps its own codes
+    assert plan_target(device, config, "m", quant=DEFAULT_SCHEME, available=no_sdk).quant == DEFAULT_SCHEME
+    assert plan_target(device, config, "m", fmt="gguf", available=no_sdk).quant == DEFAULT_SCHEME
+    assert plan_target(device, config, "m", quantized="gptq-w4-g32", available=no_sdk).quant is None
     assert plan_target(device, config, "m", available=every_sdk).format == "executorch-qnn"
 
 
@@ -151,3 +156,15 @@ def test_cli_export_max_context_caps_the_bundle_not_the_model(llava, tmp_path, c
     assert manifest["max_seq_len"] == manifest["target"]["max_context"] == 96
     assert "given (--max-context)" in capsys.readouterr().out
     assert main(["export", str(llava.path), "--format", "gguf", "--max-context", "0", "-o", str(tmp_path / "z")]) == 2
+
+
+@pytest.mark.slow
+def test_cli_export_target_phone_gets_smoothed_codes_in_executorch(llava, tmp_path, capsys):
+    pytest.importorskip("executorch.runtime", reason="executorch is not installed")
+    out = tmp_path / "tensor"
+    assert main(["export", str(llava.path), "--target", "tensor-g3", "-o", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "executorch" and manifest["quantization"] == EXECUTORCH_SCHEME
+    assert manifest["executorch"]["quantization"]["source"] == EXECUTORCH_SCHEME
+    assert "SmoothQuant" in manifest["target"]["reasons"]["quant"]
+    assert f"quant        {EXECUTORCH_SCHEME}: our 4-bit codes" in capsys.readouterr().out

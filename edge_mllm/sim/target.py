@@ -13,7 +13,8 @@ The picks, each with its reason (every reason ends up in the bundle's manifest u
   Where a delegate's SDK is missing here, the pick falls back to XNNPACK and says so.
 - quantization: our ``rtn-w4-g32`` codes (symmetric 4-bit, group 32), which every format runs as its
   own 4-bit operator on the same weights (ExecuTorch 8da4w linears, GGUF Q4_0 blocks, ONNX Runtime
-  MatMulNBits); a quantized model keeps its own codes.
+  MatMulNBits); for ExecuTorch with SmoothQuant's scale migration folded in first (``-sq``), since its
+  8da4w linears also round each token's activations to int8; a quantized model keeps its own codes.
 - threads: the device's big cores (the host: its cores).
 - max context: the model's, capped at :data:`PHONE_CONTEXT` (runtimes preallocate the KV cache), then
   halved until the predicted peak memory fits the device's app budget.
@@ -35,6 +36,7 @@ from edge_mllm.sim.profiles import HOST, DeviceProfile
 from edge_mllm.sim.shapes import shape_from_config
 
 DEFAULT_SCHEME = "rtn-w4-g32"
+EXECUTORCH_SCHEME = DEFAULT_SCHEME + "-sq"  # same layout and speed; activation outliers moved into the weights
 CPU_FORMATS = ("executorch", "gguf")
 PHONE_CONTEXT = 2048  # ExecuTorch's DEFAULT_MAX_SEQ_LEN in export/executorch/bundle.py: same reasoning
 PROMPT_TOKENS = 64  # the request the prediction is for: 64 text tokens + one image
@@ -149,6 +151,7 @@ def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantiz
     """The export settings for ``device``. ``quantized``: the model's own scheme, if it has codes;
     ``fmt`` / ``quant`` / ``max_context``: the user's explicit choices, which win. ``available``:
     ``fmt`` → why it cannot be exported here, or None (tests replace it)."""
+    picked_quant = quant is None and quantized is None
     if quant is not None:
         quant_reason = "given (--quant)"
     elif quantized is not None:
@@ -164,6 +167,11 @@ def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantiz
         fmt, reasons["format"] = _pick_format(
             device, lambda f: predict_for(config, name, f, quant or quantized, device, threads, context).decode_tok_s,
             available)
+    if picked_quant and fmt.startswith("executorch"):
+        quant = EXECUTORCH_SCHEME
+        reasons["quant"] = ("our 4-bit codes, group 32, symmetric, with SmoothQuant's scale migration: ExecuTorch's "
+                            "8da4w linears also round activations to int8 per token, and moving the outlier channels "
+                            "into the weights first keeps its answers close to the model's (calibrates first)")
     reasons["threads"] = ("this host's cores" if device.key == HOST else
                           f"the big cores ({threads} of {device.cores}; runtimes avoid the efficiency cores)")
     if max_context is None:
