@@ -287,7 +287,8 @@ def _parse_scheme(_ctx, _param, value: str):
 @cli.command()
 @MODEL_ARG
 @click.option("--scheme", required=True, callback=_parse_scheme,
-              help="METHOD-wBITS-gGROUP[-asym][-mixed]: rtn|gptq|awq, 4|8 bits, group 32|64|128 (e.g. awq-w4-g32).")
+              help="METHOD-wBITS-gGROUP[-asym|-min][-dq][-sq][-mixed]: rtn|gptq|awq|awq+gptq, 4|8 bits, group "
+                   "32|64|128 (e.g. awq-w4-g32; gptq-w4-g32-sq for ExecuTorch's int8-activation linears).")
 @click.option("--calib", "calib_path", type=click.Path(exists=True, file_okay=False, path_type=str),
               help="LLaVA-format folder for GPTQ/AWQ calibration (default: a synthetic val split + stdlib text).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output model folder.")
