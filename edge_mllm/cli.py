@@ -171,12 +171,15 @@ def _training_data(data_path: str, stage: str, images: str | None):
 @click.option("--freeze-llm", is_flag=True,
               help="instruct: keep the LLM frozen (connector, and the vision encoder with --train-vision, learn).")
 @click.option("--train-vision", is_flag=True, help="Also train the vision encoder.")
+@click.option("--qat", metavar="SCHEME",
+              help="instruct + LoRA: train the merged weights on this round-to-nearest scheme's grid (e.g. "
+                   "rtn-w4-g32-min), so that exporting with --quant SCHEME keeps what was learnt.")
 @click.option("--max-len", default=512, show_default=True, type=click.IntRange(min=8))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/ (optimizer, step).")
 @click.option("--json", "as_json", is_flag=True)
-def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_rank, freeze_llm, train_vision, max_len,
-          seed, resume, as_json) -> None:
+def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_rank, freeze_llm, train_vision, qat,
+          max_len, seed, resume, as_json) -> None:
     """Train the connector (pretrain) or connector + LLM (instruct) on conversations."""
     from pathlib import Path
 
@@ -184,14 +187,18 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
 
     from edge_mllm.chat import ChatTemplate
     from edge_mllm.checkpoint import load_model, save_native
+    from edge_mllm.errors import EdgeMLLMError
     from edge_mllm.train.lora import merge_lora
     from edge_mllm.train.trainer import TrainConfig, Trainer
 
     if freeze_llm and lora_rank is not None:
         raise click.UsageError("--freeze-llm trains no LoRA (the LLM stays as it is): drop --lora-rank")
     lora = {} if lora_rank is None else {"lora_rank": lora_rank}
-    config = TrainConfig(stage=stage, epochs=epochs, batch_size=batch_size, lr=lr, freeze_llm=freeze_llm,
-                         train_vision=train_vision, max_len=max_len, seed=seed, **lora)
+    try:  # options that do not go together (e.g. --qat with --freeze-llm) are usage errors
+        config = TrainConfig(stage=stage, epochs=epochs, batch_size=batch_size, lr=lr, freeze_llm=freeze_llm,
+                             train_vision=train_vision, qat=qat, max_len=max_len, seed=seed, **lora)
+    except EdgeMLLMError as exc:
+        raise click.UsageError(str(exc)) from exc
     conversations = _training_data(data_path, stage, images)
     loaded = load_model(model)
     torch.manual_seed(seed)

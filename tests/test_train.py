@@ -8,6 +8,9 @@ import json
 
 import pytest
 import torch
+from edge_mllm.quant.groupwise import quantize_rtn
+from edge_mllm.quant.quantize import quantize_model
+from edge_mllm.quant.scheme import QuantScheme
 
 from edge_mllm.chat import ChatTemplate
 from edge_mllm.checkpoint import load_model
@@ -112,6 +115,62 @@ def test_lora_starts_as_the_base_and_merges_exactly():
     assert isinstance(net[0].q_proj, torch.nn.Linear)
     torch.testing.assert_close(net[0].q_proj(x), expected)
     torch.testing.assert_close(plain[0].q_proj(x), expected)
+
+
+def test_quantization_aware_lora_trains_on_the_grid_and_merges_onto_it(tiny, synth_data):
+    torch.manual_seed(0)
+    scheme = "rtn-w4-g32-min"  # the grid of the Q4_1 SmolLM2 ships as
+    original = copy.deepcopy(tiny.model)
+    trainer = Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template),
+                      TrainConfig(stage="instruct", epochs=1, batch_size=2, lr=1e-2, lora_rank=4, warmup_ratio=0,
+                                  qat=scheme))
+    lora = tiny.model.language_model.model.layers[0].self_attn.q_proj
+    assert isinstance(lora, LoRALinear) and lora.grid is not None and lora.grid.float_min
+    batch = [tokenize_conversation(c, tiny.tokenizer, trainer.template)
+             for c in load_conversations(synth_data / CONVERSATIONS_FILE)[:2]]
+    with torch.no_grad():
+        before = float(trainer.batch_loss(batch)[0])
+    for _ in range(5):
+        loss = trainer.batch_loss(batch)[0]
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+    with torch.no_grad():
+        after = float(trainer.batch_loss(batch)[0])
+    assert after < before * 0.9, (before, after)
+    # the forward uses the merged weight rounded to the grid
+    x = torch.randn(3, lora.base.in_features)
+    merged = lora.base.weight + lora.delta()
+    grid = quantize_rtn(merged.detach(), 4, 32, float_min=True).dequantize()
+    torch.testing.assert_close(lora(x), torch.nn.functional.linear(x, grid, lora.base.bias))
+
+    ids = torch.tensor([[1, 5, 9, 40, 77, 3]])
+    lm = tiny.model.language_model
+    with torch.no_grad():
+        trained_logits = lm(lm.embed(ids))[0]
+    merge_lora(tiny.model)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(lm.embed(ids))[0], trained_logits)  # merged onto the grid: same model
+    weights = {n: p.detach().clone() for n, p in tiny.model.named_parameters()
+               if n.startswith("language_model.model.layers.") and n.endswith("proj.weight")}
+    quantize_model(tiny.model, QuantScheme.parse(scheme), progress=False)  # what an export with the scheme does
+    params = dict(tiny.model.named_parameters())
+    bad = {n: float((params[n] - w).abs().max()) for n, w in weights.items() if not torch.equal(params[n], w)}
+    assert not bad, bad  # its codes give back the trained weights
+    start = dict(original.named_parameters())
+    moved = [n for n, w in weights.items()
+             if not torch.equal(w, quantize_rtn(start[n].detach(), 4, 32, float_min=True).dequantize())]
+    assert moved  # the updates crossed grid points
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"lora_rank": 0}, "LoRA rank"), ({"freeze_llm": True}, "LoRA rank"), ({"stage": "pretrain"}, "instruct"),
+     ({"qat": "gptq-w4-g32"}, "round-to-nearest"), ({"qat": "rtn-w4-g32-sq"}, "round-to-nearest")],
+)
+def test_quantization_aware_training_settings_are_checked(settings, message):
+    with pytest.raises(EdgeMLLMError, match=message):
+        TrainConfig(**{"stage": "instruct", "qat": "rtn-w4-g32-min", **settings})
 
 
 def test_pretrain_stage_trains_only_the_projector(tiny, synth_data):
@@ -258,3 +317,16 @@ def test_cli_data_synth_and_train(mobilevlm_v2, tmp_path):
                "--freeze-llm", "--lora-rank", "4", "-o", str(tmp_path / "never"))
     assert proc.returncode == 2 and "--lora-rank" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "never").exists()
+    proc = cli("train", str(mobilevlm_v2.path), "--stage", "instruct", "--data", str(tmp_path / "data"),
+               "--qat", "gptq-w4-g32", "-o", str(tmp_path / "never"))
+    assert proc.returncode == 2 and "round-to-nearest" in proc.stderr and "Traceback" not in proc.stderr
+    # Quantization-aware LoRA: the saved model is on the grid, so quantizing it with the scheme changes nothing.
+    out = tmp_path / "qat"
+    proc = cli("train", str(mobilevlm_v2.path), "--stage", "instruct", "--data", str(tmp_path / "data"),
+               "--qat", "rtn-w4-g32-min", "--lora-rank", "4", "--lr", "0.01", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    trained = load_model(out)
+    linears = {n: p.detach().clone() for n, p in trained.model.named_parameters()
+               if n.startswith("language_model.model.layers.") and n.endswith("proj.weight")}
+    quantize_model(trained.model, QuantScheme.parse("rtn-w4-g32-min"), progress=False)
+    assert all(torch.equal(dict(trained.model.named_parameters())[n], w) for n, w in linears.items())

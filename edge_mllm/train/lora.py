@@ -3,41 +3,69 @@
 Written here rather than taken from ``peft`` because the update must merge into our own
 ``nn.Linear`` modules (export and quantization see plain linears) and be stored on its own as a few
 MB of package data for the default model.
+
+Quantization-aware LoRA (``grid``): the forward pass sees the merged weight ``W + (alpha/r)·B·A``
+rounded to the 4-bit grid an export will use (straight-through: the gradient passes the rounding
+unchanged), so the update learns to move weights between grid points. Without it, an update smaller
+than half a 4-bit step vanishes when the merged model is quantized; with it, the merged and snapped
+model is exactly what the export's codes compute.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from edge_mllm.quant.groupwise import quantize_rtn
+from edge_mllm.quant.scheme import TensorPlan
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def snap(weight: torch.Tensor, grid: TensorPlan) -> torch.Tensor:
+    """``weight`` rounded to ``grid`` (group-wise round to nearest), back in its own dtype."""
+    with torch.no_grad():
+        group = grid.group_size or weight.shape[1]
+        rounded = quantize_rtn(weight.float(), grid.bits, group, grid.symmetric, grid.float_min).dequantize()
+    return rounded.to(weight.dtype)
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, grid: TensorPlan | None = None):
         super().__init__()
         self.base = base
         self.scale = alpha / rank
+        self.grid = grid  # quantization-aware: the forward uses the merged weight on this grid
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))  # zero: starts as the base model
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+        if self.grid is None:
+            return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+        weight = self.base.weight + self.delta()
+        weight = weight + (snap(weight, self.grid) - weight).detach()  # straight-through estimator
+        return F.linear(x, weight, self.base.bias)
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
 
 
-def apply_lora(module: nn.Module, rank: int, alpha: float, targets: tuple[str, ...] = DEFAULT_TARGETS) -> int:
-    """Wrap every ``nn.Linear`` child named in ``targets`` (in place); returns how many."""
+def apply_lora(module: nn.Module, rank: int, alpha: float, targets: tuple[str, ...] = DEFAULT_TARGETS,
+               grid_for: Callable[[str], TensorPlan | None] | None = None) -> int:
+    """Wrap every ``nn.Linear`` child named in ``targets`` (in place); returns how many.
+    ``grid_for``: a linear's name within ``module`` → its quantization grid (quantization-aware LoRA)."""
     wrapped = 0
-    for parent in list(module.modules()):
+    for parent_name, parent in list(module.named_modules()):
         for name, child in list(parent.named_children()):
             if name in targets and isinstance(child, nn.Linear):
-                setattr(parent, name, LoRALinear(child, rank, alpha))
+                full = f"{parent_name}.{name}" if parent_name else name
+                grid = grid_for(full) if grid_for is not None else None
+                setattr(parent, name, LoRALinear(child, rank, alpha, grid))
                 wrapped += 1
     return wrapped
 
@@ -54,13 +82,16 @@ def lora_factors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merge_lora(module: nn.Module) -> int:
-    """Fold every LoRA update into its base linear and unwrap it (in place); returns how many."""
+    """Fold every LoRA update into its base linear and unwrap it (in place); returns how many.
+    A quantization-aware update is folded onto its grid: the linear then computes what it trained with."""
     merged = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 with torch.no_grad():
                     child.base.weight += child.delta().to(child.base.weight.dtype)
+                    if child.grid is not None:
+                        child.base.weight.copy_(snap(child.base.weight, child.grid))
                 setattr(parent, name, child.base)
                 merged += 1
     return merged

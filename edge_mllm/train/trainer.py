@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from edge_mllm.data.llava import Conversation
 from edge_mllm.errors import EdgeMLLMError
 from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
+from edge_mllm.quant.scheme import QuantScheme, TensorPlan, plan_tensor
 from edge_mllm.tokenizer import Tokenizer
 from edge_mllm.train.examples import Example, embed_batch, lm_loss, tokenize_conversation
 from edge_mllm.train.lora import apply_lora
@@ -40,6 +42,9 @@ class TrainConfig:
     lora_rank: int = 8  # instruct only; 0 trains the whole LLM
     freeze_llm: bool = False  # instruct only: train the connector (and vision) under a frozen LLM
     lora_alpha: float = 16.0
+    # instruct + LoRA: a round-to-nearest scheme (e.g. rtn-w4-g32-min) whose grid the merged weights are
+    # trained on, so that exporting with that scheme keeps what was learnt (quantization-aware LoRA)
+    qat: str | None = None
     train_vision: bool = False
     max_len: int = 512
     grad_clip: float = 1.0
@@ -51,6 +56,14 @@ class TrainConfig:
             raise EdgeMLLMError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
         if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
             raise EdgeMLLMError("epochs, batch_size and lr must be positive")
+        if self.qat is not None:
+            scheme = QuantScheme.parse(self.qat)
+            if self.stage != "instruct" or self.freeze_llm or self.lora_rank < 1:
+                raise EdgeMLLMError("quantization-aware training trains LoRA updates: instruct stage, LoRA rank >= 1")
+            if scheme.method != "rtn" or scheme.smooth or scheme.double_quant:
+                raise EdgeMLLMError(f"quantization-aware LoRA needs a plain round-to-nearest grid (e.g. "
+                                    f"rtn-w4-g32-min), not {scheme.name}: exporting with it must give back the "
+                                    "trained weights")
 
 
 def pick_device() -> torch.device:
@@ -66,12 +79,26 @@ def set_trainable(model: MultimodalLM, config: TrainConfig) -> list[torch.nn.Par
         model.vision_tower.requires_grad_(True)
     if config.stage == "instruct" and not config.freeze_llm:
         if config.lora_rank > 0:
-            apply_lora(model.language_model.model.layers, config.lora_rank, config.lora_alpha)
+            grid_for = _qat_grids(model, QuantScheme.parse(config.qat)) if config.qat else None
+            apply_lora(model.language_model.model.layers, config.lora_rank, config.lora_alpha, grid_for=grid_for)
             for name, param in model.language_model.named_parameters():
                 param.requires_grad_("lora_" in name)
         else:
             model.language_model.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def _qat_grids(model: MultimodalLM, scheme: QuantScheme) -> Callable[[str], TensorPlan | None]:
+    """A decoder linear's name (within the layer list) → the grid ``scheme`` quantizes its weight to,
+    by the same per-tensor policy the exporters use (``-mixed`` keeps its 8-bit blocks at 8 bits)."""
+    layers = model.language_model.model.layers
+    shapes = {name: tuple(p.shape) for name, p in layers.named_parameters()}
+    count = model.config.text.num_hidden_layers
+
+    def grid_for(name: str) -> TensorPlan | None:
+        return plan_tensor(scheme, f"language_model.model.layers.{name}.weight", shapes[f"{name}.weight"], count)
+
+    return grid_for
 
 
 def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
