@@ -50,6 +50,19 @@ def targets(example, tokenizer: Tokenizer) -> str:
     return tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX], skip_special_tokens=False)
 
 
+def assert_steps_lower_the_loss(trainer: Trainer, batch: list, steps: int = 5) -> None:
+    with torch.no_grad():
+        before = float(trainer.batch_loss(batch)[0])
+    for _ in range(steps):
+        loss = trainer.batch_loss(batch)[0]
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+    with torch.no_grad():
+        after = float(trainer.batch_loss(batch)[0])
+    assert after < before * 0.9, (before, after)
+
+
 def test_vicuna_mask_covers_only_the_answers(tokenizer):
     tok = Tokenizer(tokenizer)
     conv = conversation("<image>\nWhat is in the picture?", "a dog", "Describe the scene.", "a blue sky")
@@ -128,16 +141,7 @@ def test_quantization_aware_lora_trains_on_the_grid_and_merges_onto_it(tiny, syn
     assert isinstance(lora, LoRALinear) and lora.grid is not None and lora.grid.float_min
     batch = [tokenize_conversation(c, tiny.tokenizer, trainer.template)
              for c in load_conversations(synth_data / CONVERSATIONS_FILE)[:2]]
-    with torch.no_grad():
-        before = float(trainer.batch_loss(batch)[0])
-    for _ in range(5):
-        loss = trainer.batch_loss(batch)[0]
-        trainer.optimizer.zero_grad()
-        loss.backward()
-        trainer.optimizer.step()
-    with torch.no_grad():
-        after = float(trainer.batch_loss(batch)[0])
-    assert after < before * 0.9, (before, after)
+    assert_steps_lower_the_loss(trainer, batch)
     # the forward uses the merged weight rounded to the grid
     x = torch.randn(3, lora.base.in_features)
     merged = lora.base.weight + lora.delta()
@@ -189,18 +193,9 @@ def test_instruct_steps_lower_the_loss_and_train_lora_only(tiny, synth_data):
     trainer = Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template),
                       TrainConfig(stage="instruct", epochs=1, batch_size=2, lr=3e-3, lora_rank=4, warmup_ratio=0))
     batch = [tokenize_conversation(c, tiny.tokenizer, trainer.template) for c in conversations]
-    with torch.no_grad():
-        before = float(trainer.batch_loss(batch)[0])
     trained = {n for n, p in tiny.model.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith("mm_projector.") or "lora_" in n for n in trained)
-    for _ in range(5):
-        loss = trainer.batch_loss(batch)[0]
-        trainer.optimizer.zero_grad()
-        loss.backward()
-        trainer.optimizer.step()
-    with torch.no_grad():
-        after = float(trainer.batch_loss(batch)[0])
-    assert after < before * 0.9, (before, after)
+    assert_steps_lower_the_loss(trainer, batch)
 
 
 def test_frozen_llm_instruct_trains_connector_and_tower_only(tiny, synth_data):
