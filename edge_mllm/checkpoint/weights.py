@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -39,6 +39,17 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         # UnpicklingError: not a torch file, or a pickle weights_only refuses (arbitrary objects).
         raise CheckpointError(f"cannot read weights from {path} (corrupt or truncated?): {exc}") from exc
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (empty for other formats)."""
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read metadata of {path} (corrupt or truncated?): {exc}") from exc
 
 
 def has_weights(folder: Path) -> bool:

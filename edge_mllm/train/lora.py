@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_mllm.quant.groupwise import quantize_rtn
-from edge_mllm.quant.scheme import TensorPlan
+from edge_mllm.quant.scheme import QuantScheme, TensorPlan, plan_tensor
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -47,9 +47,14 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grid is None:
             return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
-        weight = self.base.weight + self.delta()
-        weight = weight + (snap(weight, self.grid) - weight).detach()  # straight-through estimator
-        return F.linear(x, weight, self.base.bias)
+        # Straight-through estimator: the output is x·snap(W + ΔW)ᵀ and every gradient is the one the
+        # unrounded merged weight would get. Written with the low-rank branch on a detached input
+        # (it adds exactly zero to the output) so A and B get their gradients through rank-r
+        # products, never through a full-size weight gradient.
+        with torch.no_grad():
+            snapped = snap(self.base.weight + self.delta().to(self.base.weight.dtype), self.grid)
+        branch = (x.detach() @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+        return F.linear(x, snapped, self.base.bias) + (branch - branch.detach())
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
@@ -68,6 +73,18 @@ def apply_lora(module: nn.Module, rank: int, alpha: float, targets: tuple[str, .
                 setattr(parent, name, LoRALinear(child, rank, alpha, grid))
                 wrapped += 1
     return wrapped
+
+
+def quantization_grids(language_model: nn.Module, scheme: QuantScheme,
+                       num_layers: int) -> Callable[[str], TensorPlan | None]:
+    """A linear's name within a MultimodalLM's ``language_model`` → the grid ``scheme`` quantizes its
+    weight to, by the exporters' own per-tensor policy (``-mixed`` keeps its 8-bit blocks at 8 bits)."""
+    shapes = {name: tuple(p.shape) for name, p in language_model.named_parameters()}
+
+    def grid_for(name: str) -> TensorPlan | None:
+        return plan_tensor(scheme, f"language_model.{name}.weight", shapes[f"{name}.weight"], num_layers)
+
+    return grid_for
 
 
 def lora_factors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -97,8 +114,11 @@ def merge_lora(module: nn.Module) -> int:
     return merged
 
 
-def add_lora_factors(module: nn.Module, factors: dict[str, torch.Tensor]) -> None:
-    """Add stored low-rank updates (from ``lora_factors``) into a plain model's weights."""
+def add_lora_factors(module: nn.Module, factors: dict[str, torch.Tensor],
+                     grid_for: Callable[[str], TensorPlan | None] | None = None) -> None:
+    """Add stored low-rank updates (from ``lora_factors``) into a plain model's weights; with
+    ``grid_for`` (quantization-aware updates), each merged weight is snapped onto its grid, as
+    ``merge_lora`` does."""
     params = dict(module.named_parameters())
     for key, a in factors.items():
         if not key.endswith(".lora_A"):
@@ -107,3 +127,6 @@ def add_lora_factors(module: nn.Module, factors: dict[str, torch.Tensor]) -> Non
         weight = params[f"{name}.weight"]
         with torch.no_grad():
             weight += (factors[f"{name}.lora_B"].float() @ a.float()).to(weight.dtype)
+            grid = grid_for(name) if grid_for is not None else None
+            if grid is not None:
+                weight.copy_(snap(weight, grid))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,10 +20,10 @@ from edge_mllm.data.llava import Conversation
 from edge_mllm.errors import EdgeMLLMError
 from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
-from edge_mllm.quant.scheme import QuantScheme, TensorPlan, plan_tensor
+from edge_mllm.quant.scheme import QuantScheme
 from edge_mllm.tokenizer import Tokenizer
 from edge_mllm.train.examples import Example, embed_batch, lm_loss, tokenize_conversation
-from edge_mllm.train.lora import apply_lora
+from edge_mllm.train.lora import apply_lora, quantization_grids
 
 STAGES = ("pretrain", "instruct")
 CHECKPOINT_FILE = "trainer_state.pt"
@@ -79,26 +78,14 @@ def set_trainable(model: MultimodalLM, config: TrainConfig) -> list[torch.nn.Par
         model.vision_tower.requires_grad_(True)
     if config.stage == "instruct" and not config.freeze_llm:
         if config.lora_rank > 0:
-            grid_for = _qat_grids(model, QuantScheme.parse(config.qat)) if config.qat else None
-            apply_lora(model.language_model.model.layers, config.lora_rank, config.lora_alpha, grid_for=grid_for)
+            grid_for = (quantization_grids(model.language_model, QuantScheme.parse(config.qat),
+                                           model.config.text.num_hidden_layers) if config.qat else None)
+            apply_lora(model.language_model, config.lora_rank, config.lora_alpha, grid_for=grid_for)
             for name, param in model.language_model.named_parameters():
                 param.requires_grad_("lora_" in name)
         else:
             model.language_model.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def _qat_grids(model: MultimodalLM, scheme: QuantScheme) -> Callable[[str], TensorPlan | None]:
-    """A decoder linear's name (within the layer list) → the grid ``scheme`` quantizes its weight to,
-    by the same per-tensor policy the exporters use (``-mixed`` keeps its 8-bit blocks at 8 bits)."""
-    layers = model.language_model.model.layers
-    shapes = {name: tuple(p.shape) for name, p in layers.named_parameters()}
-    count = model.config.text.num_hidden_layers
-
-    def grid_for(name: str) -> TensorPlan | None:
-        return plan_tensor(scheme, f"language_model.model.layers.{name}.weight", shapes[f"{name}.weight"], count)
-
-    return grid_for
 
 
 def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
