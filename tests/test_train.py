@@ -10,18 +10,21 @@ import pytest
 import torch
 from edge_mllm.quant.groupwise import quantize_rtn
 from edge_mllm.quant.quantize import quantize_model
-from edge_mllm.quant.scheme import QuantScheme
+from edge_mllm.quant.scheme import QuantScheme, TensorPlan
+from safetensors.torch import save_file
 
 from edge_mllm.chat import ChatTemplate
 from edge_mllm.checkpoint import load_model
 from edge_mllm.data.llava import Conversation, load_conversations
 from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, write_split
+from edge_mllm.default import apply_trained
 from edge_mllm.errors import EdgeMLLMError
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
 from edge_mllm.train.examples import IGNORE_INDEX, embed_batch, tokenize_conversation
-from edge_mllm.train.lora import LoRALinear, add_lora_factors, apply_lora, lora_factors, merge_lora
+from edge_mllm.train.lora import LoRALinear, add_lora_factors, apply_lora, lora_factors, merge_lora, snap
+from edge_mllm.train.recipe import trained_tensors
 from edge_mllm.train.trainer import TrainConfig, Trainer
 from edge_mllm.train.vision_pretrain import pretrain_vision
 
@@ -165,6 +168,54 @@ def test_quantization_aware_lora_trains_on_the_grid_and_merges_onto_it(tiny, syn
     moved = [n for n, w in weights.items()
              if not torch.equal(w, quantize_rtn(start[n].detach(), 4, 32, float_min=True).dequantize())]
     assert moved  # the updates crossed grid points
+
+
+def test_quantization_aware_lora_gradients_are_the_straight_through_ones():
+    # The forward's low-rank branch on a detached input must give the gradients of the plain
+    # straight-through form, x·(W + ΔW + stopgrad(snap(W + ΔW) − W − ΔW))ᵀ, to A, B and x alike.
+    torch.manual_seed(0)
+    grid = TensorPlan(4, 32, False, "rtn", float_min=True)
+    lora = LoRALinear(torch.nn.Linear(64, 48), rank=4, alpha=8, grid=grid)
+    torch.nn.init.normal_(lora.lora_B, std=0.05)
+    x = torch.randn(5, 64, requires_grad=True)
+    upstream = torch.randn(5, 48)
+    (lora(x) * upstream).sum().backward()
+    fast = (x.grad.clone(), lora.lora_A.grad.clone(), lora.lora_B.grad.clone())
+    x.grad = lora.lora_A.grad = lora.lora_B.grad = None
+    weight = lora.base.weight + lora.delta()
+    weight = weight + (snap(weight, grid) - weight).detach()
+    (torch.nn.functional.linear(x, weight, lora.base.bias) * upstream).sum().backward()
+    for got, want in zip(fast, (x.grad, lora.lora_A.grad, lora.lora_B.grad), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_quantization_aware_factors_load_onto_the_grid_they_trained_on(mobilevlm_v2, tmp_path):
+    # The default's weights file stores LoRA factors in fp16 and names the grid in its metadata;
+    # loading must rebuild exactly the merged, snapped decoder that training ended with.
+    torch.manual_seed(0)
+    scheme = "rtn-w4-g32-min"
+    tiny = load_model(mobilevlm_v2.path)
+    Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template),
+            TrainConfig(stage="instruct", lora_rank=4, qat=scheme))
+    for module in tiny.model.modules():
+        if isinstance(module, LoRALinear):  # fp16-exact factors, updates that cross grid points
+            module.lora_A.data = module.lora_A.data.half().float()
+            module.lora_B.data = (torch.randn_like(module.lora_B) * 0.02).half().float()
+    factors = trained_tensors(tiny.model)
+    with_grid, without_grid = tmp_path / "qat.safetensors", tmp_path / "plain.safetensors"
+    save_file(factors, str(with_grid), metadata={"format": "pt", "qat": scheme})
+    save_file(factors, str(without_grid), metadata={"format": "pt"})
+    merge_lora(tiny.model)
+    trained = dict(tiny.model.language_model.named_parameters())
+
+    loaded = apply_trained(load_model(mobilevlm_v2.path), with_grid).model
+    assert scheme in loaded.config.notes["vision_tower"]
+    for name, param in loaded.language_model.named_parameters():
+        assert torch.equal(param, trained[name]), name
+    unsnapped = dict(apply_trained(load_model(mobilevlm_v2.path), without_grid).model.language_model
+                     .named_parameters())
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(unsnapped[name], trained[name])
 
 
 @pytest.mark.parametrize(
