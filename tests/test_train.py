@@ -4,6 +4,7 @@ vision-tower attribute pretraining. All on tiny checkpoints in the real MobileVL
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors.torch import save_file
 from edge_mllm.chat import ChatTemplate
 from edge_mllm.checkpoint import load_model
 from edge_mllm.data.llava import Conversation, load_conversations
-from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, write_split
+from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, render, sample_scene, scene_rng, write_split
 from edge_mllm.default import apply_trained
 from edge_mllm.errors import EdgeMLLMError
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
@@ -26,7 +27,7 @@ from edge_mllm.train.examples import IGNORE_INDEX, embed_batch, tokenize_convers
 from edge_mllm.train.lora import LoRALinear, add_lora_factors, apply_lora, lora_factors, merge_lora, snap
 from edge_mllm.train.recipe import trained_tensors
 from edge_mllm.train.trainer import TrainConfig, Trainer
-from edge_mllm.train.vision_pretrain import pretrain_vision
+from edge_mllm.train.vision_pretrain import disc_pool, object_discs, pretrain_vision
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
@@ -324,6 +325,23 @@ def test_vision_pretraining_learns(tiny):
     assert later["loss"] < first["loss"]
     assert {"color", "shape", "size", "row", "col", "presence"} <= set(later)
     assert any(not torch.equal(v, before[k]) for k, v in tiny.model.vision_tower.state_dict().items())
+
+
+def test_shape_pooling_covers_the_drawn_object():
+    # The shape head reads the mean feature over the patches an object covers: those patches must be
+    # where render() drew it, through LLaVA's pad-to-square, for wide and tall images alike.
+    grid, size = 24, 336
+    processor = ImageProcessor(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pad")
+    for index in range(6):
+        scene = sample_scene(scene_rng("train", 0, index))
+        empty = dataclasses.replace(scene, objects=(), jitter=())
+        drawn = (processor(render(scene)) - processor(render(empty))).abs().amax(0) > 0.1  # [336, 336]
+        covered = drawn.view(grid, size // grid, grid, size // grid).float().mean((1, 3)).flatten()  # per patch
+        features = torch.eye(grid * grid)  # pooling one-hot features gives back each disc's mask
+        masks = disc_pool(features, object_discs(scene), grid) > 0
+        union = masks.any(0)
+        assert bool(union[covered > 0.5].all()), index  # every mostly-object patch is pooled ...
+        assert float(covered[union].mean()) > 0.3, index  # ... and the pooled patches are mostly object
 
 
 def test_bad_stage_is_refused():

@@ -2,8 +2,11 @@
 before LLaVA/MobileVLM alignment, the tower first learns to see what the scenes contain.
 
 The objective is dense attribute prediction: the tower's selected-layer features are sampled at each
-object's centre and at empty background points, and small heads predict presence, colour, shape,
-size and grid row/column there, plus the object count from the mean feature. Scenes are rendered
+object's centre and at empty background points, and small heads predict presence, colour, size and
+grid row/column there, plus the object count from the mean feature. Shape is predicted from the
+features averaged over the patches the object covers: a shape is its outline, which lies in the
+patches around the centre, not in the uniformly filled patch at it (a centre-point shape head stays
+at chance; TRAINING.md). Scenes are rendered
 fresh for every step (an endless stream), so the tower cannot memorise them. The heads are thrown
 away afterwards; only the tower is kept.
 """
@@ -23,7 +26,7 @@ from edge_mllm.model.vision import CLIPVisionTower
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.train.trainer import cosine_lr
 
-HEADS = {"presence": 2, "color": len(COLORS), "shape": len(SHAPES), "size": 2, "row": 3, "col": 3}
+HEADS = {"presence": 2, "color": len(COLORS), "size": 2, "row": 3, "col": 3}
 BACKGROUND_POINTS = 2
 # Index offset of the pretraining stream within the train split, so its scenes differ from the
 # LLaVA-format training set written from the same seed.
@@ -35,23 +38,50 @@ class AttributeHeads(nn.Module):
         super().__init__()
         self.point = nn.ModuleDict({name: nn.Linear(dim, n) for name, n in HEADS.items()})
         self.count = nn.Linear(dim, MAX_OBJECTS + 1)
+        self.shape = nn.Linear(dim, len(SHAPES))
+
+
+def _square(scene: Scene, x: float, y: float) -> tuple[float, float]:
+    """Image pixel → the padded square's [-1, 1] coordinates (LLaVA's pad-to-square)."""
+    side = max(scene.width, scene.height)
+    return (x + (side - scene.width) // 2) / side * 2 - 1, (y + (side - scene.height) // 2) / side * 2 - 1
+
+
+def _centres(scene: Scene) -> list[tuple[float, float]]:
+    """Object centres in image pixels, as ``synth.render`` places them."""
+    return [((obj.col + 0.5 + dx) * scene.width / 3, (obj.row + 0.5 + dy) * scene.height / 3)
+            for obj, (dx, dy, *_rest) in zip(scene.objects, scene.jitter, strict=True)]
+
+
+def object_discs(scene: Scene) -> list[tuple[float, float, float]]:
+    """Each object's centre and radius ``(x, y, r)`` in the padded square's coordinates (the points of
+    a star or square reach 1.2 × ``synth.render``'s radius)."""
+    cell = min(scene.width, scene.height) / 3
+    side = max(scene.width, scene.height)
+    return [(*_square(scene, cx, cy), 2 * 1.2 * cell * (0.22 if obj.size == "small" else 0.38) / side)
+            for obj, (cx, cy) in zip(scene.objects, _centres(scene), strict=True)]
+
+
+def disc_pool(features: torch.Tensor, discs: list[tuple[float, float, float]], grid: int) -> torch.Tensor:
+    """Mean of the patch features [N, D] whose centres lie within half a patch of each disc → [len(discs), D]."""
+    centres = (torch.arange(grid, dtype=features.dtype, device=features.device) + 0.5) / grid * 2 - 1
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    disc = torch.tensor(discs, dtype=features.dtype, device=features.device)
+    distance = ((xs.reshape(1, -1) - disc[:, :1]) ** 2 + (ys.reshape(1, -1) - disc[:, 1:2]) ** 2).sqrt()
+    mask = (distance <= disc[:, 2:] + 1 / grid).to(features.dtype)
+    return (mask @ features) / mask.sum(1, keepdim=True)
 
 
 def scene_points(scene: Scene, rng: np.random.Generator) -> tuple[list[tuple[float, float]], dict[str, list[int]]]:
     """Sample points in the padded square's [-1, 1] coordinates, with their targets (-100: none).
 
     Object centres follow ``synth.render``; the square is LLaVA's pad-to-square of the image."""
-    side = max(scene.width, scene.height)
-    ox, oy = (side - scene.width) // 2, (side - scene.height) // 2
-    points, targets = [], {name: [] for name in HEADS}
-    centres = []
-    for obj, (dx, dy, *_rest) in zip(scene.objects, scene.jitter, strict=True):
-        cx = (obj.col + 0.5 + dx) * scene.width / 3
-        cy = (obj.row + 0.5 + dy) * scene.height / 3
-        centres.append((cx, cy))
-        points.append(((cx + ox) / side * 2 - 1, (cy + oy) / side * 2 - 1))
-        values = {"presence": 1, "color": list(COLORS).index(obj.color), "shape": SHAPES.index(obj.shape),
-                  "size": int(obj.size == "large"), "row": obj.row, "col": obj.col}
+    centres = _centres(scene)
+    points = [_square(scene, cx, cy) for cx, cy in centres]
+    targets = {name: [] for name in HEADS}
+    for obj in scene.objects:
+        values = {"presence": 1, "color": list(COLORS).index(obj.color), "size": int(obj.size == "large"),
+                  "row": obj.row, "col": obj.col}
         for name in HEADS:
             targets[name].append(values[name])
     cell = min(scene.width, scene.height) / 3
@@ -59,7 +89,7 @@ def scene_points(scene: Scene, rng: np.random.Generator) -> tuple[list[tuple[flo
     while added < BACKGROUND_POINTS:
         x, y = rng.uniform(0, scene.width), rng.uniform(0, scene.height)
         if all((x - cx) ** 2 + (y - cy) ** 2 > (0.45 * cell) ** 2 for cx, cy in centres):
-            points.append(((x + ox) / side * 2 - 1, (y + oy) / side * 2 - 1))
+            points.append(_square(scene, x, y))
             for name in HEADS:
                 targets[name].append(0 if name == "presence" else -100)
             added += 1
@@ -82,7 +112,7 @@ def pretrain_vision(
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc="vision pretrain", unit="step", disable=not progress)
     for step in bar:
-        pixels, batch_points, counts = [], [], []
+        pixels, batch_points, discs, counts, shape_features, shapes = [], [], [], [], [], []
         batch_targets = {name: [] for name in HEADS}
         for b in range(batch_size):
             rng = scene_rng("train", seed, STREAM_OFFSET + step * batch_size + b)
@@ -90,7 +120,9 @@ def pretrain_vision(
             pixels.append(processor(render(scene)))
             points, targets = scene_points(scene, rng)
             batch_points.append(points)
+            discs.append(object_discs(scene))
             counts.append(len(scene.objects))
+            shapes += [SHAPES.index(obj.shape) for obj in scene.objects]
             for name in HEADS:
                 batch_targets[name] += targets[name]
         features = tower(torch.stack(pixels).to(device))  # [B, N, D] patch tokens
@@ -99,9 +131,13 @@ def pretrain_vision(
         for b, points in enumerate(batch_points):
             where = torch.tensor(points, dtype=fmap.dtype, device=device).view(1, -1, 1, 2)
             sampled.append(F.grid_sample(fmap[b : b + 1], where, align_corners=False)[0, :, :, 0].t())
+            shape_features.append(disc_pool(features[b], discs[b], grid))
         sampled = torch.cat(sampled)  # [P, D]
         loss = F.cross_entropy(heads.count(features.mean(1)), torch.tensor(counts, device=device))
-        metrics = {}
+        shape_logits = heads.shape(torch.cat(shape_features))
+        shape_target = torch.tensor(shapes, device=device)
+        loss = loss + F.cross_entropy(shape_logits, shape_target)
+        metrics = {"shape": float((shape_logits.argmax(-1) == shape_target).float().mean())}
         for name, head in heads.point.items():
             target = torch.tensor(batch_targets[name], device=device)
             logits = head(sampled)
