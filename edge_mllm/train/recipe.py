@@ -3,10 +3,12 @@ under 45 minutes on a 2-core CPU (faster with CUDA).
 
 1. Render synthetic train scenes (captions, multi-turn VQA + POPE) and a held-out test split.
 2. Pretrain the vision tower on dense scene attributes (``vision_pretrain``).
-3. Stage 1: align the LDPv2 projector on captions, vision tower and LLM frozen.
-4. Stage 2: instruction-tune projector + vision tower + quantization-aware LoRA on SmolLM2 (or the
+3. Ground the image tokens: tower + projector trained so that an object's tokens read as its words
+   in SmolLM2's embedding space (``grounding``; no LLM forward pass).
+4. Stage 1: align the LDPv2 projector on captions, vision tower and LLM frozen.
+5. Stage 2: instruction-tune projector + vision tower + quantization-aware LoRA on SmolLM2 (or the
    first two under the frozen LLM) on the multi-turn conversations.
-5. Evaluate on the test split and write the small trained tensors as one safetensors file.
+6. Evaluate on the test split and write the small trained tensors as one safetensors file.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from edge_mllm.default import TRAINED_WEIGHTS_FILE, apply_trained, untrained_def
 from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
 from edge_mllm.pipeline import Pipeline
 from edge_mllm.preprocess import ImageProcessor
+from edge_mllm.train.grounding import ground_image_tokens
 from edge_mllm.train.lora import lora_factors
 from edge_mllm.train.trainer import TrainConfig, Trainer
 from edge_mllm.train.vision_pretrain import pretrain_vision
@@ -40,6 +43,8 @@ class RecipeConfig:
     vision_steps: int = 300
     vision_batch: int = 8
     vision_lr: float = 5e-4
+    ground_steps: int = 400
+    ground_batch: int = 8
     align_epochs: float = 0.5  # stage 2 trains the projector too; its steps buy more
     align_lr: float = 3e-3
     instruct_epochs: float = 1.0
@@ -58,7 +63,8 @@ class RecipeConfig:
     @classmethod
     def quick(cls) -> RecipeConfig:
         """A minutes-long version of the same steps, for trying the pipeline out."""
-        return cls(train_scenes=16, test_scenes=4, vision_steps=4, vision_batch=2, align_epochs=0.5,
+        return cls(train_scenes=16, test_scenes=4, vision_steps=4, vision_batch=2, ground_steps=4, ground_batch=2,
+                   align_epochs=0.5,
                    instruct_epochs=0.5)
 
 
@@ -93,6 +99,9 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
     vision_metrics = timed("vision_pretrain", lambda: pretrain_vision(
         model.vision_tower, processor, steps=config.vision_steps, batch_size=config.vision_batch,
         lr=config.vision_lr, seed=config.seed, progress=progress))
+    ground_metrics = timed("ground", lambda: ground_image_tokens(
+        model, loaded.tokenizer, processor, steps=config.ground_steps, batch_size=config.ground_batch,
+        seed=config.seed, progress=progress))
     template = ChatTemplate(loaded.chat_template)
     align = TrainConfig(stage="pretrain", epochs=config.align_epochs, lr=config.align_lr, batch_size=8,
                         seed=config.seed, checkpoint_every=0)
@@ -123,6 +132,7 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
         "seconds": timings,
         "total_seconds": round(sum(timings.values()), 1),
         "vision_pretrain": vision_metrics,
+        "ground": ground_metrics,
         "align": align_metrics,
         "instruct": instruct_metrics,
         "test": {"vqa": report["vqa"], "pope": report["pope"]},

@@ -1,0 +1,104 @@
+"""Grounding the projector's image tokens in the LLM's own word embeddings, before alignment.
+
+Why: on this budget (~600 conversations on a CPU) the LLM stages do not learn to read image tokens
+from scratch: the pretrained tower encodes colour and position, and the answers still do not
+(TRAINING.md). This step needs no LLM forward pass, so it is cheap. It trains tower + projector so
+that the image tokens covering an object read, against the LLM's own token-embedding matrix (which
+SmolLM2 also uses as its LM head), as the words that describe it: its colour, shape, size, row and
+column. Alignment and instruction tuning then start from image tokens that already mean something
+to the LLM, the way a caption's words do. Scenes are rendered fresh each step, as in
+``vision_pretrain``, from a stream of their own.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from edge_mllm.data.synth import COLORS, COLS, ROWS, SHAPES, SIZES, render, sample_scene, scene_rng
+from edge_mllm.errors import EdgeMLLMError
+from edge_mllm.model.mllm import MultimodalLM
+from edge_mllm.preprocess import ImageProcessor
+from edge_mllm.tokenizer import Tokenizer
+from edge_mllm.train.trainer import cosine_lr
+from edge_mllm.train.vision_pretrain import STREAM_OFFSET, disc_pool, object_discs
+
+ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES, "row": ROWS, "col": COLS}
+# Cosine similarities are bounded; this sharpens them into logits (CLIP's learned scale ends near 100).
+LOGIT_SCALE = 20.0
+GROUNDING_STREAM = STREAM_OFFSET + (1 << 29)  # disjoint from the tower pretraining's scenes
+
+
+def word_token(tokenizer: Tokenizer, word: str) -> int:
+    """The single token of `` word`` (as it appears mid-sentence in captions and questions)."""
+    ids = tokenizer.encode(f" {word}", add_special_tokens=False)
+    if len(ids) != 1:
+        raise EdgeMLLMError(f"grounding needs one token per attribute word; {word!r} is {len(ids)}")
+    return ids[0]
+
+
+def object_attributes(obj) -> dict[str, int]:
+    """An object's index in each of ``ATTRIBUTES``' word lists."""
+    values = {"color": obj.color, "shape": obj.shape, "size": obj.size, "row": ROWS[obj.row], "col": COLS[obj.col]}
+    return {name: ATTRIBUTES[name].index(value) for name, value in values.items()}
+
+
+def ground_image_tokens(
+    model: MultimodalLM, tokenizer: Tokenizer, processor: ImageProcessor, *, steps: int, batch_size: int = 8,
+    lr: float = 1e-3, tower_lr: float = 3e-4, seed: int = 0, progress: bool = True,
+) -> dict[str, float]:
+    """Train ``model``'s vision tower and projector in place; returns the final loss and per-attribute
+    accuracy of reading each object's pooled image tokens as its words."""
+    tower, projector = model.vision_tower, model.mm_projector
+    device = next(projector.parameters()).device
+    embeddings = model.language_model.model.embed_tokens.weight.detach()
+    words = {name: F.normalize(embeddings[[word_token(tokenizer, w) for w in values]].float(), dim=-1)
+             for name, values in ATTRIBUTES.items()}
+    grid = int(round(model.num_image_tokens ** 0.5))
+    optimizer = torch.optim.AdamW([{"params": list(projector.parameters()), "peak_lr": lr},
+                                   {"params": list(tower.parameters()), "peak_lr": tower_lr}], weight_decay=0.0)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        p.requires_grad_(True)
+    tower.train()
+    projector.train()
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc="ground image tokens", unit="step", disable=not progress)
+    for step in bar:
+        pixels, discs, targets = [], [], {name: [] for name in ATTRIBUTES}
+        for b in range(batch_size):
+            scene = sample_scene(scene_rng("train", seed, GROUNDING_STREAM + step * batch_size + b))
+            pixels.append(processor(render(scene)))
+            discs.append(object_discs(scene))
+            for obj in scene.objects:
+                for name, index in object_attributes(obj).items():
+                    targets[name].append(index)
+        tokens = model.encode_images(torch.stack(pixels).to(device))  # [B, T, D]
+        pooled = torch.cat([disc_pool(tokens[b], discs[b], grid) for b in range(batch_size)])
+        pooled = F.normalize(pooled.float(), dim=-1)
+        loss = torch.zeros((), device=device)
+        metrics = {}
+        for name, table in words.items():
+            logits = LOGIT_SCALE * pooled @ table.t()
+            target = torch.tensor(targets[name], device=device)
+            loss = loss + F.cross_entropy(logits, target)
+            metrics[name] = float((logits.argmax(-1) == target).float().mean())
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, max(1, steps // 20), group["peak_lr"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        metrics["loss"] = loss.item()
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", color=f"{metrics['color']:.2f}", shape=f"{metrics['shape']:.2f}")
+    tower.eval()
+    projector.eval()
+    tail = history[-max(1, len(history) // 10):]
+    summary = {k: sum(h[k] for h in tail) / len(tail) for k in tail[0]}
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
