@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from edge_mllm.data.synth import COLORS, COLS, ROWS, SHAPES, SIZES, render, sample_scene, scene_rng
-from edge_mllm.errors import EdgeMLLMError
 from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
@@ -32,12 +31,10 @@ LOGIT_SCALE = 20.0
 GROUNDING_STREAM = STREAM_OFFSET + (1 << 29)  # disjoint from the tower pretraining's scenes
 
 
-def word_token(tokenizer: Tokenizer, word: str) -> int:
-    """The single token of `` word`` (as it appears mid-sentence in captions and questions)."""
-    ids = tokenizer.encode(f" {word}", add_special_tokens=False)
-    if len(ids) != 1:
-        raise EdgeMLLMError(f"grounding needs one token per attribute word; {word!r} is {len(ids)}")
-    return ids[0]
+def word_embedding(embeddings: torch.Tensor, tokenizer: Tokenizer, word: str) -> torch.Tensor:
+    """`` word`` (as it appears mid-sentence in captions and questions) in the embedding space: its
+    token's row, or the mean of its tokens' rows (SmolLM2 has one token for every attribute word)."""
+    return embeddings[tokenizer.encode(f" {word}", add_special_tokens=False)].float().mean(0)
 
 
 def object_attributes(obj) -> dict[str, int]:
@@ -55,7 +52,7 @@ def ground_image_tokens(
     tower, projector = model.vision_tower, model.mm_projector
     device = next(projector.parameters()).device
     embeddings = model.language_model.model.embed_tokens.weight.detach()
-    words = {name: F.normalize(embeddings[[word_token(tokenizer, w) for w in values]].float(), dim=-1)
+    words = {name: F.normalize(torch.stack([word_embedding(embeddings, tokenizer, w) for w in values]), dim=-1)
              for name, values in ATTRIBUTES.items()}
     grid = int(round(model.num_image_tokens ** 0.5))
     optimizer = torch.optim.AdamW([{"params": list(projector.parameters()), "peak_lr": lr},

@@ -63,12 +63,13 @@ def object_discs(scene: Scene) -> list[tuple[float, float, float]]:
 
 
 def disc_pool(features: torch.Tensor, discs: list[tuple[float, float, float]], grid: int) -> torch.Tensor:
-    """Mean of the patch features [N, D] whose centres lie within half a patch of each disc → [len(discs), D]."""
+    """Mean of the patch features [N, D] whose centres lie within half a patch of each disc (at least
+    the nearest patch) → [len(discs), D]."""
     centres = (torch.arange(grid, dtype=features.dtype, device=features.device) + 0.5) / grid * 2 - 1
     ys, xs = torch.meshgrid(centres, centres, indexing="ij")
     disc = torch.tensor(discs, dtype=features.dtype, device=features.device)
     distance = ((xs.reshape(1, -1) - disc[:, :1]) ** 2 + (ys.reshape(1, -1) - disc[:, 1:2]) ** 2).sqrt()
-    mask = (distance <= disc[:, 2:] + 1 / grid).to(features.dtype)
+    mask = ((distance <= disc[:, 2:] + 1 / grid) | (distance == distance.amin(1, keepdim=True))).to(features.dtype)
     return (mask @ features) / mask.sum(1, keepdim=True)
 
 
