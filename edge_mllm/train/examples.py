@@ -91,3 +91,13 @@ def lm_loss(model: MultimodalLM, inputs_embeds: torch.Tensor, labels: torch.Tens
     keep = targets != IGNORE_INDEX
     logits = lm.lm_head(hidden[keep])
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep]), int(keep.sum())
+
+
+def image_norm_penalty(image_embeds: torch.Tensor, word_norm: float) -> torch.Tensor:
+    """Mean squared log-ratio of the image tokens' norms [..., D] to the LLM's mean word-embedding norm.
+
+    Why: trained freely, the projector's tokens grow to ~50× a word embedding's norm (measured on the
+    default model), and a token that large stays its raw embedding through every residual layer
+    instead of being read and contextualised as words are; the trained default then ignored its
+    images entirely (TRAINING.md). Keeping image tokens at a word's scale keeps them in distribution."""
+    return (image_embeds.float().norm(dim=-1) / word_norm).log().pow(2).mean()

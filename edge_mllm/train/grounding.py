@@ -22,6 +22,7 @@ from edge_mllm.data.synth import COLORS, COLS, ROWS, SHAPES, SIZES, render, samp
 from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
+from edge_mllm.train.examples import image_norm_penalty
 from edge_mllm.train.trainer import cosine_lr
 from edge_mllm.train.vision_pretrain import STREAM_OFFSET, disc_pool, object_discs
 
@@ -45,13 +46,15 @@ def object_attributes(obj) -> dict[str, int]:
 
 def ground_image_tokens(
     model: MultimodalLM, tokenizer: Tokenizer, processor: ImageProcessor, *, steps: int, batch_size: int = 8,
-    lr: float = 1e-3, tower_lr: float = 3e-4, seed: int = 0, progress: bool = True,
+    lr: float = 1e-3, tower_lr: float = 3e-4, norm_weight: float = 0.1, seed: int = 0, progress: bool = True,
 ) -> dict[str, float]:
     """Train ``model``'s vision tower and projector in place; returns the final loss and per-attribute
-    accuracy of reading each object's pooled image tokens as its words."""
+    accuracy of reading each object's pooled image tokens as its words. ``norm_weight``: of the
+    penalty keeping every image token near a word embedding's norm (``image_norm_penalty``)."""
     tower, projector = model.vision_tower, model.mm_projector
     device = next(projector.parameters()).device
     embeddings = model.language_model.model.embed_tokens.weight.detach()
+    word_norm = float(embeddings.float().norm(dim=-1).mean())
     words = {name: F.normalize(torch.stack([word_embedding(embeddings, tokenizer, w) for w in values]), dim=-1)
              for name, values in ATTRIBUTES.items()}
     grid = int(round(model.num_image_tokens ** 0.5))
@@ -77,8 +80,9 @@ def ground_image_tokens(
         tokens = model.encode_images(torch.stack(pixels).to(device))  # [B, T, D]
         pooled = torch.cat([disc_pool(tokens[b], discs[b], grid) for b in range(batch_size)])
         pooled = F.normalize(pooled.float(), dim=-1)
-        loss = torch.zeros((), device=device)
-        metrics = {}
+        norm_penalty = image_norm_penalty(tokens, word_norm)
+        loss = norm_weight * norm_penalty
+        metrics = {"norm_penalty": norm_penalty.item()}
         for name, table in words.items():
             logits = LOGIT_SCALE * pooled @ table.t()
             target = torch.tensor(targets[name], device=device)

@@ -46,7 +46,10 @@ class RecipeConfig:
     ground_steps: int = 400
     ground_batch: int = 8
     align_epochs: float = 0.5  # stage 2 trains the projector too; its steps buy more
-    align_lr: float = 3e-3
+    align_lr: float = 1e-3  # the projector starts grounded (``grounding``), not from scratch
+    # Keeps image tokens at a word embedding's norm in every step that trains the projector; without it
+    # they grew ~50× larger and the trained model ignored its images (TRAINING.md).
+    image_norm_weight: float = 0.1
     instruct_epochs: float = 1.0
     instruct_lr: float = 5e-4  # what stage 2 trains besides the connector (vision tower, LoRA)
     instruct_projector_lr: float = 1e-3
@@ -101,17 +104,18 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
         lr=config.vision_lr, seed=config.seed, progress=progress))
     ground_metrics = timed("ground", lambda: ground_image_tokens(
         model, loaded.tokenizer, processor, steps=config.ground_steps, batch_size=config.ground_batch,
-        seed=config.seed, progress=progress))
+        norm_weight=config.image_norm_weight, seed=config.seed, progress=progress))
     template = ChatTemplate(loaded.chat_template)
     align = TrainConfig(stage="pretrain", epochs=config.align_epochs, lr=config.align_lr, batch_size=8,
-                        seed=config.seed, checkpoint_every=0)
+                        image_norm_weight=config.image_norm_weight, seed=config.seed, checkpoint_every=0)
     align_metrics = timed("align", lambda: Trainer(model, loaded.tokenizer, template, align).train(
         load_conversations(train_dir / CAPTIONS_FILE), progress=progress))
     instruct = TrainConfig(stage="instruct", epochs=config.instruct_epochs, lr=config.instruct_lr,
                            projector_lr=config.instruct_projector_lr, batch_size=config.instruct_batch,
                            lora_rank=config.lora_rank, freeze_llm=config.freeze_llm,
                            qat=None if config.freeze_llm else config.qat,
-                           train_vision=config.instruct_train_vision, seed=config.seed,
+                           train_vision=config.instruct_train_vision,
+                           image_norm_weight=config.image_norm_weight, seed=config.seed,
                            checkpoint_every=0)
     instruct_metrics = timed("instruct", lambda: Trainer(model, loaded.tokenizer, template, instruct).train(
         load_conversations(train_dir / CONVERSATIONS_FILE), progress=progress))

@@ -22,7 +22,7 @@ from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.quant.scheme import QuantScheme
 from edge_mllm.tokenizer import Tokenizer
-from edge_mllm.train.examples import Example, embed_batch, lm_loss, tokenize_conversation
+from edge_mllm.train.examples import Example, embed_batch, image_norm_penalty, lm_loss, tokenize_conversation
 from edge_mllm.train.lora import apply_lora, quantization_grids
 
 STAGES = ("pretrain", "instruct")
@@ -45,6 +45,7 @@ class TrainConfig:
     # trained on, so that exporting with that scheme keeps what was learnt (quantization-aware LoRA)
     qat: str | None = None
     train_vision: bool = False
+    image_norm_weight: float = 0.0  # > 0: keep image tokens near a word embedding's norm (image_norm_penalty)
     max_len: int = 512
     grad_clip: float = 1.0
     seed: int = 0
@@ -105,6 +106,7 @@ class Trainer:
         self.params = set_trainable(model, config)
         self.model.to(self.device)
         self.tokenizer, self.template = tokenizer, template
+        self.word_norm = float(model.language_model.model.embed_tokens.weight.detach().float().norm(dim=-1).mean())
         vision = model.config.vision
         self.processor = None
         if vision is not None:
@@ -141,7 +143,11 @@ class Trainer:
             embeds.append(None if features is None else self.model.mm_projector(features[None])[0])
         max_len = min(self.config.max_len, self.model.config.text.max_position_embeddings)
         inputs, labels = embed_batch(self.model, batch, embeds, max_len)
-        return lm_loss(self.model, inputs, labels)
+        loss, count = lm_loss(self.model, inputs, labels)
+        images = [e for e in embeds if e is not None]
+        if self.config.image_norm_weight and images:
+            loss = loss + self.config.image_norm_weight * image_norm_penalty(torch.cat(images), self.word_norm)
+        return loss, count
 
     def save_checkpoint(self, folder: Path) -> None:
         trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
