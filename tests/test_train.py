@@ -362,6 +362,39 @@ def test_grounding_makes_object_tokens_read_as_their_words(tiny):
         assert torch.equal(tensor, llm_before[name]), name
 
 
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_image_norm_penalty_brings_oversized_image_tokens_back(tiny, synth_data, weight):
+    # A projector whose tokens are 30x a word embedding's norm (what free training produced on the
+    # default model): with the penalty, alignment steps shrink them toward a word's scale; without, not.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        tiny.model.mm_projector.mlp.mlp[-1].weight.mul_(30.0)
+        tiny.model.mm_projector.mlp.mlp[-1].bias.mul_(30.0)
+    trainer = Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template),
+                      TrainConfig(stage="pretrain", epochs=1, batch_size=2, lr=1e-2, warmup_ratio=0,
+                                  image_norm_weight=weight))
+    batch = [tokenize_conversation(c, tiny.tokenizer, trainer.template)
+             for c in load_conversations(synth_data / CAPTIONS_FILE)[:2]]
+
+    def norm_ratio() -> float:
+        with torch.no_grad():
+            embeds = [tiny.model.mm_projector(trainer.image_features(e.image)[None])[0] for e in batch]
+        return float(torch.cat(embeds).norm(dim=-1).mean()) / trainer.word_norm
+
+    before = norm_ratio()
+    for _ in range(20):
+        loss = trainer.batch_loss(batch)[0]
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+    after = norm_ratio()
+    assert before > 5
+    if weight:
+        assert after < before / 2, (before, after)
+    else:
+        assert after > before * 0.8, (before, after)
+
+
 def test_bad_stage_is_refused():
     with pytest.raises(EdgeMLLMError, match="unknown stage"):
         TrainConfig(stage="finetune")
