@@ -23,8 +23,13 @@ from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
 from edge_mllm.train.examples import image_norm_penalty
-from edge_mllm.train.trainer import cosine_lr
-from edge_mllm.train.vision_pretrain import STREAM_OFFSET, disc_pool, object_discs
+from edge_mllm.train.vision_pretrain import (
+    STREAM_OFFSET,
+    disc_pool,
+    final_metrics,
+    object_discs,
+    scheduled_step,
+)
 
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES, "row": ROWS, "col": COLS}
 # Cosine similarities are bounded; this sharpens them into logits (CLIP's learned scale ends near 100).
@@ -88,18 +93,10 @@ def ground_image_tokens(
             target = torch.tensor(targets[name], device=device)
             loss = loss + F.cross_entropy(logits, target)
             metrics[name] = float((logits.argmax(-1) == target).float().mean())
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, max(1, steps // 20), group["peak_lr"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        scheduled_step(optimizer, params, loss, step, steps)
         metrics["loss"] = loss.item()
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", color=f"{metrics['color']:.2f}", shape=f"{metrics['shape']:.2f}")
     tower.eval()
     projector.eval()
-    tail = history[-max(1, len(history) // 10):]
-    summary = {k: sum(h[k] for h in tail) / len(tail) for k in tail[0]}
-    summary["seconds"] = time.perf_counter() - t0
-    return summary
+    return final_metrics(history, t0)

@@ -106,7 +106,7 @@ def pretrain_vision(
     torch.manual_seed(seed)
     heads = AttributeHeads(tower.config.hidden_size).to(device)
     params = list(tower.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    optimizer = torch.optim.AdamW([{"params": params, "peak_lr": lr}], lr=lr, weight_decay=0.05)
     grid = tower.config.grid_size
     tower.train()
     history: list[dict[str, float]] = []
@@ -145,16 +145,28 @@ def pretrain_vision(
             loss = loss + F.cross_entropy(logits, target, ignore_index=-100)
             valid = target != -100
             metrics[name] = float((logits.argmax(-1)[valid] == target[valid]).float().mean())
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, max(1, steps // 20), lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        scheduled_step(optimizer, params, loss, step, steps)
         metrics["loss"] = loss.item()
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", color=f"{metrics['color']:.2f}", shape=f"{metrics['shape']:.2f}")
     tower.eval()
+    return final_metrics(history, t0)
+
+
+def scheduled_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.Tensor, step: int,
+                   steps: int) -> None:
+    """One optimizer step at the cosine schedule's rate for ``step`` (each group's ``peak_lr``; 5%
+    warmup), gradients clipped to norm 1."""
+    for group in optimizer.param_groups:
+        group["lr"] = cosine_lr(step, steps, max(1, steps // 20), group["peak_lr"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+
+
+def final_metrics(history: list[dict[str, float]], t0: float) -> dict[str, float]:
+    """Each metric averaged over the last 10% of steps, and the seconds since ``t0``."""
     tail = history[-max(1, len(history) // 10):]
     summary = {k: sum(h[k] for h in tail) / len(tail) for k in tail[0]}
     summary["seconds"] = time.perf_counter() - t0
