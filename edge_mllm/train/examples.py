@@ -98,6 +98,12 @@ def image_norm_penalty(image_embeds: torch.Tensor, word_norm: float) -> torch.Te
 
     Why: trained freely, the projector's tokens grow to ~50× a word embedding's norm (measured on the
     default model), and a token that large stays its raw embedding through every residual layer
-    instead of being read and contextualised as words are; the trained default then ignored its
-    images entirely (TRAINING.md). Keeping image tokens at a word's scale keeps them in distribution."""
+    instead of being read and contextualised as words are (one of the two measured reasons the
+    trained default ignores its images; TRAINING.md). Keeping image tokens at a word's scale keeps
+    them in distribution."""
     return (image_embeds.float().norm(dim=-1) / word_norm).log().pow(2).mean()
+
+
+def mean_word_norm(model: MultimodalLM) -> float:
+    """The mean norm of the LLM's token embeddings: the scale ``image_norm_penalty`` keeps image tokens at."""
+    return float(model.language_model.model.embed_tokens.weight.detach().float().norm(dim=-1).mean())

@@ -22,7 +22,7 @@ from edge_mllm.data.synth import COLORS, COLS, ROWS, SHAPES, SIZES, render, samp
 from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
-from edge_mllm.train.examples import image_norm_penalty
+from edge_mllm.train.examples import image_norm_penalty, mean_word_norm
 from edge_mllm.train.vision_pretrain import (
     STREAM_OFFSET,
     disc_pool,
@@ -59,7 +59,7 @@ def ground_image_tokens(
     tower, projector = model.vision_tower, model.mm_projector
     device = next(projector.parameters()).device
     embeddings = model.language_model.model.embed_tokens.weight.detach()
-    word_norm = float(embeddings.float().norm(dim=-1).mean())
+    word_norm = mean_word_norm(model)
     words = {name: F.normalize(torch.stack([word_embedding(embeddings, tokenizer, w) for w in values]), dim=-1)
              for name, values in ATTRIBUTES.items()}
     grid = int(round(model.num_image_tokens ** 0.5))

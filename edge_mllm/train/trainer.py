@@ -22,7 +22,14 @@ from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.quant.scheme import QuantScheme
 from edge_mllm.tokenizer import Tokenizer
-from edge_mllm.train.examples import Example, embed_batch, image_norm_penalty, lm_loss, tokenize_conversation
+from edge_mllm.train.examples import (
+    Example,
+    embed_batch,
+    image_norm_penalty,
+    lm_loss,
+    mean_word_norm,
+    tokenize_conversation,
+)
 from edge_mllm.train.lora import apply_lora, quantization_grids
 
 STAGES = ("pretrain", "instruct")
@@ -106,7 +113,7 @@ class Trainer:
         self.params = set_trainable(model, config)
         self.model.to(self.device)
         self.tokenizer, self.template = tokenizer, template
-        self.word_norm = float(model.language_model.model.embed_tokens.weight.detach().float().norm(dim=-1).mean())
+        self.word_norm = mean_word_norm(model)
         vision = model.config.vision
         self.processor = None
         if vision is not None:
