@@ -5,14 +5,19 @@ against the untrained start."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from edge_mllm.quant.groupwise import quantize_rtn
 
+from edge_mllm.checkpoint.weights import read_metadata, read_weights_file
 from edge_mllm.data.synth import COLORS, write_split
-from edge_mllm.default import TRAINED_WEIGHTS, load_default, untrained_default
+from edge_mllm.default import TRAINED_WEIGHTS, TRAINED_WEIGHTS_FILE, apply_trained, load_default, untrained_default
 from edge_mllm.eval.metrics import normalize_answer
 from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
 from edge_mllm.pipeline import Pipeline
+from edge_mllm.train.recipe import RecipeConfig, run_recipe
 
 
 def test_trained_weights_are_small_package_data():
@@ -42,3 +47,20 @@ def test_trained_default_answers_closed_set_and_beats_its_untrained_start(tmp_pa
     in_vocabulary = [normalize_answer(p["prediction"]) in COLORS for p in trained["predictions"]]
     assert sum(in_vocabulary) >= 0.9 * len(in_vocabulary), trained["predictions"]
     assert trained["vqa"]["accuracy"] >= untrained["vqa"]["accuracy"] + 0.15, (trained["vqa"], untrained["vqa"])
+
+
+@pytest.mark.slow
+def test_quick_recipe_runs_every_step_and_ships_a_file_that_loads_onto_its_grid(tmp_path):
+    # The recipe end to end on SmolLM2 (minutes-long sizes): every step timed, the weights file
+    # carries LoRA factors and names their grid, and loading it puts the decoder on that grid.
+    summary = run_recipe(tmp_path, RecipeConfig.quick(), progress=False)
+    assert set(summary["seconds"]) == {"data", "vision_pretrain", "ground", "align", "instruct", "eval"}
+    assert {"color", "shape", "row", "col", "size"} <= set(summary["ground"])
+    weights = tmp_path / TRAINED_WEIGHTS_FILE
+    assert read_metadata(weights)["qat"] == "rtn-w4-g32-min"
+    assert any(key.endswith(".lora_A") for key in read_weights_file(weights))
+    model = apply_trained(untrained_default(progress=False), weights).model
+    up = model.language_model.model.layers[3].mlp.up_proj.weight
+    assert torch.equal(quantize_rtn(up, 4, 32, float_min=True).dequantize(), up)
+    assert "rtn-w4-g32-min" in model.config.notes["vision_tower"]
+    assert json.loads((tmp_path / "training.json").read_text())["test"]["vqa"]["count"] > 0
