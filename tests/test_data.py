@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from edge_mllm.data.llava import DataError, load_conversations, make_record, save_records
+from edge_mllm.data.llava import Conversation, DataError, load_conversations, make_record, save_records, single_turns
 from edge_mllm.data.synth import (
     COLORS,
     CONVERSATIONS_FILE,
@@ -121,6 +121,26 @@ def test_loader_accepts_text_only_and_adds_the_image_marker(tmp_path):
     assert text.image is None and text.messages[1] == {"role": "assistant", "content": "Hello!"}
     assert image.messages[0]["content"] == "<image>\nWhat is it?"
     assert multi.meta == {"question_type": "color"} and len(multi.messages) == 4
+
+
+def test_single_turns_give_each_question_its_own_image_and_nothing_else(tmp_path):
+    # Evaluation asks one question at a time; in a multi-turn conversation earlier questions give later
+    # answers away ("Is the blue square above the purple star?" ... "What color is the star?").
+    folder = write_split(tmp_path / "d", "train", 0, 3)
+    conversations = load_conversations(folder / CONVERSATIONS_FILE)
+    singles = single_turns(conversations)
+    assert len(singles) == sum(len(c.messages) // 2 for c in conversations)
+    pairs = [(m["content"].removeprefix("<image>\n"), a["content"])
+             for c in conversations for m, a in zip(c.messages[::2], c.messages[1::2], strict=True)]
+    assert [(s.messages[0]["content"], s.messages[1]["content"]) for s in singles] == [
+        (f"<image>\n{q}", a) for q, a in pairs]
+    assert all(len(s.messages) == 2 and s.messages[0]["content"].count("<image>") == 1 for s in singles)
+    assert [s.image for s in singles] == [c.image for c in conversations for _ in c.messages[::2]]
+    text_only = single_turns([Conversation("t", [{"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": "Hello"}])])
+    assert text_only[0].messages[0]["content"] == "Hi" and text_only[0].image is None
+    with pytest.raises(DataError, match="alternating"):
+        single_turns([Conversation("x", [{"role": "assistant", "content": "Hi"}])])
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ against the untrained start."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -54,8 +55,18 @@ def test_quick_recipe_runs_every_step_and_ships_a_file_that_loads_onto_its_grid(
     # The recipe end to end on SmolLM2 (minutes-long sizes): every step timed, the weights file
     # carries LoRA factors and names their grid, and loading it puts the decoder on that grid.
     summary = run_recipe(tmp_path, RecipeConfig.quick(), progress=False)
-    assert set(summary["seconds"]) == {"data", "vision_pretrain", "ground", "align", "instruct", "eval"}
+    assert set(summary["seconds"]) == {"data", "vision_pretrain", "ground", "instruct", "eval"}  # no stage 1
     assert {"color", "shape", "row", "col", "size"} <= set(summary["ground"])
+    diagnostics = summary["diagnostics"]
+    assert set(diagnostics["read_out"]) == {"ground", "instruct"}
+    assert set(diagnostics["read_out"]["instruct"]) == {"color", "shape", "row", "col", "size"}
+    # stage 2 trains LoRA only: the tokens read exactly as grounding left them
+    assert diagnostics["read_out"]["instruct"] == diagnostics["read_out"]["ground"]
+    for when in ("before_instruct", "after_instruct"):
+        reliance = diagnostics["image_reliance"][when]
+        assert reliance["loss"] > 0 and reliance["loss_swapped_images"] > 0
+    # Stage 2 trained LoRA, so the held-out loss moved (a recipe that skipped it would not)
+    assert diagnostics["image_reliance"]["after_instruct"] != diagnostics["image_reliance"]["before_instruct"]
     weights = tmp_path / TRAINED_WEIGHTS_FILE
     assert read_metadata(weights)["qat"] == "rtn-w4-g32-min"
     assert any(key.endswith(".lora_A") for key in read_weights_file(weights))
@@ -64,3 +75,17 @@ def test_quick_recipe_runs_every_step_and_ships_a_file_that_loads_onto_its_grid(
     assert torch.equal(quantize_rtn(up, 4, 32, float_min=True).dequantize(), up)
     assert "rtn-w4-g32-min" in model.config.notes["vision_tower"]
     assert json.loads((tmp_path / "training.json").read_text())["test"]["vqa"]["count"] > 0
+
+
+@pytest.mark.slow
+def test_recipe_with_alignment_and_a_trained_connector(tmp_path):
+    # The other road (runs 1-3): stage 1 aligns the projector, stage 2 trains tower and projector too,
+    # on multi-turn conversations; the read-out records how far they move the grounded tokens.
+    config = dataclasses.replace(RecipeConfig.quick(), align_epochs=0.5, instruct_train_vision=True,
+                                 instruct_train_projector=True, instruct_single_turn=False, instruct_epochs=1.0,
+                                 test_scenes=2)
+    summary = run_recipe(tmp_path, config, progress=False)
+    assert summary["seconds"]["align"] > 0 and summary["align"]["steps"] == 1
+    read_out = summary["diagnostics"]["read_out"]
+    assert set(read_out) == {"ground", "align", "instruct"}
+    assert summary["instruct"]["steps"] == 2  # 16 multi-turn conversations, batch 8

@@ -24,7 +24,7 @@ from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
 from edge_mllm.train.examples import IGNORE_INDEX, embed_batch, tokenize_conversation
-from edge_mllm.train.grounding import ground_image_tokens
+from edge_mllm.train.grounding import ground_image_tokens, read_out
 from edge_mllm.train.lora import LoRALinear, add_lora_factors, apply_lora, lora_factors, merge_lora, snap
 from edge_mllm.train.recipe import trained_tensors
 from edge_mllm.train.trainer import TrainConfig, Trainer
@@ -264,6 +264,37 @@ def test_frozen_llm_instruct_trains_connector_and_tower_only(tiny, synth_data):
     assert not any(k.startswith("language_model.") for k in changed)
 
 
+def test_instruct_with_frozen_connector_trains_lora_only(tiny, synth_data):
+    # What keeps grounded image tokens as they are while the LLM learns to read them.
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    trainer = Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template),
+                      TrainConfig(stage="instruct", epochs=1, batch_size=3, lr=1e-2, lora_rank=2,
+                                  train_projector=False))
+    trainer.train(load_conversations(synth_data / CONVERSATIONS_FILE), progress=False)
+    after = tiny.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith("language_model."))
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in after.items() if "lora_B" in k)
+    with pytest.raises(EdgeMLLMError, match="nothing to train"):
+        Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template),
+                TrainConfig(stage="pretrain", train_projector=False))
+
+
+def test_image_reliance_tells_a_blind_model_from_a_seeing_one(tiny, synth_data):
+    # The check that found the 2026-12-04 default blind: with swapped images a model that reads them
+    # scores a different loss; one whose image tokens carry nothing (projector output constant)
+    # scores exactly the same.
+    conversations = load_conversations(synth_data / CONVERSATIONS_FILE)
+    trainer = Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template),
+                      TrainConfig(stage="instruct", batch_size=4, freeze_llm=True))
+    seeing = trainer.image_reliance(conversations)
+    assert abs(seeing["loss"] - seeing["loss_swapped_images"]) > 1e-4, seeing
+    with torch.no_grad():
+        tiny.model.mm_projector.mlp.mlp[-1].weight.zero_()  # every image token is now the bias
+    blind = trainer.image_reliance(conversations)
+    assert blind["loss"] == pytest.approx(blind["loss_swapped_images"], abs=1e-6), blind
+    assert blind["loss"] != pytest.approx(seeing["loss"], abs=1e-4)
+
+
 def test_resume_restores_optimizer_and_step(mobilevlm_v2, synth_data, tmp_path, monkeypatch):
     conversations = load_conversations(synth_data / CONVERSATIONS_FILE)
     config = TrainConfig(stage="instruct", epochs=2, batch_size=3, lr=1e-3, lora_rank=2, checkpoint_every=2, seed=5)
@@ -358,6 +389,8 @@ def test_grounding_makes_object_tokens_read_as_their_words(tiny):
                                 tower_lr=3e-3, progress=False)
     assert later["loss"] < first["loss"] * 0.8, (first, later)
     assert later["row"] > 0.6 and later["col"] > 0.6, later  # chance: 1/3
+    fresh = read_out(tiny.model, tiny.tokenizer, processor, scenes=24)  # held-out scenes, same measure
+    assert fresh["row"] > 0.6 and fresh["col"] > 0.6, fresh
     for name, tensor in tiny.model.language_model.state_dict().items():
         assert torch.equal(tensor, llm_before[name]), name
 
@@ -435,6 +468,9 @@ def test_cli_data_synth_and_train(mobilevlm_v2, tmp_path):
     proc = cli("train", str(mobilevlm_v2.path), "--stage", "instruct", "--data", str(tmp_path / "data"),
                "--qat", "gptq-w4-g32", "-o", str(tmp_path / "never"))
     assert proc.returncode == 2 and "round-to-nearest" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("train", str(mobilevlm_v2.path), "--stage", "pretrain", "--data", str(tmp_path / "data"),
+               "--freeze-projector", "-o", str(tmp_path / "never"))
+    assert proc.returncode == 2 and "nothing to train" in proc.stderr and "Traceback" not in proc.stderr
     # Quantization-aware LoRA: the saved model is on the grid, so quantizing it with the scheme changes nothing.
     out = tmp_path / "qat"
     proc = cli("train", str(mobilevlm_v2.path), "--stage", "instruct", "--data", str(tmp_path / "data"),

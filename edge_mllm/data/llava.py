@@ -88,5 +88,27 @@ def load_conversations(json_path: str | Path, image_folder: str | Path | None = 
     return conversations
 
 
+def single_turns(conversations: list[Conversation]) -> list[Conversation]:
+    """Each question-and-answer pair as a conversation of its own, the image marker leading its question.
+
+    Why: in a multi-turn conversation about one scene, earlier questions name the objects ("Is the
+    blue square above the purple star?") and so give away later answers ("What color is the star?")
+    without the image; evaluation asks one question at a time. A model trained on single turns can
+    only learn those answers from the image."""
+    singles = []
+    for conversation in conversations:
+        messages = conversation.messages
+        if [m["role"] for m in messages] != ["user", "assistant"] * (len(messages) // 2) or len(messages) % 2:
+            raise DataError(f"conversation {conversation.id}: expected alternating user/assistant turns")
+        for k in range(0, len(messages), 2):
+            question = messages[k]["content"].replace(f"{IMAGE_MARKER}\n", "").replace(IMAGE_MARKER, "")
+            if conversation.image is not None:
+                question = f"{IMAGE_MARKER}\n{question}"
+            singles.append(Conversation(f"{conversation.id}#{k // 2}", [{"role": "user", "content": question},
+                                                                        messages[k + 1]],
+                                        conversation.image, conversation.meta))
+    return singles
+
+
 def save_records(records: list[dict[str, Any]], path: Path) -> None:
     path.write_text(json.dumps(records, indent=1) + "\n")

@@ -49,6 +49,37 @@ def object_attributes(obj) -> dict[str, int]:
     return {name: ATTRIBUTES[name].index(value) for name, value in values.items()}
 
 
+def attribute_words(model: MultimodalLM, tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
+    """Each attribute's words as unit rows of the LLM's token-embedding matrix [words, D]."""
+    embeddings = model.language_model.model.embed_tokens.weight.detach()
+    return {name: F.normalize(torch.stack([word_embedding(embeddings, tokenizer, w) for w in values]), dim=-1)
+            for name, values in ATTRIBUTES.items()}
+
+
+def pooled_object_tokens(model: MultimodalLM, tokens: torch.Tensor, scenes: list) -> torch.Tensor:
+    """Each object's image tokens (``tokens`` [B, T, D] of ``scenes``) averaged over the cells it
+    covers, unit length [objects, D], in scene then object order."""
+    grid = int(round(model.num_image_tokens ** 0.5))
+    pooled = torch.cat([disc_pool(tokens[b], object_discs(scene), grid) for b, scene in enumerate(scenes)])
+    return F.normalize(pooled.float(), dim=-1)
+
+
+def read_out(model: MultimodalLM, tokenizer: Tokenizer, processor: ImageProcessor, *, scenes: int = 24,
+             seed: int = 0) -> dict[str, float]:
+    """How often each object's pooled image tokens lie nearest its own colour, shape, size, row and
+    column words, on fresh test-split scenes: whether the tokens still name what they show (the LLM
+    stages can overwrite what grounding made; TRAINING.md)."""
+    words = attribute_words(model, tokenizer)
+    sampled = [sample_scene(scene_rng("test", seed, GROUNDING_STREAM + i)) for i in range(scenes)]
+    device = next(model.mm_projector.parameters()).device
+    with torch.no_grad():
+        tokens = model.encode_images(torch.stack([processor(render(s)) for s in sampled]).to(device))
+    pooled = pooled_object_tokens(model, tokens, sampled)
+    targets = [object_attributes(obj) for scene in sampled for obj in scene.objects]
+    return {name: float(((pooled @ table.t()).argmax(-1).cpu() == torch.tensor([t[name] for t in targets]))
+                        .float().mean()) for name, table in words.items()}
+
+
 def ground_image_tokens(
     model: MultimodalLM, tokenizer: Tokenizer, processor: ImageProcessor, *, steps: int, batch_size: int = 8,
     lr: float = 1e-3, tower_lr: float = 3e-4, norm_weight: float = 0.1, seed: int = 0, progress: bool = True,
@@ -58,11 +89,8 @@ def ground_image_tokens(
     penalty keeping every image token near a word embedding's norm (``image_norm_penalty``)."""
     tower, projector = model.vision_tower, model.mm_projector
     device = next(projector.parameters()).device
-    embeddings = model.language_model.model.embed_tokens.weight.detach()
     word_norm = mean_word_norm(model)
-    words = {name: F.normalize(torch.stack([word_embedding(embeddings, tokenizer, w) for w in values]), dim=-1)
-             for name, values in ATTRIBUTES.items()}
-    grid = int(round(model.num_image_tokens ** 0.5))
+    words = attribute_words(model, tokenizer)
     optimizer = torch.optim.AdamW([{"params": list(projector.parameters()), "peak_lr": lr},
                                    {"params": list(tower.parameters()), "peak_lr": tower_lr}], weight_decay=0.0)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -74,17 +102,12 @@ def ground_image_tokens(
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc="ground image tokens", unit="step", disable=not progress)
     for step in bar:
-        pixels, discs, targets = [], [], {name: [] for name in ATTRIBUTES}
-        for b in range(batch_size):
-            scene = sample_scene(scene_rng("train", seed, GROUNDING_STREAM + step * batch_size + b))
-            pixels.append(processor(render(scene)))
-            discs.append(object_discs(scene))
-            for obj in scene.objects:
-                for name, index in object_attributes(obj).items():
-                    targets[name].append(index)
-        tokens = model.encode_images(torch.stack(pixels).to(device))  # [B, T, D]
-        pooled = torch.cat([disc_pool(tokens[b], discs[b], grid) for b in range(batch_size)])
-        pooled = F.normalize(pooled.float(), dim=-1)
+        scenes = [sample_scene(scene_rng("train", seed, GROUNDING_STREAM + step * batch_size + b))
+                  for b in range(batch_size)]
+        targets = {name: [object_attributes(obj)[name] for scene in scenes for obj in scene.objects]
+                   for name in ATTRIBUTES}
+        tokens = model.encode_images(torch.stack([processor(render(s)) for s in scenes]).to(device))  # [B, T, D]
+        pooled = pooled_object_tokens(model, tokens, scenes)
         norm_penalty = image_norm_penalty(tokens, word_norm)
         loss = norm_weight * norm_penalty
         metrics = {"norm_penalty": norm_penalty.item()}

@@ -5,10 +5,13 @@ under 45 minutes on a 2-core CPU (faster with CUDA).
 2. Pretrain the vision tower on dense scene attributes (``vision_pretrain``).
 3. Ground the image tokens: tower + projector trained so that an object's tokens read as its words
    in SmolLM2's embedding space (``grounding``; no LLM forward pass).
-4. Stage 1: align the LDPv2 projector on captions, vision tower and LLM frozen.
-5. Stage 2: instruction-tune projector + vision tower + quantization-aware LoRA on SmolLM2 (or the
-   first two under the frozen LLM) on the multi-turn conversations.
+4. Stage 1 (off by default): align the LDPv2 projector on captions, vision tower and LLM frozen.
+5. Stage 2: instruction-tune quantization-aware LoRA on SmolLM2, one question per example, with the
+   grounded tower and projector frozen (each can be trained too, or the LLM frozen instead).
 6. Evaluate on the test split and write the small trained tensors as one safetensors file.
+
+Along the way it records whether the image tokens still read as their words (``grounding.read_out``)
+and whether the model's loss depends on its images (``Trainer.image_reliance``), in ``training.json``.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ import torch
 from safetensors.torch import save_file
 
 from edge_mllm.chat import ChatTemplate
-from edge_mllm.data.llava import load_conversations
+from edge_mllm.data.llava import load_conversations, single_turns
 from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, write_split
 from edge_mllm.default import TRAINED_WEIGHTS_FILE, apply_trained, untrained_default
 from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
 from edge_mllm.pipeline import Pipeline
 from edge_mllm.preprocess import ImageProcessor
-from edge_mllm.train.grounding import ground_image_tokens
+from edge_mllm.train.grounding import ground_image_tokens, read_out
 from edge_mllm.train.lora import lora_factors
 from edge_mllm.train.trainer import TrainConfig, Trainer
 from edge_mllm.train.vision_pretrain import pretrain_vision
@@ -45,15 +48,17 @@ class RecipeConfig:
     vision_lr: float = 5e-4
     ground_steps: int = 400
     ground_batch: int = 8
-    align_epochs: float = 0.5  # stage 2 trains the projector too; its steps buy more
-    align_lr: float = 1e-3  # the projector starts grounded (``grounding``), not from scratch
+    # Stage 1 (caption alignment) is off: driven by an LLM that does not yet read the image, it
+    # overwrote what grounding made (run 3, TRAINING.md). 0 skips it.
+    align_epochs: float = 0.0
+    align_lr: float = 1e-3
     # Keeps image tokens at a word embedding's norm in every step that trains the projector; without it
-    # they grew 50-70× larger, one of two measured reasons the model ignores its images (TRAINING.md).
+    # they grew 50-70× larger, one of two measured reasons the model ignored its images (TRAINING.md).
     image_norm_weight: float = 0.1
-    instruct_epochs: float = 1.0
+    instruct_epochs: float = 0.25  # of the single-turn examples (~5,200): ~1,300 questions, 2 per scene
     instruct_lr: float = 5e-4  # what stage 2 trains besides the connector (vision tower, LoRA)
     instruct_projector_lr: float = 1e-3
-    instruct_batch: int = 4
+    instruct_batch: int = 8
     # A frozen SmolLM2 cannot learn to answer from what it is shown (TRAINING.md: 63% VQA and chance
     # POPE even given the true caption), so stage 2 trains LoRA on it. Float LoRA updates are smaller
     # than a 4-bit step and vanish when the LLM is re-quantized for export; trained through the grid
@@ -61,14 +66,18 @@ class RecipeConfig:
     freeze_llm: bool = False
     lora_rank: int = 8
     qat: str | None = "rtn-w4-g32-min"
-    instruct_train_vision: bool = True
+    # Tower and projector stay as grounding leaves them: stage 2 only teaches the LLM to read them.
+    instruct_train_vision: bool = False
+    instruct_train_projector: bool = False
+    # One question per example, as evaluation asks: in multi-turn data earlier questions give later
+    # answers away, and the model learnt those instead of reading the image (runs 4 and 5, TRAINING.md).
+    instruct_single_turn: bool = True
 
     @classmethod
     def quick(cls) -> RecipeConfig:
         """A minutes-long version of the same steps, for trying the pipeline out."""
         return cls(train_scenes=16, test_scenes=4, vision_steps=4, vision_batch=2, ground_steps=4, ground_batch=2,
-                   align_epochs=0.5,
-                   instruct_epochs=0.5)
+                   instruct_epochs=0.2)
 
 
 def trained_tensors(model) -> dict[str, torch.Tensor]:
@@ -105,21 +114,35 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
     ground_metrics = timed("ground", lambda: ground_image_tokens(
         model, loaded.tokenizer, processor, steps=config.ground_steps, batch_size=config.ground_batch,
         norm_weight=config.image_norm_weight, seed=config.seed, progress=progress))
+    # Whether the image tokens still name what they show after each step, and whether the model's
+    # loss depends on its images: the two checks that found the 2026-12-04 runs blind (TRAINING.md).
+    diagnostics = {"read_out": {"ground": read_out(model, loaded.tokenizer, processor, seed=config.seed)}}
     template = ChatTemplate(loaded.chat_template)
-    align = TrainConfig(stage="pretrain", epochs=config.align_epochs, lr=config.align_lr, batch_size=8,
-                        image_norm_weight=config.image_norm_weight, seed=config.seed, checkpoint_every=0)
-    align_metrics = timed("align", lambda: Trainer(model, loaded.tokenizer, template, align).train(
-        load_conversations(train_dir / CAPTIONS_FILE), progress=progress))
+    align_metrics = None
+    if config.align_epochs > 0:
+        align = TrainConfig(stage="pretrain", epochs=config.align_epochs, lr=config.align_lr, batch_size=8,
+                            image_norm_weight=config.image_norm_weight, seed=config.seed, checkpoint_every=0)
+        align_metrics = timed("align", lambda: Trainer(model, loaded.tokenizer, template, align).train(
+            load_conversations(train_dir / CAPTIONS_FILE), progress=progress))
+        diagnostics["read_out"]["align"] = read_out(model, loaded.tokenizer, processor, seed=config.seed)
     qat = None if config.freeze_llm else config.qat  # LoRA's grid; a frozen LLM has no LoRA
     instruct = TrainConfig(stage="instruct", epochs=config.instruct_epochs, lr=config.instruct_lr,
                            projector_lr=config.instruct_projector_lr, batch_size=config.instruct_batch,
                            lora_rank=config.lora_rank, freeze_llm=config.freeze_llm,
                            qat=qat,
                            train_vision=config.instruct_train_vision,
+                           train_projector=config.instruct_train_projector,
                            image_norm_weight=config.image_norm_weight, seed=config.seed,
                            checkpoint_every=0)
-    instruct_metrics = timed("instruct", lambda: Trainer(model, loaded.tokenizer, template, instruct).train(
-        load_conversations(train_dir / CONVERSATIONS_FILE), progress=progress))
+    instruct_trainer = Trainer(model, loaded.tokenizer, template, instruct)
+    held_out = load_conversations(test_dir / CONVERSATIONS_FILE)
+    diagnostics["image_reliance"] = {"before_instruct": instruct_trainer.image_reliance(held_out)}
+    conversations = load_conversations(train_dir / CONVERSATIONS_FILE)
+    if config.instruct_single_turn:
+        conversations = single_turns(conversations)
+    instruct_metrics = timed("instruct", lambda: instruct_trainer.train(conversations, progress=progress))
+    diagnostics["image_reliance"]["after_instruct"] = instruct_trainer.image_reliance(held_out)
+    diagnostics["read_out"]["instruct"] = read_out(model, loaded.tokenizer, processor, seed=config.seed)
     weights = trained_tensors(model)
     metadata = {"format": "pt", "seed": str(config.seed)}
     if qat:
@@ -140,6 +163,7 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
         "ground": ground_metrics,
         "align": align_metrics,
         "instruct": instruct_metrics,
+        "diagnostics": diagnostics,
         "test": {"vqa": report["vqa"], "pope": report["pope"]},
         "weights_bytes": (out / TRAINED_WEIGHTS_FILE).stat().st_size,
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,6 +52,7 @@ class TrainConfig:
     # trained on, so that exporting with that scheme keeps what was learnt (quantization-aware LoRA)
     qat: str | None = None
     train_vision: bool = False
+    train_projector: bool = True  # False keeps the connector as it is (e.g. as grounding left it)
     image_norm_weight: float = 0.0  # > 0: keep image tokens near a word embedding's norm (image_norm_penalty)
     max_len: int = 512
     grad_clip: float = 1.0
@@ -63,6 +64,9 @@ class TrainConfig:
             raise EdgeMLLMError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
         if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
             raise EdgeMLLMError("epochs, batch_size and lr must be positive")
+        trains_llm = self.stage == "instruct" and not self.freeze_llm
+        if not (self.train_projector or self.train_vision or trains_llm):
+            raise EdgeMLLMError("nothing to train: the stage freezes the connector, the vision encoder and the LLM")
         if self.qat is not None:
             scheme = QuantScheme.parse(self.qat)
             if self.stage != "instruct" or self.freeze_llm or self.lora_rank < 1:
@@ -80,7 +84,7 @@ def pick_device() -> torch.device:
 def set_trainable(model: MultimodalLM, config: TrainConfig) -> list[torch.nn.Parameter]:
     """Freeze everything, then unfreeze what the stage trains (adding LoRA adapters if asked)."""
     model.requires_grad_(False)
-    if model.mm_projector is not None:
+    if model.mm_projector is not None and config.train_projector:
         model.mm_projector.requires_grad_(True)
     if config.train_vision and model.vision_tower is not None:
         model.vision_tower.requires_grad_(True)
@@ -111,6 +115,8 @@ class Trainer:
         self.device = pick_device()
         torch.manual_seed(config.seed)  # LoRA's init: the same seed gives the same run
         self.params = set_trainable(model, config)
+        if not self.params:
+            raise EdgeMLLMError("nothing to train: the model has none of the parts this stage trains")
         self.model.to(self.device)
         self.tokenizer, self.template = tokenizer, template
         self.word_norm = mean_word_norm(model)
@@ -143,7 +149,7 @@ class Trainer:
         self.feature_cache[image] = features
         return features
 
-    def batch_loss(self, batch: list[Example]) -> tuple[torch.Tensor, int]:
+    def batch_loss(self, batch: list[Example], penalise_norm: bool = True) -> tuple[torch.Tensor, int]:
         embeds = []
         for example in batch:
             features = self.image_features(example.image)
@@ -152,9 +158,28 @@ class Trainer:
         inputs, labels = embed_batch(self.model, batch, embeds, max_len)
         loss, count = lm_loss(self.model, inputs, labels)
         images = [e for e in embeds if e is not None]
-        if self.config.image_norm_weight and images:
+        if penalise_norm and self.config.image_norm_weight and images:
             loss = loss + self.config.image_norm_weight * image_norm_penalty(torch.cat(images), self.word_norm)
         return loss, count
+
+    def image_reliance(self, conversations: list[Conversation], count: int = 8) -> dict[str, float]:
+        """The loss on the first ``count`` image conversations with their own images, and with each
+        one's image swapped for the next one's. A model that reads its images does worse on the wrong
+        ones; one that answers from priors does not (how the 2026-12-04 runs were found blind)."""
+        examples = [tokenize_conversation(c, self.tokenizer, self.template) for c in conversations
+                    if c.image is not None][:count]
+        if len({e.image for e in examples}) < 2:
+            raise EdgeMLLMError("image reliance needs at least two conversations with different images")
+        swapped = [replace(e, image=examples[(i + 1) % len(examples)].image) for i, e in enumerate(examples)]
+        result = {}
+        with torch.no_grad():
+            for name, batch in (("loss", examples), ("loss_swapped_images", swapped)):
+                total, tokens = 0.0, 0
+                for i in range(0, len(batch), self.config.batch_size):
+                    loss, labelled = self.batch_loss(batch[i : i + self.config.batch_size], penalise_norm=False)
+                    total, tokens = total + loss.item() * labelled, tokens + labelled
+                result[name] = total / tokens  # per response token, as the training loss
+        return result
 
     def save_checkpoint(self, folder: Path) -> None:
         trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
