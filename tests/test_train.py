@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from edge_mllm.chat import ChatTemplate
 from edge_mllm.checkpoint import load_model
-from edge_mllm.data.llava import Conversation, load_conversations
+from edge_mllm.data.llava import Conversation, load_conversations, single_turns
 from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, render, sample_scene, scene_rng, write_split
 from edge_mllm.default import apply_trained
 from edge_mllm.errors import EdgeMLLMError
@@ -283,7 +283,8 @@ def test_image_reliance_tells_a_blind_model_from_a_seeing_one(tiny, synth_data):
     # The check that found the 2026-12-04 default blind: with swapped images a model that reads them
     # scores a different loss; one whose image tokens carry nothing (projector output constant)
     # scores exactly the same.
-    conversations = load_conversations(synth_data / CONVERSATIONS_FILE)
+    # Single turns: consecutive examples share an image, and the check must still swap real images.
+    conversations = single_turns(load_conversations(synth_data / CONVERSATIONS_FILE))
     trainer = Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template),
                       TrainConfig(stage="instruct", batch_size=4, freeze_llm=True))
     seeing = trainer.image_reliance(conversations)
@@ -293,6 +294,8 @@ def test_image_reliance_tells_a_blind_model_from_a_seeing_one(tiny, synth_data):
     blind = trainer.image_reliance(conversations)
     assert blind["loss"] == pytest.approx(blind["loss_swapped_images"], abs=1e-6), blind
     assert blind["loss"] != pytest.approx(seeing["loss"], abs=1e-4)
+    with pytest.raises(EdgeMLLMError, match="two different images"):
+        trainer.image_reliance([c for c in conversations if c.image == conversations[0].image])
 
 
 def test_resume_restores_optimizer_and_step(mobilevlm_v2, synth_data, tmp_path, monkeypatch):

@@ -135,7 +135,7 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
                            image_norm_weight=config.image_norm_weight, seed=config.seed,
                            checkpoint_every=0)
     instruct_trainer = Trainer(model, loaded.tokenizer, template, instruct)
-    held_out = load_conversations(test_dir / CONVERSATIONS_FILE)
+    held_out = single_turns(load_conversations(test_dir / CONVERSATIONS_FILE))  # as evaluation asks
     diagnostics["image_reliance"] = {"before_instruct": instruct_trainer.image_reliance(held_out)}
     conversations = load_conversations(train_dir / CONVERSATIONS_FILE)
     if config.instruct_single_turn:

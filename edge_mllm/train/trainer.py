@@ -163,13 +163,16 @@ class Trainer:
         return loss, count
 
     def image_reliance(self, conversations: list[Conversation], count: int = 8) -> dict[str, float]:
-        """The loss on the first ``count`` image conversations with their own images, and with each
-        one's image swapped for the next one's. A model that reads its images does worse on the wrong
+        """The loss on the first conversation of each of the first ``count`` images with its own image,
+        and with the next one's image instead. A model that reads its images does worse on the wrong
         ones; one that answers from priors does not (how the 2026-12-04 runs were found blind)."""
-        examples = [tokenize_conversation(c, self.tokenizer, self.template) for c in conversations
-                    if c.image is not None][:count]
-        if len({e.image for e in examples}) < 2:
-            raise EdgeMLLMError("image reliance needs at least two conversations with different images")
+        first_per_image: dict[Path, Conversation] = {}
+        for c in conversations:  # one per image, so every swap really changes the image
+            if c.image is not None and len(first_per_image) < count:
+                first_per_image.setdefault(c.image, c)
+        if len(first_per_image) < 2:
+            raise EdgeMLLMError("image reliance needs conversations about at least two different images")
+        examples = [tokenize_conversation(c, self.tokenizer, self.template) for c in first_per_image.values()]
         swapped = [replace(e, image=examples[(i + 1) % len(examples)].image) for i, e in enumerate(examples)]
         result = {}
         with torch.no_grad():
