@@ -53,7 +53,7 @@ class RecipeConfig:
     align_epochs: float = 0.0
     align_lr: float = 1e-3
     # Keeps image tokens at a word embedding's norm in every step that trains the projector; without it
-    # they grew 50-70× larger, one of two measured reasons the model ignored its images (TRAINING.md).
+    # they grew 50-70× larger, one of the measured reasons the model ignored its images (TRAINING.md).
     image_norm_weight: float = 0.1
     instruct_epochs: float = 0.25  # of the single-turn examples (~5,200): ~1,300 questions, 2 per scene
     instruct_lr: float = 5e-4  # what stage 2 trains besides the connector (vision tower, LoRA)
@@ -136,12 +136,13 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
                            checkpoint_every=0)
     instruct_trainer = Trainer(model, loaded.tokenizer, template, instruct)
     held_out = single_turns(load_conversations(test_dir / CONVERSATIONS_FILE))  # as evaluation asks
-    diagnostics["image_reliance"] = {"before_instruct": instruct_trainer.image_reliance(held_out)}
+    before = instruct_trainer.image_reliance(held_out, count=config.test_scenes)  # one question per scene
     conversations = load_conversations(train_dir / CONVERSATIONS_FILE)
     if config.instruct_single_turn:
         conversations = single_turns(conversations)
     instruct_metrics = timed("instruct", lambda: instruct_trainer.train(conversations, progress=progress))
-    diagnostics["image_reliance"]["after_instruct"] = instruct_trainer.image_reliance(held_out)
+    after = instruct_trainer.image_reliance(held_out, count=config.test_scenes)
+    diagnostics["image_reliance"] = {"before_instruct": before, "after_instruct": after}
     diagnostics["read_out"]["instruct"] = read_out(model, loaded.tokenizer, processor, seed=config.seed)
     weights = trained_tensors(model)
     metadata = {"format": "pt", "seed": str(config.seed)}
