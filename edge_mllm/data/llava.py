@@ -98,7 +98,8 @@ def single_turns(conversations: list[Conversation]) -> list[Conversation]:
     singles = []
     for conversation in conversations:
         messages = conversation.messages
-        if [m["role"] for m in messages] != ["user", "assistant"] * (len(messages) // 2) or len(messages) % 2:
+        roles = [m["role"] for m in messages]
+        if len(roles) % 2 or roles != ["user", "assistant"] * (len(roles) // 2):
             raise DataError(f"conversation {conversation.id}: expected alternating user/assistant turns")
         for k in range(0, len(messages), 2):
             question = messages[k]["content"].replace(f"{IMAGE_MARKER}\n", "").replace(IMAGE_MARKER, "")

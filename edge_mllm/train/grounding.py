@@ -104,8 +104,8 @@ def ground_image_tokens(
     for step in bar:
         scenes = [sample_scene(scene_rng("train", seed, GROUNDING_STREAM + step * batch_size + b))
                   for b in range(batch_size)]
-        targets = {name: [object_attributes(obj)[name] for scene in scenes for obj in scene.objects]
-                   for name in ATTRIBUTES}
+        attributes = [object_attributes(obj) for scene in scenes for obj in scene.objects]
+        targets = {name: [a[name] for a in attributes] for name in ATTRIBUTES}
         tokens = model.encode_images(torch.stack([processor(render(s)) for s in scenes]).to(device))  # [B, T, D]
         pooled = pooled_object_tokens(model, tokens, scenes)
         norm_penalty = image_norm_penalty(tokens, word_norm)
