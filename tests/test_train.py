@@ -23,7 +23,7 @@ from edge_mllm.errors import EdgeMLLMError
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
-from edge_mllm.train.examples import IGNORE_INDEX, embed_batch, tokenize_conversation
+from edge_mllm.train.examples import IGNORE_INDEX, embed_batch, pack_shared_prefix, tokenize_conversation
 from edge_mllm.train.grounding import ground_image_tokens, read_out
 from edge_mllm.train.lora import LoRALinear, add_lora_factors, apply_lora, lora_factors, merge_lora, snap
 from edge_mllm.train.recipe import trained_tensors
@@ -101,13 +101,58 @@ def test_caption_batch_labels_line_up_after_image_expansion(tiny, synth_data):
     example = tokenize_conversation(conv, tiny.tokenizer, ChatTemplate(tiny.chat_template))
     n_img = tiny.model.num_image_tokens
     embeds = torch.zeros(n_img, tiny.model.config.text.hidden_size)
-    inputs, labels = embed_batch(tiny.model, [example, example], [embeds, embeds], max_len=4096)
+    batch = embed_batch(tiny.model, [example, example], [embeds, embeds], max_len=4096)
+    inputs, labels = batch.inputs, batch.labels
+    assert batch.attn_mask is None  # one causal sequence per row: SDPA's causal kernel
     assert inputs.shape[:2] == labels.shape and labels.shape[1] == len(example.input_ids) - 1 + n_img
     image_at = example.input_ids.index(IMAGE_TOKEN_INDEX)
     assert (labels[:, image_at : image_at + n_img] == IGNORE_INDEX).all()
     caption_ids = [t for t in labels[0].tolist() if t != IGNORE_INDEX]
     answer = conv.messages[1]["content"]
     assert tiny.tokenizer.decode(caption_ids).strip() == answer
+
+
+def test_questions_packed_after_their_image_prompt_learn_exactly_as_one_by_one(tiny, synth_data):
+    """pack_shared_prefix's rows give the loss and gradients of the single questions they hold."""
+    config = TrainConfig(stage="instruct", lora_rank=4, train_vision=True, seed=0)
+    trainer = Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template), config)
+    conversations = load_conversations(synth_data / CONVERSATIONS_FILE)[:2]
+    singles = [tokenize_conversation(c, tiny.tokenizer, trainer.template) for c in single_turns(conversations)]
+    trainer.config = dataclasses.replace(config, single_turns=True)
+    packed = trainer.examples(conversations)
+    # The tiny model's 256 positions hold two or three questions per row.
+    assert sum(max(1, len(row.branches)) for row in packed) == len(singles) and len(packed) < len(singles)
+    assert all(trainer.model.prompt_length(row.input_ids) <= trainer.max_len for row in packed)
+    assert sum(map(len, (r.input_ids for r in packed))) < sum(map(len, (e.input_ids for e in singles)))
+    # The LoRA factors start at zero (B = 0): move them so their gradients are not trivially equal.
+    with torch.no_grad():
+        for name, p in tiny.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+
+    def loss_and_grads(batch):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss, count = trainer.batch_loss(batch)
+        loss.backward()
+        return loss.item(), count, [p.grad.clone() for p in trainer.params]
+
+    loss_one, count_one, grads_one = loss_and_grads(singles)
+    loss_packed, count_packed, grads_packed = loss_and_grads(packed)
+    assert count_packed == count_one
+    assert loss_packed == pytest.approx(loss_one, rel=1e-5)
+    for g_one, g_packed in zip(grads_one, grads_packed, strict=True):
+        torch.testing.assert_close(g_packed, g_one, rtol=1e-4, atol=1e-6)
+    # Rows too short to hold two questions: each question stays an ordinary example.
+    unshared = pack_shared_prefix(singles[:3], tiny.model, max_len=tiny.model.prompt_length(singles[0].input_ids))
+    assert [(e.input_ids, e.labels, e.branches) for e in unshared] == [(e.input_ids, e.labels, ()) for e in singles[:3]]
+
+
+def test_packing_refuses_examples_about_different_images(tiny, synth_data):
+    conversations = load_conversations(synth_data / CONVERSATIONS_FILE)[:2]
+    template = ChatTemplate(tiny.chat_template)
+    examples = [tokenize_conversation(single_turns([c])[0], tiny.tokenizer, template) for c in conversations]
+    with pytest.raises(EdgeMLLMError, match="one image"):
+        pack_shared_prefix(examples, tiny.model, max_len=4096)
 
 
 def test_conversation_without_answer_tokens_is_refused(tokenizer):

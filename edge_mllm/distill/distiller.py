@@ -54,13 +54,14 @@ class Distiller(Trainer):
             student_embeds.append(self.model.mm_projector(features[None])[0])
             with torch.no_grad():
                 teacher_embeds.append(self.teacher.mm_projector(features[None])[0])
-        max_len = min(self.config.max_len, self.model.config.text.max_position_embeddings)
-        inputs, labels = embed_batch(self.model, batch, student_embeds, max_len)
+        student = embed_batch(self.model, batch, student_embeds, self.max_len)
         with torch.no_grad():
-            teacher_inputs, _ = embed_batch(self.teacher, batch, teacher_embeds, max_len)
-            teacher_hidden = self.teacher.language_model.hidden_states(teacher_inputs)[:, :-1]
-        student_hidden = self.model.language_model.hidden_states(inputs)[:, :-1]
-        targets = labels[:, 1:]
+            teacher = embed_batch(self.teacher, batch, teacher_embeds, self.max_len)
+            teacher_hidden = self.teacher.language_model.hidden_states(
+                teacher.inputs, teacher.input_pos, teacher.attn_mask)[:, :-1]
+        student_hidden = self.model.language_model.hidden_states(
+            student.inputs, student.input_pos, student.attn_mask)[:, :-1]
+        targets = student.labels[:, 1:]
         keep = targets != IGNORE_INDEX
         s_hidden, t_hidden = student_hidden[keep], teacher_hidden[keep]
         student_logits = self.model.language_model.lm_head(s_hidden)

@@ -36,7 +36,7 @@ def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [T, D]."""
+    """x [B, H, T, D]; cos/sin [T, D], or [B, 1, T, D] when each row has its own positions."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -71,7 +71,8 @@ class LlamaAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
@@ -80,7 +81,7 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if self.kv_cache is None:
-            mask, causal = None, True
+            mask, causal = (None, True) if attn_mask is None else (attn_mask[:, None], False)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
             # Query i (at input_pos[i]) sees every cache slot at or before its own position.
@@ -115,8 +116,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
+                attn_mask: torch.Tensor | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -178,16 +180,25 @@ class LlamaForCausalLM(nn.Module):
         """
         return self.lm_head(self.hidden_states(inputs_embeds, input_pos))
 
-    def hidden_states(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final-norm hidden states [B, T, D] that ``forward`` feeds the LM head (training applies
-        the head only where there are labels)."""
+        the head only where there are labels).
+
+        Training may pass its own layout instead of one causal sequence per row: ``input_pos`` [B, T]
+        and ``attn_mask`` [B, T, T] (True: query may attend to key), e.g. several questions packed
+        after one shared image prompt (``train.examples.pack_shared_prefix``). Not with a KV cache."""
+        if attn_mask is not None and self.max_cache_len:
+            raise ValueError("attn_mask is for cacheless forwards; the KV cache brings its own mask")
         if input_pos is None:
             if self.max_cache_len:
                 raise ValueError("input_pos is required when a KV cache is set up")
             input_pos = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
         cos = self.rope_cos[input_pos].to(inputs_embeds.dtype)
         sin = self.rope_sin[input_pos].to(inputs_embeds.dtype)
+        if input_pos.dim() == 2:  # per-row positions: broadcast over the heads
+            cos, sin = cos[:, None], sin[:, None]
         x = inputs_embeds
         for layer in self.model.layers:
-            x = layer(x, cos, sin, input_pos)
+            x = layer(x, cos, sin, input_pos, attn_mask)
         return self.model.norm(x)

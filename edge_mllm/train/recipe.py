@@ -6,8 +6,9 @@ under 45 minutes on a 2-core CPU (faster with CUDA).
 3. Ground the image tokens: tower + projector trained so that an object's tokens read as its words
    in SmolLM2's embedding space (``grounding``; no LLM forward pass).
 4. Stage 1 (off by default): align the LDPv2 projector on captions, vision tower and LLM frozen.
-5. Stage 2: instruction-tune quantization-aware LoRA on SmolLM2, one question per example, with the
-   grounded tower and projector frozen (each can be trained too, or the LLM frozen instead).
+5. Stage 2: instruction-tune quantization-aware LoRA on SmolLM2, one question per example (the
+   questions about one image packed after its prompt), with the grounded tower and projector frozen
+   (each can be trained too, or the LLM frozen instead).
 6. Evaluate on the test split and write the small trained tensors as one safetensors file.
 
 Along the way it records whether the image tokens still read as their words (``grounding.read_out``)
@@ -55,10 +56,10 @@ class RecipeConfig:
     # Keeps image tokens at a word embedding's norm in every step that trains the projector; without it
     # they grew 50-70× larger, one of the measured reasons the model ignored its images (TRAINING.md).
     image_norm_weight: float = 0.1
-    instruct_epochs: float = 0.25  # of the single-turn examples (~5,200): ~1,300 questions, 2 per scene
+    instruct_epochs: float = 1.0  # of the 600 conversations: every one of their ~5,200 questions once
     instruct_lr: float = 5e-4  # what stage 2 trains besides the connector (vision tower, LoRA)
     instruct_projector_lr: float = 1e-3
-    instruct_batch: int = 8
+    instruct_batch: int = 4  # conversations per step: ~35 questions, each packed after its image prompt
     # A frozen SmolLM2 cannot learn to answer from what it is shown (TRAINING.md: 63% VQA and chance
     # POPE even given the true caption), so stage 2 trains LoRA on it. Float LoRA updates are smaller
     # than a 4-bit step and vanish when the LLM is re-quantized for export; trained through the grid
@@ -71,13 +72,14 @@ class RecipeConfig:
     instruct_train_projector: bool = False
     # One question per example, as evaluation asks: in multi-turn data earlier questions give later
     # answers away, and the model learnt those instead of reading the image (runs 4 and 5, TRAINING.md).
+    # The questions about one image share its prompt in one packed row (TrainConfig.single_turns).
     instruct_single_turn: bool = True
 
     @classmethod
     def quick(cls) -> RecipeConfig:
         """A minutes-long version of the same steps, for trying the pipeline out."""
         return cls(train_scenes=16, test_scenes=4, vision_steps=4, vision_batch=2, ground_steps=4, ground_batch=2,
-                   instruct_epochs=0.2)
+                   instruct_epochs=0.5)
 
 
 def trained_tensors(model) -> dict[str, torch.Tensor]:
@@ -132,14 +134,12 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
                            qat=qat,
                            train_vision=config.instruct_train_vision,
                            train_projector=config.instruct_train_projector,
-                           image_norm_weight=config.image_norm_weight, seed=config.seed,
-                           checkpoint_every=0)
+                           image_norm_weight=config.image_norm_weight, single_turns=config.instruct_single_turn,
+                           seed=config.seed, checkpoint_every=0)
     instruct_trainer = Trainer(model, loaded.tokenizer, template, instruct)
     held_out = single_turns(load_conversations(test_dir / CONVERSATIONS_FILE))  # as evaluation asks
     before = instruct_trainer.image_reliance(held_out, count=config.test_scenes)  # one question per scene
     conversations = load_conversations(train_dir / CONVERSATIONS_FILE)
-    if config.instruct_single_turn:
-        conversations = single_turns(conversations)
     instruct_metrics = timed("instruct", lambda: instruct_trainer.train(conversations, progress=progress))
     after = instruct_trainer.image_reliance(held_out, count=config.test_scenes)
     diagnostics["image_reliance"] = {"before_instruct": before, "after_instruct": after}

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from edge_mllm.chat import ChatTemplate
-from edge_mllm.data.llava import Conversation
+from edge_mllm.data.llava import Conversation, single_turns
 from edge_mllm.errors import EdgeMLLMError
 from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
@@ -28,6 +28,7 @@ from edge_mllm.train.examples import (
     image_norm_penalty,
     lm_loss,
     mean_word_norm,
+    pack_shared_prefix,
     tokenize_conversation,
 )
 from edge_mllm.train.lora import apply_lora, quantization_grids
@@ -54,6 +55,10 @@ class TrainConfig:
     train_vision: bool = False
     train_projector: bool = True  # False keeps the connector as it is (e.g. as grounding left it)
     image_norm_weight: float = 0.0  # > 0: keep image tokens near a word embedding's norm (image_norm_penalty)
+    # Each question of a conversation learnt on its own, as evaluation asks it (``single_turns``), the
+    # questions about one image packed after the prompt they share (``pack_shared_prefix``); batch_size
+    # then counts such rows, each holding one conversation's questions
+    single_turns: bool = False
     max_len: int = 512
     grad_clip: float = 1.0
     seed: int = 0
@@ -135,6 +140,11 @@ class Trainer:
                                            weight_decay=config.weight_decay)
         self.step = 0
 
+    @property
+    def max_len(self) -> int:
+        """Positions a training row may take."""
+        return min(self.config.max_len, self.model.config.text.max_position_embeddings)
+
     def image_features(self, image: Path | None) -> torch.Tensor | None:
         """Vision-tower output for one image [N, D] (the projector runs in the training graph)."""
         if image is None:
@@ -154,9 +164,7 @@ class Trainer:
         for example in batch:
             features = self.image_features(example.image)
             embeds.append(None if features is None else self.model.mm_projector(features[None])[0])
-        max_len = min(self.config.max_len, self.model.config.text.max_position_embeddings)
-        inputs, labels = embed_batch(self.model, batch, embeds, max_len)
-        loss, count = lm_loss(self.model, inputs, labels)
+        loss, count = lm_loss(self.model, embed_batch(self.model, batch, embeds, self.max_len))
         images = [e for e in embeds if e is not None]
         if penalise_norm and self.config.image_norm_weight and images:
             loss = loss + self.config.image_norm_weight * image_norm_penalty(torch.cat(images), self.word_norm)
@@ -183,6 +191,15 @@ class Trainer:
                     total, tokens = total + loss.item() * labelled, tokens + labelled
                 result[name] = total / tokens  # per response token, as the training loss
         return result
+
+    def examples(self, conversations: list[Conversation]) -> list[Example]:
+        """What one training step draws from: a conversation each, or with ``single_turns`` each
+        conversation's questions packed after their shared image prompt."""
+        if not self.config.single_turns:
+            return [tokenize_conversation(c, self.tokenizer, self.template) for c in conversations]
+        return [row for c in conversations for row in pack_shared_prefix(
+            [tokenize_conversation(t, self.tokenizer, self.template) for t in single_turns([c])], self.model,
+            self.max_len)]
 
     def save_checkpoint(self, folder: Path) -> None:
         trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -212,7 +229,7 @@ class Trainer:
               resume: bool = False, progress: bool = True) -> dict[str, float]:
         """Run the configured epochs; returns the mean loss of the last 10% of steps and throughput."""
         cfg = self.config
-        examples = [tokenize_conversation(c, self.tokenizer, self.template) for c in conversations]
+        examples = self.examples(conversations)
         if not examples:
             raise EdgeMLLMError("no training data")
         steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
