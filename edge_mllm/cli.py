@@ -175,6 +175,9 @@ def _training_data(data_path: str, stage: str, images: str | None):
               help="Keep the connector as it is (e.g. grounded image tokens, while LoRA learns to read them).")
 @click.option("--image-norm-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Weight of a penalty keeping image tokens at a word embedding's norm (TRAINING.md).")
+@click.option("--single-turns", is_flag=True,
+              help="Learn each question on its own, as evaluation asks it (the questions about one image share "
+                   "its prompt in one packed row; --batch-size then counts such rows).")
 @click.option("--qat", metavar="SCHEME",
               help="instruct + LoRA: train the merged weights on this round-to-nearest scheme's grid (e.g. "
                    "rtn-w4-g32-min), so that exporting with --quant SCHEME keeps what was learnt.")
@@ -183,7 +186,7 @@ def _training_data(data_path: str, stage: str, images: str | None):
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/ (optimizer, step).")
 @click.option("--json", "as_json", is_flag=True)
 def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_rank, freeze_llm, train_vision,
-          freeze_projector, image_norm_weight, qat, max_len, seed, resume, as_json) -> None:
+          freeze_projector, image_norm_weight, single_turns, qat, max_len, seed, resume, as_json) -> None:
     """Train the connector (pretrain) or connector + LLM (instruct) on conversations."""
     from pathlib import Path
 
@@ -201,7 +204,8 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
     try:  # options that do not go together (e.g. --qat with --freeze-llm) are usage errors
         config = TrainConfig(stage=stage, epochs=epochs, batch_size=batch_size, lr=lr, freeze_llm=freeze_llm,
                              train_vision=train_vision, train_projector=not freeze_projector,
-                             image_norm_weight=image_norm_weight, qat=qat, max_len=max_len, seed=seed, **lora)
+                             image_norm_weight=image_norm_weight, single_turns=single_turns, qat=qat,
+                             max_len=max_len, seed=seed, **lora)
     except EdgeMLLMError as exc:
         raise click.UsageError(str(exc)) from exc
     conversations = _training_data(data_path, stage, images)

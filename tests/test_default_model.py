@@ -56,10 +56,10 @@ def test_quick_recipe_runs_every_step_and_ships_a_file_that_loads_onto_its_grid(
     # carries LoRA factors and names their grid, and loading it puts the decoder on that grid.
     summary = run_recipe(tmp_path, RecipeConfig.quick(), progress=False)
     assert set(summary["seconds"]) == {"data", "vision_pretrain", "ground", "instruct", "eval"}  # no stage 1
-    assert {"color", "shape", "row", "col", "size"} <= set(summary["ground"])
+    assert {"background", "color", "shape", "row", "col", "size"} <= set(summary["ground"])
     diagnostics = summary["diagnostics"]
     assert set(diagnostics["read_out"]) == {"ground", "instruct"}
-    assert set(diagnostics["read_out"]["instruct"]) == {"color", "shape", "row", "col", "size"}
+    assert set(diagnostics["read_out"]["instruct"]) == {"background", "color", "shape", "row", "col", "size"}
     # stage 2 trains LoRA only: the tokens read exactly as grounding left them
     assert diagnostics["read_out"]["instruct"] == diagnostics["read_out"]["ground"]
     for when in ("before_instruct", "after_instruct"):
@@ -88,4 +88,4 @@ def test_recipe_with_alignment_and_a_trained_connector(tmp_path):
     assert summary["seconds"]["align"] > 0 and summary["align"]["steps"] == 1
     read_out = summary["diagnostics"]["read_out"]
     assert set(read_out) == {"ground", "align", "instruct"}
-    assert summary["instruct"]["steps"] == 2  # 16 multi-turn conversations, batch 8
+    assert summary["instruct"]["steps"] == 4  # 16 multi-turn conversations, batch 4

@@ -3,8 +3,9 @@ under 45 minutes on a 2-core CPU (faster with CUDA).
 
 1. Render synthetic train scenes (captions, multi-turn VQA + POPE) and a held-out test split.
 2. Pretrain the vision tower on dense scene attributes (``vision_pretrain``).
-3. Ground the image tokens: tower + projector trained so that an object's tokens read as its words
-   in SmolLM2's embedding space (``grounding``; no LLM forward pass).
+3. Ground the image tokens: tower + projector trained so that each token covering an object is one
+   of its words in SmolLM2's embedding space, the background a full stop (``grounding``; no LLM
+   forward pass).
 4. Stage 1 (off by default): align the LDPv2 projector on captions, vision tower and LLM frozen.
 5. Stage 2: instruction-tune quantization-aware LoRA on SmolLM2, one question per example (the
    questions about one image packed after its prompt), with the grounded tower and projector frozen
@@ -47,7 +48,7 @@ class RecipeConfig:
     vision_steps: int = 300
     vision_batch: int = 8
     vision_lr: float = 5e-4
-    ground_steps: int = 400
+    ground_steps: int = 600
     ground_batch: int = 8
     # Stage 1 (caption alignment) is off: driven by an LLM that does not yet read the image, it
     # overwrote what grounding made (run 3, TRAINING.md). 0 skips it.

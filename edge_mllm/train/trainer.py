@@ -252,7 +252,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
             self.optimizer.step()
             self.step += 1
-            seen += len(batch)
+            seen += sum(max(1, len(e.branches)) for e in batch)  # questions, when rows pack several
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}", ex_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
             bar.update(1)
