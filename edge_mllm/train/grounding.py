@@ -9,8 +9,11 @@ produce that layout, with no LLM forward pass (cheap).
 
 The layout: within an object, a token's word depends on its place in the 12×12 grid, so that every
 2×2 block of the object holds its colour, its shape, its size and its row or column word, and in
-reading order colour and shape sit side by side ("red star"), as in a caption. Scenes are rendered
-fresh each step, as in ``vision_pretrain``, from a stream of their own.
+reading order colour and shape sit side by side ("red star"), as in a caption. (The oracle cycled
+the five words in reading order within each object; the tower learns that far more slowly, since a
+token must know its rank inside the object, where here it needs only its own grid position: after
+300 steps from the same tower, colour 82% / row 96% here against ~50% / ~30%, TRAINING.md.) Scenes
+are rendered fresh each step, as in ``vision_pretrain``, from a stream of their own.
 """
 
 from __future__ import annotations
