@@ -187,7 +187,10 @@ class CustomOpAttention(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_mask is not None:  # LlamaAttention's mask is for packed training rows, never for decoding
+            raise ValueError("the exported decoder masks causally from start_pos; it takes no attn_mask")
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
