@@ -29,7 +29,7 @@ from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
 from edge_mllm.train.examples import image_norm_penalty, mean_word_norm
-from edge_mllm.train.vision_pretrain import STREAM_OFFSET, final_metrics, object_discs, scheduled_step
+from edge_mllm.train.vision_pretrain import STREAM_OFFSET, disc_cover, final_metrics, object_discs, scheduled_step
 
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES, "row": ROWS, "col": COLS}
 BACKGROUND_WORD = "."
@@ -68,16 +68,13 @@ def token_words(scene: Scene, grid: int) -> torch.Tensor:
     """The ``VOCABULARY`` index every image token of ``scene`` is trained to be [grid * grid]: on
     each object's disc (its nearest token at least; a token two discs reach goes to the nearer
     centre) the word ``slot_attribute`` names, elsewhere the background word."""
-    centres = (torch.arange(grid) + 0.5) / grid * 2 - 1
-    ys, xs = (c.reshape(-1) for c in torch.meshgrid(centres, centres, indexing="ij"))
-    discs = object_discs(scene)
-    distance = torch.stack([((xs - x) ** 2 + (ys - y) ** 2).sqrt() for x, y, _ in discs])  # [objects, tokens]
+    distance, covers = disc_cover(object_discs(scene), grid)  # [objects, tokens]
     nearest = distance.argmin(0)
     words = torch.zeros(grid * grid, dtype=torch.long)
-    for k, (obj, (_, _, radius)) in enumerate(zip(scene.objects, discs, strict=True)):
+    for k, obj in enumerate(scene.objects):
         values = {"color": obj.color, "shape": obj.shape, "size": obj.size, "row": ROWS[obj.row],
                   "col": COLS[obj.col]}
-        covered = ((distance[k] <= radius + 1 / grid) & (nearest == k)) | (distance[k] == distance[k].min())
+        covered = (covers[k] & (nearest == k)) | (distance[k] == distance[k].min())
         for index in covered.nonzero().flatten().tolist():
             name = slot_attribute(index, grid)
             words[index] = _OFFSET[name] + ATTRIBUTES[name].index(values[name])

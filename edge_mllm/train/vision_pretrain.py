@@ -62,14 +62,20 @@ def object_discs(scene: Scene) -> list[tuple[float, float, float]]:
             for obj, (cx, cy) in zip(scene.objects, _centres(scene), strict=True)]
 
 
-def disc_pool(features: torch.Tensor, discs: list[tuple[float, float, float]], grid: int) -> torch.Tensor:
-    """Mean of the patch features [N, D] whose centres lie within half a patch of each disc (at least
-    the nearest patch) → [len(discs), D]."""
-    centres = (torch.arange(grid, dtype=features.dtype, device=features.device) + 0.5) / grid * 2 - 1
+def disc_cover(discs: list[tuple[float, float, float]], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a ``grid``×``grid`` patch map (reading order): each patch centre's distance to each disc's
+    centre, and whether the disc covers the patch (its centre within half a patch of the disc, and at
+    least the nearest patch); both [len(discs), grid * grid]."""
+    centres = (torch.arange(grid) + 0.5) / grid * 2 - 1
     ys, xs = torch.meshgrid(centres, centres, indexing="ij")
-    disc = torch.tensor(discs, dtype=features.dtype, device=features.device)
+    disc = torch.tensor(discs, dtype=torch.float32)
     distance = ((xs.reshape(1, -1) - disc[:, :1]) ** 2 + (ys.reshape(1, -1) - disc[:, 1:2]) ** 2).sqrt()
-    mask = ((distance <= disc[:, 2:] + 1 / grid) | (distance == distance.amin(1, keepdim=True))).to(features.dtype)
+    return distance, (distance <= disc[:, 2:] + 1 / grid) | (distance == distance.amin(1, keepdim=True))
+
+
+def disc_pool(features: torch.Tensor, discs: list[tuple[float, float, float]], grid: int) -> torch.Tensor:
+    """Mean of the patch features [N, D] each disc covers (``disc_cover``) → [len(discs), D]."""
+    mask = disc_cover(discs, grid)[1].to(features.device, features.dtype)
     return (mask @ features) / mask.sum(1, keepdim=True)
 
 
