@@ -13,12 +13,14 @@ import torch
 from edge_mllm.quant.groupwise import quantize_rtn
 
 from edge_mllm.checkpoint.weights import read_metadata, read_weights_file
+from edge_mllm.data.llava import load_conversations
 from edge_mllm.data.synth import COLORS, write_split
 from edge_mllm.default import TRAINED_WEIGHTS, TRAINED_WEIGHTS_FILE, apply_trained, load_default, untrained_default
 from edge_mllm.eval.metrics import normalize_answer
 from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
 from edge_mllm.pipeline import Pipeline
 from edge_mllm.train.recipe import RecipeConfig, run_recipe
+from edge_mllm.train.text_replay import TEXT_FILE, held_out_prompts
 
 
 def test_trained_weights_are_small_package_data():
@@ -55,7 +57,14 @@ def test_quick_recipe_runs_every_step_and_ships_a_file_that_loads_onto_its_grid(
     # The recipe end to end on SmolLM2 (minutes-long sizes): every step timed, the weights file
     # carries LoRA factors and names their grid, and loading it puts the decoder on that grid.
     summary = run_recipe(tmp_path, RecipeConfig.quick(), progress=False)
-    assert set(summary["seconds"]) == {"data", "vision_pretrain", "ground", "instruct", "eval"}  # no stage 1
+    assert set(summary["seconds"]) == {"data", "vision_pretrain", "ground", "text_replay", "instruct", "eval"}
+    # The teacher's answers to the replayed prompts are training data (those cut off left out); the
+    # held-out text prompts were answered before and after, by SmolLM2 and by the shipped file.
+    replayed = load_conversations(tmp_path / "data" / "train" / TEXT_FILE)
+    assert all(c.image is None and c.messages[1]["content"] for c in replayed)
+    agreement = summary["diagnostics"]["text_agreement"]
+    assert agreement["prompts"] == len(held_out_prompts()) and 0 <= agreement["unchanged"] <= 1
+    assert len(agreement["changed"]) == round((1 - agreement["unchanged"]) * agreement["prompts"])
     assert {"background", "color", "shape", "row", "col", "size"} <= set(summary["ground"])
     diagnostics = summary["diagnostics"]
     assert set(diagnostics["read_out"]) == {"ground", "instruct"}
@@ -83,8 +92,9 @@ def test_recipe_with_alignment_and_a_trained_connector(tmp_path):
     # on multi-turn conversations; the read-out records how far they move the grounded tokens.
     config = dataclasses.replace(RecipeConfig.quick(), align_epochs=0.5, instruct_train_vision=True,
                                  instruct_train_projector=True, instruct_single_turn=False, instruct_epochs=1.0,
-                                 test_scenes=2)
+                                 test_scenes=2, text_prompts=0)
     summary = run_recipe(tmp_path, config, progress=False)
+    assert "text_agreement" not in summary["diagnostics"] and "text_replay" not in summary["seconds"]
     assert summary["seconds"]["align"] > 0 and summary["align"]["steps"] == 1
     read_out = summary["diagnostics"]["read_out"]
     assert set(read_out) == {"ground", "align", "instruct"}

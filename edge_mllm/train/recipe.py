@@ -7,13 +7,15 @@ under 45 minutes on a 2-core CPU (faster with CUDA).
    of its words in SmolLM2's embedding space, the background a full stop (``grounding``; no LLM
    forward pass).
 4. Stage 1 (off by default): align the LDPv2 projector on captions, vision tower and LLM frozen.
-5. Stage 2: instruction-tune quantization-aware LoRA on SmolLM2, one question per example (the
-   questions about one image packed after its prompt), with the grounded tower and projector frozen
-   (each can be trained too, or the LLM frozen instead).
-6. Evaluate on the test split and write the small trained tensors as one safetensors file.
+5. Text replay: SmolLM2's own answers to 200 text-only instructions (``text_replay``).
+6. Stage 2: instruction-tune quantization-aware LoRA on SmolLM2, one question per example (the
+   questions about one image packed after its prompt), the replayed text conversations mixed in, with
+   the grounded tower and projector frozen (each can be trained too, or the LLM frozen instead).
+7. Evaluate on the test split and write the small trained tensors as one safetensors file.
 
 Along the way it records whether the image tokens still read as their words (``grounding.read_out``)
-and whether the model's loss depends on its images (``Trainer.image_reliance``), in ``training.json``.
+whether the model's loss depends on its images (``Trainer.image_reliance``) and whether its answers to
+held-out text instructions stayed the same (``text_replay.text_agreement``), in ``training.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from edge_mllm.chat import ChatTemplate
-from edge_mllm.data.llava import load_conversations, single_turns
+from edge_mllm.data.llava import load_conversations, save_records, single_turns
 from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, write_split
 from edge_mllm.default import TRAINED_WEIGHTS_FILE, apply_trained, untrained_default
 from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
@@ -36,6 +38,14 @@ from edge_mllm.pipeline import Pipeline
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.train.grounding import ground_image_tokens, read_out
 from edge_mllm.train.lora import lora_factors
+from edge_mllm.train.text_replay import (
+    TEXT_FILE,
+    answer_with,
+    held_out_prompts,
+    teacher_records,
+    text_agreement,
+    train_prompts,
+)
 from edge_mllm.train.trainer import TrainConfig, Trainer
 from edge_mllm.train.vision_pretrain import pretrain_vision
 
@@ -75,12 +85,16 @@ class RecipeConfig:
     # answers away, and the model learnt those instead of reading the image (runs 4 and 5, TRAINING.md).
     # The questions about one image share its prompt in one packed row (TrainConfig.single_turns).
     instruct_single_turn: bool = True
+    # Text-only instructions answered by SmolLM2 before stage 2 and learnt in it, so the LoRA keeps its
+    # text answers (run 10's did not; TRAINING.md). 0: no replay.
+    text_prompts: int = 200
+    text_max_new_tokens: int = 96
 
     @classmethod
     def quick(cls) -> RecipeConfig:
         """A minutes-long version of the same steps, for trying the pipeline out."""
         return cls(train_scenes=16, test_scenes=4, vision_steps=4, vision_batch=2, ground_steps=4, ground_batch=2,
-                   instruct_epochs=0.5)
+                   instruct_epochs=0.5, text_prompts=4, text_max_new_tokens=24)
 
 
 def trained_tensors(model) -> dict[str, torch.Tensor]:
@@ -137,10 +151,19 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
                            train_projector=config.instruct_train_projector,
                            image_norm_weight=config.image_norm_weight, single_turns=config.instruct_single_turn,
                            seed=config.seed, checkpoint_every=0)
+    conversations = load_conversations(train_dir / CONVERSATIONS_FILE)
+    held_out_text, held_out_before = [], []
+    if config.text_prompts:
+        # The teacher's answers, before stage 2 changes the LLM: replayed prompts and held-out ones.
+        teacher = answer_with(Pipeline(loaded), config.text_max_new_tokens)
+        held_out_text = held_out_prompts()
+        held_out_before = [teacher(p)[0] for p in held_out_text]
+        save_records(timed("text_replay", lambda: teacher_records(
+            teacher, train_prompts(config.seed)[: config.text_prompts], progress)), train_dir / TEXT_FILE)
+        conversations += load_conversations(train_dir / TEXT_FILE)
     instruct_trainer = Trainer(model, loaded.tokenizer, template, instruct)
     held_out = single_turns(load_conversations(test_dir / CONVERSATIONS_FILE))  # as evaluation asks
     before = instruct_trainer.image_reliance(held_out, count=config.test_scenes)  # one question per scene
-    conversations = load_conversations(train_dir / CONVERSATIONS_FILE)
     instruct_metrics = timed("instruct", lambda: instruct_trainer.train(conversations, progress=progress))
     after = instruct_trainer.image_reliance(held_out, count=config.test_scenes)
     diagnostics["image_reliance"] = {"before_instruct": before, "after_instruct": after}
@@ -155,6 +178,10 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
     report = timed("eval", lambda: evaluate(pipeline_answer(Pipeline(shipped)), load_eval_set(test_dir),
                                             progress=progress))
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    if held_out_text:
+        shipped_answer = answer_with(Pipeline(shipped), config.text_max_new_tokens)
+        diagnostics["text_agreement"] = text_agreement(held_out_text, held_out_before,
+                                                       [shipped_answer(p)[0] for p in held_out_text])
     summary = {
         "recipe": asdict(config),
         "hardware": {"device": "cuda" if torch.cuda.is_available() else "cpu", "machine": platform.machine(),
