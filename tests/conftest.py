@@ -6,6 +6,7 @@ original projects use, into pytest's tmp folders: no download, seconds per build
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -264,6 +265,21 @@ def build_mllm(
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer(tokenizer):
+    """The tiny tokenizer with SmolLM2's ChatML turn markers and template."""
+    hf = copy.deepcopy(tokenizer)
+    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    hf.chat_template = CHATML
+    return hf
 
 
 @pytest.fixture

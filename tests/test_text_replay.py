@@ -3,14 +3,18 @@ questions (``edge_mllm.train.text_replay``)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from edge_mllm.chat import ChatTemplate
 from edge_mllm.checkpoint import load_model
-from edge_mllm.data.llava import load_conversations, save_records
+from edge_mllm.data.llava import Conversation, load_conversations, save_records
 from edge_mllm.data.synth import CONVERSATIONS_FILE, write_split
-from edge_mllm.train.examples import IGNORE_INDEX
+from edge_mllm.errors import EdgeMLLMError
+from edge_mllm.tokenizer import Tokenizer
+from edge_mllm.train.examples import IGNORE_INDEX, UNFINISHED, tokenize_conversation
 from edge_mllm.train.text_replay import (
     HELD_OUT_FAMILIES,
     TRAIN_FAMILIES,
@@ -34,19 +38,34 @@ def test_training_and_held_out_prompts_come_from_different_families():
     assert not set(TRAIN_FAMILIES) & set(HELD_OUT_FAMILIES)
 
 
-def test_teacher_records_keep_only_answers_that_ended(tmp_path, tokenizer):
-    answers = {"a?": ("Finished.", True), "b?": ("Cut off mid", False), "c?": ("  ", True), "d?": ("Yes.", True)}
-    records = teacher_records(lambda p: answers[p], list(answers))
-    save_records(records, tmp_path / "text.json")
+def test_teacher_records_mark_answers_cut_off_and_learn_them_without_an_end_of_turn(tmp_path, chatml_tokenizer):
+    answers = {"a?": ("Finished.", True), "b?": ("Cut off mid", False), "c?": ("  ", True)}
+    save_records(teacher_records(lambda p: answers[p], list(answers)), tmp_path / "text.json")
     conversations = load_conversations(tmp_path / "text.json")
-    assert [(c.messages[0]["content"], c.messages[1]["content"], c.image) for c in conversations] == [
-        ("a?", "Finished.", None), ("d?", "Yes.", None)]
+    assert [(c.messages[0]["content"], c.messages[1]["content"], c.image, c.meta.get(UNFINISHED, False))
+            for c in conversations] == [("a?", "Finished.", None, False), ("b?", "Cut off mid", None, True)]
+    tok, template = Tokenizer(chatml_tokenizer), ChatTemplate("tokenizer")
+    finished, cut = (tokenize_conversation(c, tok, template) for c in conversations)
+    learnt = [tok.decode([t for t in e.labels if t != IGNORE_INDEX], skip_special_tokens=False)
+              for e in (finished, cut)]
+    assert learnt == ["Finished.<|im_end|>\n", "Cut off mid"]
+    assert cut.labels[-1] != IGNORE_INDEX  # the row ends with the answer's last word
+    assert tok.decode(cut.input_ids, skip_special_tokens=False).endswith("<|im_start|>assistant\nCut off mid")
+
+
+def test_an_unfinished_conversation_must_end_with_an_answer_as_written(chatml_tokenizer):
+    conversation = Conversation("x", [{"role": "user", "content": "q"}, {"role": "assistant", "content": " a "}],
+                                meta={UNFINISHED: True})
+    trimming = copy.deepcopy(chatml_tokenizer)  # a template that trims answers: the cut has no place
+    trimming.chat_template = trimming.chat_template.replace("message['content']", "(message['content'] | trim)")
+    with pytest.raises(EdgeMLLMError, match="unfinished"):
+        tokenize_conversation(conversation, Tokenizer(trimming), ChatTemplate("tokenizer"))
 
 
 def test_text_agreement_counts_answers_that_changed():
-    report = text_agreement(["p", "q", "r", "s"], ["A", "B", "C", "D"], ["A", "b", "C", "D"])
-    assert report["unchanged"] == 0.75
-    assert report["changed"] == [{"prompt": "q", "before": "B", "after": "b"}]
+    report = text_agreement(["p", "q", "r", "s"], ["A", "Bb", "C", "D"], ["A", "Bc", "C", "D"])
+    assert report["unchanged"] == 0.75 and report["prefix_kept"] == (3 + 0.5) / 4
+    assert report["changed"] == [{"prompt": "q", "before": "Bb", "after": "Bc"}]
 
 
 def test_text_rows_train_in_one_batch_with_packed_image_rows(mobilevlm_v2, tmp_path):

@@ -39,11 +39,6 @@ from edge_mllm.train.recipe import trained_tensors
 from edge_mllm.train.trainer import TrainConfig, Trainer
 from edge_mllm.train.vision_pretrain import disc_pool, object_discs, pretrain_vision
 
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory):
@@ -89,11 +84,8 @@ def test_vicuna_mask_covers_only_the_answers(tokenizer):
     assert example.input_ids == tok.encode_with_images(text)
 
 
-def test_chatml_mask_covers_answers_and_end_of_turn(tokenizer):
-    hf = copy.deepcopy(tokenizer)
-    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    hf.chat_template = CHATML
-    tok = Tokenizer(hf)
+def test_chatml_mask_covers_answers_and_end_of_turn(chatml_tokenizer):
+    tok = Tokenizer(chatml_tokenizer)
     conv = conversation("<image>\nDescribe the image.", "a cat sitting on a red mat.")
     example = tokenize_conversation(conv, tok, ChatTemplate("tokenizer"))
     assert targets(example, tok) == "a cat sitting on a red mat.<|im_end|>\n"

@@ -20,6 +20,8 @@ from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX, MultimodalLM
 from edge_mllm.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
+# A conversation meta key: its last answer does not end (no end-of-turn tokens to learn)
+UNFINISHED = "unfinished"
 
 
 @dataclass
@@ -46,7 +48,8 @@ def tokenize_conversation(conversation: Conversation, tokenizer: Tokenizer, temp
 
     Each span is found as the text an assistant turn adds after its generation prompt (rendering is
     prefix-consistent), then the text is tokenized piece by piece at those boundaries, as LLaVA's
-    ``preprocess`` does per round, so every label lines up with its token exactly.
+    ``preprocess`` does per round, so every label lines up with its token exactly. A conversation
+    marked ``UNFINISHED`` ends with its last answer's words.
     """
     messages = conversation.messages
     spans = []
@@ -57,6 +60,15 @@ def tokenize_conversation(conversation: Conversation, tokenizer: Tokenizer, temp
         end = len(template.render(messages[: k + 1], tokenizer, add_generation_prompt=False))
         spans.append((start, end))
     text = template.render(messages, tokenizer, add_generation_prompt=False)
+    if conversation.meta.get(UNFINISHED):
+        # The last answer was cut off (e.g. a teacher's, at its length limit): learn its words but not
+        # an end of turn there, so the text ends where the answer does.
+        start, answer = spans[-1][0], messages[-1]["content"]
+        if messages[-1]["role"] != "assistant" or not text.startswith(answer, start):
+            raise EdgeMLLMError(f"conversation {conversation.id}: an unfinished conversation must end with "
+                                "an assistant answer the chat template keeps as written")
+        spans[-1] = (start, start + len(answer))
+        text = text[: start + len(answer)]
     cuts = [0] + [c for span in spans for c in span] + [len(text)]
     ids: list[int] = []
     labels: list[int] = []

@@ -88,7 +88,7 @@ class RecipeConfig:
     # Text-only instructions answered by SmolLM2 before stage 2 and learnt in it, so the LoRA keeps its
     # text answers (run 10's did not; TRAINING.md). 0: no replay.
     text_prompts: int = 200
-    text_max_new_tokens: int = 96
+    text_max_new_tokens: int = 48  # longer answers are learnt as far as that (text_replay)
 
     @classmethod
     def quick(cls) -> RecipeConfig:

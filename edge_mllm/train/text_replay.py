@@ -14,6 +14,7 @@ whether answers to *kinds* of questions never replayed stay the same, the README
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from edge_mllm.data.llava import make_record
 from edge_mllm.pipeline import Pipeline
+from edge_mllm.train.examples import UNFINISHED
 
 TEXT_FILE = "text.json"  # the replayed conversations, next to the image conversations
 
@@ -58,6 +60,10 @@ TRAIN_FAMILIES: dict[str, list[str]] = {
                              "a ladder", "a calculator", "an umbrella", "glue"],
     "Where do {} live?": ["penguins", "camels", "polar bears", "koalas", "dolphins", "owls", "bees",
                           "kangaroos", "frogs", "eagles"],
+    "List three {}.": ["vegetables", "birds", "countries in Europe", "programming languages", "flowers",
+                       "board games", "kitchen tools", "famous scientists", "rivers", "farm animals"],
+    "Give two examples of {}.": ["renewable energy", "mammals", "insects", "metals", "gases", "desserts",
+                                 "winter sports", "string instruments"],
 }
 # Families never replayed; the first prompts are the README's demo and TRAINING.md's examples.
 HELD_OUT_FAMILIES: dict[str, list[str]] = {
@@ -74,9 +80,9 @@ def _prompts(families: dict[str, list[str]]) -> list[str]:
 
 
 def train_prompts(seed: int) -> list[str]:
-    """Every training instruction (200), in a seeded order; the families' and 64 seeded additions."""
+    """Every training instruction (200), in a seeded order; the families' and 46 seeded additions."""
     rng = random.Random(seed)
-    pairs = rng.sample(list(itertools.combinations(range(2, 60), 2)), 64)
+    pairs = rng.sample(list(itertools.combinations(range(2, 60), 2)), 46)
     prompts = _prompts(TRAIN_FAMILIES) + [f"What is {a} + {b}?" for a, b in pairs]
     rng.shuffle(prompts)
     return prompts
@@ -91,13 +97,16 @@ Answer = Callable[[str], tuple[str, bool]]  # prompt → (answer, whether it end
 
 
 def teacher_records(answer: Answer, prompts: list[str], progress: bool = False) -> list[dict]:
-    """LLaVA records (no image) of each prompt with the teacher's answer. Answers cut off by the
-    length limit are left out: learnt, they would teach the model to stop mid-sentence."""
+    """LLaVA records (no image) of each prompt with the teacher's answer. An answer cut off by the
+    length limit is marked ``UNFINISHED``: its words are learnt, an end of turn after them is not
+    (learning one would teach the model to stop mid-sentence; leaving such answers out would leave
+    out SmolLM2's long answers)."""
     records = []
     for i, prompt in enumerate(tqdm(prompts, desc="text replay", unit="prompt", disable=not progress)):
         text, finished = answer(prompt)
-        if finished and text.strip():
-            records.append(make_record(f"text-{i}", [(prompt, text)], kind="text_replay"))
+        if text.strip():
+            records.append(make_record(f"text-{i}", [(prompt, text)], kind="text_replay",
+                                       **({} if finished else {UNFINISHED: True})))
     return records
 
 
@@ -112,7 +121,11 @@ def answer_with(pipeline: Pipeline, max_new_tokens: int) -> Answer:
 
 
 def text_agreement(prompts: list[str], before: list[str], after: list[str]) -> dict:
-    """How many answers to ``prompts`` stayed word for word what they were, and the ones that changed."""
+    """How many answers to ``prompts`` stayed word for word what they were, how much of each answer's
+    beginning stayed (the mean share of ``before``'s characters that ``after`` starts with), and the
+    answers that changed."""
     changed = [{"prompt": p, "before": old, "after": new}
                for p, old, new in zip(prompts, before, after, strict=True) if old != new]
-    return {"prompts": len(prompts), "unchanged": 1 - len(changed) / len(prompts), "changed": changed}
+    kept = [len(os.path.commonprefix([old, new])) / max(len(old), 1) for old, new in zip(before, after, strict=True)]
+    return {"prompts": len(prompts), "unchanged": 1 - len(changed) / len(prompts),
+            "prefix_kept": sum(kept) / len(kept), "changed": changed}
