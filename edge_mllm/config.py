@@ -125,6 +125,9 @@ class MLLMConfig:
     image_aspect_ratio: str = "pad"
     # Free-form provenance shown by `edge-mllm info` (e.g. that a vision tower is untrained).
     notes: dict[str, str] = field(default_factory=dict)
+    # The quantization scheme whose grid the LLM's decoder linears were trained on (quantization-aware
+    # LoRA, e.g. "rtn-w4-g32-min"): exporting with it keeps those weights exactly, so exports default to it.
+    weight_grid: str | None = None
 
     def __post_init__(self) -> None:
         if (self.vision is None) != (self.projector is None):
@@ -154,6 +157,7 @@ class MLLMConfig:
                 projector=ProjectorConfig(**data["projector"]) if data.get("projector") else None,
                 image_aspect_ratio=data.get("image_aspect_ratio", "pad"),
                 notes=dict(data.get("notes", {})),
+                weight_grid=data.get("weight_grid"),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"invalid edge-mllm config: {exc}") from exc

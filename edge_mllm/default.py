@@ -100,6 +100,8 @@ def apply_trained(loaded: LoadedModel, path: Path) -> LoadedModel:
     grids = (quantization_grids(model.language_model, QuantScheme.parse(qat), model.config.text.num_hidden_layers)
              if qat else None)
     add_lora_factors(model.language_model, lora, grids)
+    if lora and qat:
+        model.config.weight_grid = qat
     if not lora:
         llm = "; the LLM is SmolLM2 unchanged"
     else:

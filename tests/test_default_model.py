@@ -83,6 +83,7 @@ def test_quick_recipe_runs_every_step_and_ships_a_file_that_loads_onto_its_grid(
     up = model.language_model.model.layers[3].mlp.up_proj.weight
     assert torch.equal(quantize_rtn(up, 4, 32, float_min=True).dequantize(), up)
     assert "rtn-w4-g32-min" in model.config.notes["vision_tower"]
+    assert model.config.weight_grid == "rtn-w4-g32-min"  # what exports default to
     assert json.loads((tmp_path / "training.json").read_text())["test"]["vqa"]["count"] > 0
 
 

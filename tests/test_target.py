@@ -13,6 +13,7 @@ from edge_mllm.export.bundle import sha256
 
 from edge_mllm.checkpoint import load_model
 from edge_mllm.cli import main
+from edge_mllm.config import MLLMConfig
 from edge_mllm.errors import EdgeMLLMError
 from edge_mllm.sim.profiles import get_device
 from edge_mllm.sim.target import DEFAULT_SCHEME, EXECUTORCH_SCHEME, plan_target
@@ -43,6 +44,12 @@ def test_snapdragon_picks_xnnpack_8da4w_codes_without_qnn_and_qnn_with_it(config
     assert plan_target(device, config, "m", fmt="gguf", available=no_sdk).quant == DEFAULT_SCHEME
     assert plan_target(device, config, "m", quantized="gptq-w4-g32", available=no_sdk).quant is None
     assert plan_target(device, config, "m", available=every_sdk).format == "executorch-qnn"
+    # a model trained on a 4-bit grid (quantization-aware LoRA) exports on that grid, unless told otherwise
+    trained = dataclasses.replace(config, weight_grid="rtn-w4-g32-min")
+    plan = plan_target(device, trained, "m", available=no_sdk)
+    assert plan.quant == "rtn-w4-g32-min" and "trained on" in plan.reasons["quant"]
+    assert plan_target(device, trained, "m", quant=DEFAULT_SCHEME, available=no_sdk).quant == DEFAULT_SCHEME
+    assert MLLMConfig.from_dict(trained.to_dict()).weight_grid == "rtn-w4-g32-min"
 
 
 def test_other_devices(config):

@@ -151,11 +151,15 @@ def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantiz
     """The export settings for ``device``. ``quantized``: the model's own scheme, if it has codes;
     ``fmt`` / ``quant`` / ``max_context``: the user's explicit choices, which win. ``available``:
     ``fmt`` → why it cannot be exported here, or None (tests replace it)."""
-    picked_quant = quant is None and quantized is None
+    picked_quant = quant is None and quantized is None and config.weight_grid is None
     if quant is not None:
         quant_reason = "given (--quant)"
     elif quantized is not None:
         quant_reason = f"the model's own {quantized} codes"
+    elif config.weight_grid is not None:
+        quant = config.weight_grid
+        quant_reason = (f"the {quant} grid the LLM was trained on (quantization-aware LoRA): its codes are the "
+                        "trained weights exactly")
     else:
         quant = DEFAULT_SCHEME
         quant_reason = ("our 4-bit codes, group 32, symmetric: ExecuTorch 8da4w / GGUF Q4_0 / "
