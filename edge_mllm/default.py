@@ -102,6 +102,8 @@ def apply_trained(loaded: LoadedModel, path: Path) -> LoadedModel:
     add_lora_factors(model.language_model, lora, grids)
     if lora and qat:
         model.config.weight_grid = qat
+    if lora:
+        model.config.notes["language_model"] += f"; the recipe's LoRA merged{f' onto its {qat} grid' if qat else ''}"
     if not lora:
         llm = "; the LLM is SmolLM2 unchanged"
     else:
