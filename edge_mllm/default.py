@@ -103,7 +103,9 @@ def apply_trained(loaded: LoadedModel, path: Path) -> LoadedModel:
     if lora and qat:
         model.config.weight_grid = qat
     if lora:
-        model.config.notes["language_model"] += f"; the recipe's LoRA merged{f' onto its {qat} grid' if qat else ''}"
+        base = model.config.notes.get("language_model", "the language model")
+        onto = f" onto its {qat} grid" if qat else ""
+        model.config.notes["language_model"] = f"{base}; the recipe's LoRA merged{onto}"
     if not lora:
         llm = "; the LLM is SmolLM2 unchanged"
     else:
