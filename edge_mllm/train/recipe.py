@@ -1,5 +1,6 @@
-"""The recipe that trains the embedded default model's eyes: one seeded command, sized to finish in
-under 45 minutes on a 2-core CPU (faster with CUDA).
+"""The recipe that trains the embedded default model's eyes: one seeded command, sized for a 45-minute
+budget on a 2-core CPU (faster with CUDA); with text replay it now takes ~49 minutes wall-clock
+(TRAINING.md, run 12), the replayed text rows padded to the image rows they share batches with.
 
 1. Render synthetic train scenes (captions, multi-turn VQA + POPE) and a held-out test split.
 2. Pretrain the vision tower on dense scene attributes (``vision_pretrain``).
