@@ -100,16 +100,14 @@ def apply_trained(loaded: LoadedModel, path: Path) -> LoadedModel:
     grids = (quantization_grids(model.language_model, QuantScheme.parse(qat), model.config.text.num_hidden_layers)
              if qat else None)
     add_lora_factors(model.language_model, lora, grids)
-    if lora and qat:
-        model.config.weight_grid = qat
-    if lora:
-        base = model.config.notes.get("language_model", "the language model")
-        onto = f" onto its {qat} grid" if qat else ""
-        model.config.notes["language_model"] = f"{base}; the recipe's LoRA merged{onto}"
     if not lora:
         llm = "; the LLM is SmolLM2 unchanged"
     else:
         llm = f", LoRA on the LLM trained through the {qat} grid" if qat else ", LoRA on the LLM"
+        model.config.weight_grid = qat  # the grid the merged decoder lies on (None: none)
+        base = model.config.notes.get("language_model", "the language model")
+        onto = f" onto its {qat} grid" if qat else ""
+        model.config.notes["language_model"] = f"{base}; the recipe's LoRA merged{onto}"
     trained = "vision tower, LDPv2 projector" + llm
     model.config.notes["vision_tower"] = (
         f"trained on synthetic scenes by edge_mllm.train.recipe ({trained}); "
