@@ -242,7 +242,7 @@ def train_default(output: str, seed: int, quick: bool, as_json: bool) -> None:
         _emit_json(summary)
         return
     click.echo(format_report(summary["test"]))
-    click.echo(f"took {summary['total_seconds']:.0f} s; wrote {output}", err=True)
+    click.echo(f"took {summary['wall_seconds']:.0f} s; wrote {output}", err=True)
 
 
 @cli.command()

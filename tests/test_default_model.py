@@ -67,6 +67,7 @@ def test_quick_recipe_runs_every_step_and_ships_a_file_that_loads_onto_its_grid(
     # carries LoRA factors and names their grid, and loading it puts the decoder on that grid.
     summary = run_recipe(tmp_path, RecipeConfig.quick(), progress=False)
     assert set(summary["seconds"]) == {"data", "vision_pretrain", "ground", "text_replay", "instruct", "eval"}
+    assert summary["wall_seconds"] > summary["total_seconds"]  # the untimed diagnostics count too
     # The teacher's answers to the replayed prompts are training data (those cut off left out); the
     # held-out text prompts were answered before and after, by SmolLM2 and by the shipped file.
     replayed = load_conversations(tmp_path / "data" / "train" / TEXT_FILE)

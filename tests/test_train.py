@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,11 +33,11 @@ from edge_mllm.errors import EdgeMLLMError
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
-from edge_mllm.train.examples import IGNORE_INDEX, embed_batch, pack_shared_prefix, tokenize_conversation
+from edge_mllm.train.examples import IGNORE_INDEX, Example, embed_batch, pack_shared_prefix, tokenize_conversation
 from edge_mllm.train.grounding import VOCABULARY, ground_image_tokens, read_out, token_words
 from edge_mllm.train.lora import LoRALinear, add_lora_factors, apply_lora, lora_factors, merge_lora, snap
 from edge_mllm.train.recipe import trained_tensors
-from edge_mllm.train.trainer import TrainConfig, Trainer
+from edge_mllm.train.trainer import TrainConfig, Trainer, epoch_batches
 from edge_mllm.train.vision_pretrain import disc_pool, object_discs, pretrain_vision
 
 
@@ -295,6 +296,17 @@ def test_instruct_steps_lower_the_loss_and_train_lora_only(tiny, synth_data):
     trained = {n for n, p in tiny.model.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith("mm_projector.") or "lora_" in n for n in trained)
     assert_steps_lower_the_loss(trainer, batch)
+
+
+def test_epoch_batches_keep_text_rows_apart_from_image_rows():
+    examples = [Example([1], [1], Path(f"{i}.png") if i % 3 else None) for i in range(20)]  # 13 image, 7 text
+    epochs = [epoch_batches(examples, 4, seed=1, epoch=e) for e in range(3)]
+    for batches in epochs:
+        assert sorted(i for b in batches for i in b) == list(range(20))  # every row once an epoch
+        assert len(batches) == 4 + 2  # ceil(13 / 4) image batches + ceil(7 / 4) text ones
+        assert all(len({examples[i].image is None for i in b}) == 1 for b in batches)
+    assert epochs[0] == epoch_batches(examples, 4, seed=1, epoch=0)  # a resumed run draws the same
+    assert epochs[0] != epochs[1] and epochs[0] != epoch_batches(examples, 4, seed=2, epoch=0)
 
 
 def test_frozen_llm_instruct_trains_connector_and_tower_only(tiny, synth_data):

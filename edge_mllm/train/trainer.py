@@ -105,6 +105,19 @@ def set_trainable(model: MultimodalLM, config: TrainConfig) -> list[torch.nn.Par
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches (indices into ``examples``): shuffled, with rows about an image and text-only
+    rows batched apart. Rows are padded to the longest in their batch, and a text row is a fraction of a
+    packed image row; mixed in, they cost an image row's compute each (run 12, TRAINING.md)."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    batches = []
+    for with_image in (True, False):
+        kind = [i for i in order if (examples[i].image is not None) == with_image]
+        batches += [kind[i : i + batch_size] for i in range(0, len(kind), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -232,7 +245,7 @@ class Trainer:
         examples = self.examples(conversations)
         if not examples:
             raise EdgeMLLMError("no training data")
-        steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+        steps_per_epoch = len(epoch_batches(examples, cfg.batch_size, cfg.seed, 0))
         total = max(1, round(cfg.epochs * steps_per_epoch))
         warmup = max(1, round(cfg.warmup_ratio * total))
         if resume and checkpoint_dir is not None:
@@ -242,8 +255,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc=cfg.stage, unit="step", disable=not progress)
         while self.step < total:
             epoch, offset = divmod(self.step, steps_per_epoch)
-            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-            batch = [examples[i] for i in order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size].tolist()]
+            batch = [examples[i] for i in epoch_batches(examples, cfg.batch_size, cfg.seed, epoch)[offset]]
             for group in self.optimizer.param_groups:
                 group["lr"] = cosine_lr(self.step, total, warmup, group["peak_lr"])
             loss, _ = self.batch_loss(batch)
