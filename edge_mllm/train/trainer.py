@@ -108,7 +108,7 @@ def set_trainable(model: MultimodalLM, config: TrainConfig) -> list[torch.nn.Par
 def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """One epoch's batches (indices into ``examples``): shuffled, with rows about an image and text-only
     rows batched apart. Rows are padded to the longest in their batch, and a text row is a fraction of a
-    packed image row; mixed in, they cost an image row's compute each (run 12, TRAINING.md)."""
+    packed image row; mixed in, they cost an image row's compute each (runs 12-13, TRAINING.md)."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(len(examples), generator=generator).tolist()
     batches = []
