@@ -91,7 +91,7 @@ def _migrate_scales(layer: LlamaDecoderLayer, rec: _InputRecorder, names: dict[s
     """Fold per-channel scales into the block: SmoothQuant's when ``smooth``, else AWQ's search."""
     for producer, consumers, reader in migration_groups(layer):
         x = rec.rows(names[reader])
-        scales = (smoothquant_scales(consumers, x, plan.group_size) if smooth else
+        scales = (smoothquant_scales(consumers, x) if smooth else
                   search_scales(consumers, x, plan.bits, plan.group_size, plan.symmetric, plan.float_min))
         apply_scales(producer, consumers, scales)
 

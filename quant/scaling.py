@@ -6,18 +6,12 @@ activation, multiply those weight columns by ``s`` and divide the activation's p
   rounding, so ``s = mean|x|^α`` with α found by grid search on the block's calibration inputs to
   minimise the quantized output error.
 - SmoothQuant (Xiao et al., 2023): for runtimes that also quantize activations (ExecuTorch's 8da4w:
-  int8 per token), move the activations' outlier channels into the weights, so each token's int8 step
-  is not set by a few huge channels. The paper's per-channel ``s = max|x|^α / max|w|^(1-α)`` trades
-  activation error for weight error and moves every code. Here ``s`` is a power of two, constant over
-  each quantization group of input channels: a group of a weight row times 2^k rounds to the same
-  codes with its step and minimum times 2^k (exactly, in floating point), so the migration adds no
-  weight error and weights already on their grid (SmolLM2's Q4_1 decoder, a quantization-aware
-  default) stay on it. ``s_g = 2^round(α log2 max|x_g|)``, α searched to minimise the block's output
-  error with int8 activations.
+  int8 per token), move the activations' outlier channels into the weights,
+  ``s = max|x|^α / max|w|^(1-α)``, so each token's int8 step is not set by a few huge channels.
 
 torchao's SmoothQuant prototype keeps ``1/s`` as a runtime multiply in front of each linear and
 quantizes its own way; folding ``s`` into the producer, as the paper does, keeps every export format's
-graph unchanged.
+graph unchanged and lets GPTQ round the smoothed weights.
 """
 
 from __future__ import annotations
@@ -30,6 +24,7 @@ from edge_mllm.model.llama import LlamaDecoderLayer
 
 GRID = 20
 MAX_ROWS = 2048  # calibration rows used by the search (a random subset when there are more)
+SMOOTH_ALPHA = 0.5  # SmoothQuant's default migration strength
 
 
 def migration_groups(layer: LlamaDecoderLayer) -> list[tuple[nn.Module, list[nn.Linear], str]]:
@@ -71,37 +66,11 @@ def search_scales(
     return best_scales
 
 
-def per_token_int8(x: torch.Tensor) -> torch.Tensor:
-    """What XNNPACK's 8da4w linears read: each row (token) rounded to 256 asymmetric int8 steps."""
-    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
-    step = ((hi - lo) / 255).clamp_min(1e-12)
-    zero = torch.round(-lo / step) - 128
-    return (torch.clamp(torch.round(x / step) + zero, -128, 127) - zero) * step
-
-
-def smoothquant_scales(linears: list[nn.Linear], x: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """SmoothQuant on the grid: per-input-channel scales [K] for ``linears`` that all read ``x`` [M, K],
-    powers of two constant over each group of ``group_size`` channels (None: one group, no migration)."""
-    if x.shape[0] > MAX_ROWS:
-        x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:MAX_ROWS]]
-    x = x.float()
-    group = group_size or x.shape[1]
-    log_max = x.abs().amax(0).clamp_min(1e-8).view(-1, group).amax(1).log2()
-    weights = [lin.weight.detach().float() for lin in linears]
-    reference = [x @ w.T for w in weights]
-    best, best_scales, tried = float("inf"), torch.ones(x.shape[1]), []
-    for step in range(GRID + 1):
-        exponent = torch.round(step / GRID * log_max)
-        exponent -= torch.round(exponent.mean())  # centred on 1
-        if any(torch.equal(exponent, e) for e in tried):  # nearby α often round to the same powers
-            continue
-        tried.append(exponent)
-        s = torch.exp2(exponent).repeat_interleave(group)
-        x_int8 = per_token_int8(x / s)
-        err = sum(float((x_int8 @ (w * s).T - y).pow(2).mean()) for w, y in zip(weights, reference, strict=True))
-        if err < best:
-            best, best_scales = err, s
-    return best_scales
+def smoothquant_scales(linears: list[nn.Linear], x: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor:
+    """SmoothQuant: per-input-channel scales [K] for ``linears`` that all read ``x`` [M, K]."""
+    act_max = x.detach().float().abs().amax(0).clamp_min(1e-5)
+    weight_max = torch.stack([lin.weight.detach().float().abs().amax(0) for lin in linears]).amax(0).clamp_min(1e-5)
+    return act_max.pow(alpha) / weight_max.pow(1 - alpha)
 
 
 @torch.no_grad()

@@ -5,9 +5,8 @@ Names: ``{method}-w{bits}-g{group}[-asym|-min][-dq][-sq][-mixed]``, e.g. ``rtn-w
 ``-asym``: integer zero point; ``-min``: a float minimum per group (GGUF's Q4_1 form, 4-bit only);
 ``-dq``: the language model's group scales (and minimums) stored as 8-bit codes on per-row fp16 steps
 (half a bit per weight less); ``-sq``: SmoothQuant's scale migration folded into the decoder before
-rounding (``quant.scaling``: powers of two per group, so it moves no code), for runtimes that also
-quantize activations to int8 (ExecuTorch's 8da4w); it needs calibration data and does not combine with
-AWQ, which picks its own scales.
+rounding (``quant.scaling``), for runtimes that also quantize activations to int8 (ExecuTorch's
+8da4w); it needs calibration data and does not combine with AWQ, which picks its own scales.
 Methods: ``rtn`` (round to nearest), ``gptq``, ``awq``
 (activation-aware scaling, then round to nearest), ``awq+gptq`` (AWQ's scaling, then GPTQ's
 rounding); all but ``rtn`` need calibration data.
