@@ -466,6 +466,7 @@ ENGINES: dict[str, Engine] = _registry(
     EdgeMllmEngine("edge-mllm-awq-w4-g32-min", "awq-w4-g32-min"),
     EdgeMllmEngine("edge-mllm-rtn-w4-g32-min-dq", "rtn-w4-g32-min-dq"),
     EdgeMllmEngine("edge-mllm-gptq-w4-g32-min-dq", "gptq-w4-g32-min-dq"),
+    EdgeMllmEngine("edge-mllm-rtn-w4-g32-min-mixed", "rtn-w4-g32-min-mixed"),
 )
 
 
