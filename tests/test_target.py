@@ -48,6 +48,18 @@ def test_snapdragon_picks_xnnpack_8da4w_codes_without_qnn_and_qnn_with_it(config
     trained = dataclasses.replace(config, weight_grid="rtn-w4-g32-min")
     plan = plan_target(device, trained, "m", available=no_sdk)
     assert plan.quant == "rtn-w4-g32-min" and "trained on" in plan.reasons["quant"]
+    assert "fp32" in plan.reasons["quant"]  # ExecuTorch: all 4-bit, and why
+    # GGUF and ONNX (float activations): the grid, with the embedding and first/last blocks at 8 bits
+    for fmt in ("gguf", "onnx"):
+        plan = plan_target(device, trained, "m", fmt=fmt, available=no_sdk)
+        assert plan.quant == "rtn-w4-g32-min-mixed" and "trained on" in plan.reasons["quant"]
+        assert "8 bits" in plan.reasons["quant"] and "fp32" not in plan.reasons["quant"]
+    jetson = plan_target(get_device("jetson-agx-orin"), trained, "m", available=no_sdk)
+    assert (jetson.format, jetson.quant) == ("gguf", "rtn-w4-g32-min-mixed")
+    mixed_grid = dataclasses.replace(config, weight_grid="rtn-w4-g32-min-mixed")
+    assert plan_target(device, mixed_grid, "m", fmt="gguf", available=no_sdk).quant == "rtn-w4-g32-min-mixed"
+    assert plan_target(device, trained, "m", fmt="gguf", quant="rtn-w4-g32-min",
+                       available=no_sdk).quant == "rtn-w4-g32-min"  # given: kept
     assert plan_target(device, trained, "m", quant=DEFAULT_SCHEME, available=no_sdk).quant == DEFAULT_SCHEME
     assert MLLMConfig.from_dict(trained.to_dict()).weight_grid == "rtn-w4-g32-min"
 

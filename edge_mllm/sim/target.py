@@ -15,6 +15,12 @@ The picks, each with its reason (every reason ends up in the bundle's manifest u
   own 4-bit operator on the same weights (ExecuTorch 8da4w linears, GGUF Q4_0 blocks, ONNX Runtime
   MatMulNBits); for ExecuTorch with SmoothQuant's scale migration folded in first (``-sq``), since its
   8da4w linears also round each token's activations to int8; a quantized model keeps its own codes.
+  A model trained on a 4-bit grid (quantization-aware LoRA) keeps that grid; for GGUF and ONNX with
+  the token embedding / LM head and the first and last blocks at 8 bits (``-mixed``): their 4-bit
+  operators take float activations, so the decoder's codes are the trained weights and the 4-bit
+  embedding is the one loss left (on the shipped default: −1.8 VQA points all-4-bit, none with
+  ``-mixed``, README "Quantization quality"). ExecuTorch keeps the all-4-bit grid: XNNPACK runs 8-bit
+  group-wise linears as fp32, larger and slower, and its int8 activations cost more than the embedding.
 - threads: the device's big cores (the host: its cores).
 - max context: the model's, capped at :data:`PHONE_CONTEXT` (runtimes preallocate the KV cache), then
   halved until the predicted peak memory fits the device's app budget.
@@ -29,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 from edge_mllm.config import MLLMConfig
 from edge_mllm.errors import ConfigError, EdgeMLLMError
+from edge_mllm.quant.scheme import QuantScheme
 from edge_mllm.sim.backends import backend_for_format
 from edge_mllm.sim.formats import weight_plan
 from edge_mllm.sim.predict import Prediction, Scenario, simulate
@@ -152,11 +159,12 @@ def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantiz
     ``fmt`` / ``quant`` / ``max_context``: the user's explicit choices, which win. ``available``:
     ``fmt`` → why it cannot be exported here, or None (tests replace it)."""
     picked_quant = quant is None and quantized is None and config.weight_grid is None
+    on_grid = quant is None and quantized is None and config.weight_grid is not None
     if quant is not None:
         quant_reason = "given (--quant)"
     elif quantized is not None:
         quant_reason = f"the model's own {quantized} codes"
-    elif config.weight_grid is not None:
+    elif on_grid:
         quant = config.weight_grid
         quant_reason = (f"the {quant} grid the LLM was trained on (quantization-aware LoRA): its codes are the "
                         "trained weights exactly")
@@ -171,6 +179,15 @@ def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantiz
         fmt, reasons["format"] = _pick_format(
             device, lambda f: predict_for(config, name, f, quant or quantized, device, threads, context).decode_tok_s,
             available)
+    if on_grid and not QuantScheme.parse(quant).mixed:
+        if fmt.startswith("executorch"):
+            reasons["quant"] += ("; all at 4 bits: XNNPACK would run 8-bit group-wise linears (-mixed) in fp32, "
+                                 "larger and slower")
+        else:
+            quant = QuantScheme.parse(quant + "-mixed").name
+            reasons["quant"] += (f"; with the token embedding / LM head and the first and last blocks at 8 bits "
+                                 f"({quant}): {fmt}'s 4-bit operators take activations as floats, so the 4-bit "
+                                 "embedding is what is left to lose, and 8 bits keep it")
     if picked_quant and fmt.startswith("executorch"):
         quant = EXECUTORCH_SCHEME
         reasons["quant"] = ("our 4-bit codes, group 32, symmetric, with SmoothQuant's scale migration: ExecuTorch's "
