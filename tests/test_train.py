@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -34,11 +35,11 @@ from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
 from edge_mllm.train.examples import IGNORE_INDEX, Example, embed_batch, pack_shared_prefix, tokenize_conversation
-from edge_mllm.train.grounding import VOCABULARY, ground_image_tokens, read_out, token_words
+from edge_mllm.train.grounding import VOCABULARY, ground_image_tokens, read_out, token_words, word_accuracy
 from edge_mllm.train.lora import LoRALinear, add_lora_factors, apply_lora, lora_factors, merge_lora, snap
 from edge_mllm.train.recipe import trained_tensors
 from edge_mllm.train.trainer import TrainConfig, Trainer, epoch_batches
-from edge_mllm.train.vision_pretrain import disc_pool, object_discs, pretrain_vision
+from edge_mllm.train.vision_pretrain import disc_pool, final_metrics, object_discs, pretrain_vision
 
 
 @pytest.fixture(scope="module")
@@ -473,8 +474,23 @@ def test_grounding_makes_image_tokens_their_words(tiny):
     assert later["cosine"] > first["cosine"] + 0.2, (first, later)
     fresh = read_out(tiny.model, tiny.tokenizer, processor, scenes=24)
     assert set(fresh) == {"background", "color", "shape", "size", "row", "col"}
+    json.dumps(fresh, allow_nan=False)  # training.json stays JSON: no NaN for an attribute never spelt
+    assert all(v is None or 0.0 <= v <= 1.0 for v in fresh.values()), fresh
     for name, tensor in tiny.model.language_model.state_dict().items():
         assert torch.equal(tensor, llm_before[name]), name
+
+
+def test_grounding_accuracy_is_none_for_an_attribute_no_token_names():
+    table = torch.eye(len(VOCABULARY))
+    words = torch.tensor([0, 0, 1])  # background twice and the first colour word: no shape, size or place
+    tokens = table[torch.tensor([0, 2, 1])]  # the second background token lies nearest another word
+    accuracy = word_accuracy(tokens, words, table)
+    assert accuracy["background"] == 0.5 and accuracy["color"] == 1.0
+    assert accuracy["shape"] is None and accuracy["row"] is None
+    history = [{"shape": None, "loss": 2.0}, {"shape": 0.5, "loss": 1.0}]  # 20 steps: the last 2 averaged
+    assert final_metrics(history * 10, time.perf_counter()) | {"seconds": 0} == {"shape": 0.5, "loss": 1.5,
+                                                                                 "seconds": 0}
+    assert final_metrics(history[:1], time.perf_counter())["shape"] is None
 
 
 @pytest.mark.parametrize("weight", [0.0, 1.0])

@@ -85,21 +85,22 @@ def _grid(model: MultimodalLM) -> int:
     return int(round(model.num_image_tokens ** 0.5))
 
 
-def _accuracy(tokens: torch.Tensor, words: torch.Tensor, table: torch.Tensor) -> dict[str, float]:
+def word_accuracy(tokens: torch.Tensor, words: torch.Tensor, table: torch.Tensor) -> dict[str, float | None]:
     """Per attribute (and the background): how often a token's nearest ``VOCABULARY`` word (cosine)
-    is the one it should be; tokens [N, D], words [N]."""
+    is the one it should be; tokens [N, D], words [N]. None where no token should name that attribute
+    (a grid too coarse to spell it): JSON has no NaN."""
     nearest = (F.normalize(tokens.float(), dim=-1) @ F.normalize(table, dim=-1).t()).argmax(-1).cpu()
     words = words.cpu()
     spans = {"background": (0, 1)} | {n: (_OFFSET[n], _OFFSET[n] + len(v)) for n, v in ATTRIBUTES.items()}
     result = {}
     for name, (lo, hi) in spans.items():
         mask = (words >= lo) & (words < hi)
-        result[name] = float((nearest[mask] == words[mask]).float().mean()) if mask.any() else float("nan")
+        result[name] = float((nearest[mask] == words[mask]).float().mean()) if mask.any() else None
     return result
 
 
 def read_out(model: MultimodalLM, tokenizer: Tokenizer, processor: ImageProcessor, *, scenes: int = 24,
-             seed: int = 0) -> dict[str, float]:
+             seed: int = 0) -> dict[str, float | None]:
     """On fresh test-split scenes, how often each image token lies nearest the word it should be, per
     attribute: whether the tokens still name what they show (the LLM stages can overwrite what
     grounding made; TRAINING.md)."""
@@ -109,7 +110,7 @@ def read_out(model: MultimodalLM, tokenizer: Tokenizer, processor: ImageProcesso
     with torch.no_grad():
         tokens = model.encode_images(torch.stack([processor(render(s)) for s in sampled]).to(device))
     words = torch.cat([token_words(s, _grid(model)) for s in sampled])
-    return _accuracy(tokens.reshape(-1, tokens.shape[-1]), words, table.to(device))
+    return word_accuracy(tokens.reshape(-1, tokens.shape[-1]), words, table.to(device))
 
 
 def ground_image_tokens(
@@ -152,11 +153,11 @@ def ground_image_tokens(
         loss = loss + norm_weight * norm_penalty
         cosine = float(F.cosine_similarity(flat.detach(), target).mean())
         metrics = {"norm_penalty": norm_penalty.item(), "cosine": cosine}
-        metrics |= _accuracy(flat.detach(), words, table)
+        metrics |= word_accuracy(flat.detach(), words, table)
         scheduled_step(optimizer, params, loss, step, steps)
         metrics["loss"] = loss.item()
         history.append(metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", color=f"{metrics['color']:.2f}", shape=f"{metrics['shape']:.2f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", color=metrics["color"], shape=metrics["shape"])
     tower.eval()
     projector.eval()
     return final_metrics(history, t0)

@@ -171,9 +171,11 @@ def scheduled_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
     optimizer.step()
 
 
-def final_metrics(history: list[dict[str, float]], t0: float) -> dict[str, float]:
-    """Each metric averaged over the last 10% of steps, and the seconds since ``t0``."""
+def final_metrics(history: list[dict[str, float | None]], t0: float) -> dict[str, float | None]:
+    """Each metric averaged over the last 10% of steps where it was measured (None: in none of them),
+    and the seconds since ``t0``."""
     tail = history[-max(1, len(history) // 10):]
-    summary = {k: sum(h[k] for h in tail) / len(tail) for k in tail[0]}
+    measured = {k: [h[k] for h in tail if h[k] is not None] for k in tail[0]}
+    summary = {k: sum(v) / len(v) if v else None for k, v in measured.items()}
     summary["seconds"] = time.perf_counter() - t0
     return summary
