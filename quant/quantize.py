@@ -81,6 +81,10 @@ class _InputRecorder:
     def rows(self, name: str) -> torch.Tensor:
         return torch.cat([x.reshape(-1, x.shape[-1]) for x in self.inputs[name]])
 
+    def divide(self, name: str, scales: torch.Tensor) -> None:
+        """What the linear reads once ``scales`` are folded into its producer: each input ÷ ``scales``."""
+        self.inputs[name] = [x / scales for x in self.inputs[name]]
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -88,12 +92,17 @@ class _InputRecorder:
 
 def _migrate_scales(layer: LlamaDecoderLayer, rec: _InputRecorder, names: dict[str, str], plan: TensorPlan,
                     smooth: bool) -> None:
-    """Fold per-channel scales into the block: SmoothQuant's when ``smooth``, else AWQ's search."""
+    """Fold per-channel scales into the block: SmoothQuant's when ``smooth``, else AWQ's search. The
+    recorded inputs follow (the consumers now read them ÷ the scales, the block's output is unchanged),
+    so GPTQ's Hessians need no second calibration pass."""
+    name_of = {module: name for name, module in layer.named_modules()}
     for producer, consumers, reader in migration_groups(layer):
         x = rec.rows(names[reader])
         scales = (smoothquant_scales(consumers, x) if smooth else
                   search_scales(consumers, x, plan.bits, plan.group_size, plan.symmetric, plan.float_min))
         apply_scales(producer, consumers, scales)
+        for consumer in consumers:
+            rec.divide(name_of[consumer], scales)
 
 
 @torch.no_grad()
@@ -157,11 +166,6 @@ def _quantize_blocks(
         plan_any = next(p for n, p in plans.items() if n.startswith(prefix) and p is not None)
         if smooth or plan_any.method in ("awq", "awq+gptq"):
             _migrate_scales(layer, rec, short, plan_any, smooth)
-            # inputs changed by the folded scales: record again for the error report
-            rec = _InputRecorder(linears)
-            for x in hidden:
-                _run_layer(llm, layer, x)
-            rec.remove()
         for name in linears:
             full = f"{prefix}{name}.weight"
             plan = plans.get(full)

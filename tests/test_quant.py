@@ -16,13 +16,14 @@ from edge_mllm.export.gguf.blocks import ggml_type, pack_blocks
 from edge_mllm.export.onnx.nbits import pack_nbits
 from edge_mllm.quant.gptq import HessianAccumulator, gptq_quantize
 from edge_mllm.quant.groupwise import quantize_rtn, relative_error
-from edge_mllm.quant.quantize import quantize_model
+from edge_mllm.quant.quantize import _InputRecorder, _migrate_scales, _run_layer, quantize_model
 from edge_mllm.quant.scaling import apply_scales, search_scales, smoothquant_scales
-from edge_mllm.quant.scheme import QuantScheme, plan_tensor
+from edge_mllm.quant.scheme import QuantScheme, TensorPlan, plan_tensor
 from edge_mllm.quant.storage import fp16_bytes
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
+from torch import nn
 
 from edge_mllm.checkpoint import load_model, save_native
 from edge_mllm.errors import CheckpointError, QuantError
@@ -430,6 +431,33 @@ def test_quantize_model_replaces_weights_by_their_codes(tiny_mllm, scheme_name):
     if scheme.needs_calibration:
         llm_reports = [r for n, r in result.report.items() if n.startswith("language_model.model.layers.")]
         assert all(r.output_error is not None and r.output_error < 0.2 for r in llm_reports)
+
+
+@pytest.mark.parametrize("smooth", [True, False])
+@torch.no_grad()
+def test_migrated_block_inputs_follow_the_folded_scales_without_a_second_pass(tiny_mllm, smooth):
+    # After folding, each linear reads its recorded input ÷ the scales: what a fresh pass records.
+    llm = copy.deepcopy(tiny_mllm.model).language_model
+    layer = llm.model.layers[0]
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    hidden = [llm.embed(torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(s))) for s in range(3)]
+
+    def record() -> _InputRecorder:
+        rec = _InputRecorder(linears)
+        for x in hidden:
+            _run_layer(llm, layer, x)
+        rec.remove()
+        return rec
+
+    rec = record()
+    plan = TensorPlan(4, 32, True, "awq")
+    _migrate_scales(layer, rec, {n.rsplit(".", 1)[-1]: n for n in linears}, plan, smooth)
+    fresh = record()
+    if smooth:  # the scales did move something (AWQ's search may settle on 1)
+        assert not torch.equal(layer.input_layernorm.weight,
+                               tiny_mllm.model.language_model.model.layers[0].input_layernorm.weight)
+    for name in linears:
+        torch.testing.assert_close(rec.rows(name), fresh.rows(name), rtol=1e-4, atol=1e-5)  # float rounding
 
 
 def test_data_aware_schemes_need_calibration(tiny_mllm):
