@@ -154,6 +154,12 @@ def _training_data(data_path: str, stage: str, images: str | None):
     return load_conversations(path, images)
 
 
+SINGLE_TURNS = click.option(
+    "--single-turns", is_flag=True,
+    help="Learn each question on its own, as evaluation asks it (the questions about one image share its prompt in "
+         "one packed row; --batch-size then counts such rows).")
+
+
 @cli.command()
 @MODEL_ARG
 @click.option("--stage", type=click.Choice(["pretrain", "instruct"]), required=True,
@@ -175,9 +181,7 @@ def _training_data(data_path: str, stage: str, images: str | None):
               help="Keep the connector as it is (e.g. grounded image tokens, while LoRA learns to read them).")
 @click.option("--image-norm-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Weight of a penalty keeping image tokens at a word embedding's norm (TRAINING.md).")
-@click.option("--single-turns", is_flag=True,
-              help="Learn each question on its own, as evaluation asks it (the questions about one image share "
-                   "its prompt in one packed row; --batch-size then counts such rows).")
+@SINGLE_TURNS
 @click.option("--qat", metavar="SCHEME",
               help="instruct + LoRA: train the merged weights on this round-to-nearest scheme's grid (e.g. "
                    "rtn-w4-g32-min), so that exporting with --quant SCHEME keeps what was learnt.")
@@ -260,11 +264,12 @@ def train_default(output: str, seed: int, quick: bool, as_json: bool) -> None:
 @click.option("--epochs", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@SINGLE_TURNS
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/.")
 @click.option("--json", "as_json", is_flag=True)
 def distill(teacher, student_layers, data_path, images, output, temperature, alpha, hidden_weight, epochs,
-            batch_size, lr, seed, resume, as_json) -> None:
+            batch_size, lr, single_turns, seed, resume, as_json) -> None:
     """Distill TEACHER (default: the embedded model) into a student with fewer LLM layers."""
     from pathlib import Path
 
@@ -277,7 +282,8 @@ def distill(teacher, student_layers, data_path, images, output, temperature, alp
     conversations = _training_data(data_path, "instruct", images)
     loaded = load_model(teacher)
     student = make_student(loaded.model, student_layers)
-    config = TrainConfig(stage="instruct", epochs=epochs, batch_size=batch_size, lr=lr, lora_rank=0, seed=seed)
+    config = TrainConfig(stage="instruct", epochs=epochs, batch_size=batch_size, lr=lr, lora_rank=0,
+                         single_turns=single_turns, seed=seed)
     distiller = Distiller(student, loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config,
                           DistillConfig(temperature, alpha, hidden_weight))
     stats = distiller.train(conversations, checkpoint_dir=Path(f"{output}.train"), resume=resume)

@@ -60,13 +60,17 @@ def test_kl_is_zero_only_for_identical_distributions():
     assert kd_kl(logits + torch.randn(5, 11), logits, 2.0).item() > 1e-3
 
 
-def test_distillation_loss_is_zero_when_student_equals_teacher(mobilevlm_v2, conversations):
+@pytest.mark.parametrize("single_turns", [False, True])
+def test_distillation_loss_is_zero_when_student_equals_teacher(mobilevlm_v2, conversations, single_turns):
     loaded = load_model(mobilevlm_v2.path)
     teacher = loaded.model
     student = make_student(teacher, teacher.config.text.num_hidden_layers)  # all layers: the same model
     distiller = Distiller(student, teacher, loaded.tokenizer, ChatTemplate(loaded.chat_template),
-                          TrainConfig(stage="instruct", lora_rank=0), DistillConfig(alpha=0.0, hidden_weight=1.0))
-    batch = [tokenize_conversation(c, loaded.tokenizer, distiller.template) for c in conversations[:2]]
+                          TrainConfig(stage="instruct", lora_rank=0, single_turns=single_turns),
+                          DistillConfig(alpha=0.0, hidden_weight=1.0))
+    # single turns: each question packed after the shared image prompt, teacher and student alike
+    batch = distiller.examples(conversations[:2])
+    assert any(e.branches for e in batch) == single_turns and (len(batch) == 2 or single_turns)
     with torch.no_grad():
         loss, n = distiller.batch_loss(batch)
     assert n > 0 and loss.item() == pytest.approx(0.0, abs=1e-5)
@@ -103,7 +107,7 @@ def test_cli_distill(mobilevlm_v2, conversations, tmp_path):
     ]))
     proc = subprocess.run([sys.executable, "-m", "edge_mllm.cli", "distill", str(mobilevlm_v2.path),
                            "--student-layers", "1", "--data", str(data), "--images", "/", "-o", str(tmp_path / "s"),
-                           "--json"], capture_output=True, text=True, timeout=300)
+                           "--single-turns", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)
     assert stats["parameters"]["language_model"] < stats["teacher_parameters"]["language_model"]
