@@ -7,6 +7,7 @@ original projects use, into pytest's tmp folders: no download, seconds per build
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -349,3 +350,15 @@ def test_image():
 def pixel_batch(batch: int = 2, image_size: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, image_size, image_size, generator=gen)
+
+
+def with_middle_block(loaded):
+    """A copy of ``loaded`` (an edge-mllm LoadedModel) whose LLM has a third block, a copy of its last,
+    between its two: a ``-mixed`` scheme then keeps a 4-bit block between its 8-bit first and last."""
+    loaded = copy.deepcopy(loaded)
+    lm = loaded.model.language_model
+    lm.model.layers.insert(1, copy.deepcopy(lm.model.layers[1]))
+    text = dataclasses.replace(loaded.model.config.text, num_hidden_layers=len(lm.model.layers))
+    loaded.model.config = dataclasses.replace(loaded.model.config, text=text)
+    lm.config = text
+    return loaded

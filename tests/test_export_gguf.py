@@ -22,6 +22,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import with_middle_block
 from edge_mllm.export.bundle import MANIFEST, export_bundle, sha256
 from edge_mllm.export.gguf.bundle import MEDIA_MARKER, gguf_chat_template
 from edge_mllm.export.gguf.mmproj import llamacpp_image_embeddings, mmproj_tensor_name
@@ -365,6 +366,21 @@ def test_our_quantized_codes_run_in_llamacpp(llava_model, tmp_path, scheme, bloc
     _, tokens = llamacpp_chat(out, PROMPT, image, N_TOKENS)
     _, prompt_embeds = torch_prompt(loaded, PROMPT, llamacpp_order_encode(loaded.model, pixels(loaded, image)))
     # llama.cpp rounds activations to 8 bits for Q4_0/Q8_0 dot products: near-ties may differ
+    assert teacher_forced_agreement(loaded, prompt_embeds, tokens) >= 0.9
+
+
+def test_mixed_codes_run_in_llamacpp(llava_model, tmp_path):
+    """``rtn-w4-g32-min-mixed`` (``export --target``'s GGUF pick for a grid-trained model): the token
+    embedding and the first and last blocks as Q8_0, the blocks between as Q4_1, in one file that
+    llama.cpp runs as our quantized PyTorch model does."""
+    loaded = with_middle_block(llava_model)
+    out = export_bundle(loaded, "gguf", tmp_path / "m", quant="rtn-w4-g32-min-mixed", progress=False)
+    llm = tensor_types(out / "model.gguf")
+    assert llm["token_embd.weight"] == llm["blk.0.attn_q.weight"] == llm["blk.2.ffn_down.weight"] == "Q8_0"
+    assert llm["blk.1.attn_q.weight"] == llm["blk.1.ffn_down.weight"] == "Q4_1"
+    image = square_image(loaded.model.config.vision.image_size, seed=1)
+    _, tokens = llamacpp_chat(out, PROMPT, image, N_TOKENS)
+    _, prompt_embeds = torch_prompt(loaded, PROMPT, llamacpp_order_encode(loaded.model, pixels(loaded, image)))
     assert teacher_forced_agreement(loaded, prompt_embeds, tokens) >= 0.9
 
 

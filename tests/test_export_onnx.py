@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import with_middle_block
 from edge_mllm.export.bundle import export_bundle
 from edge_mllm.export.onnx import graphs
 from edge_mllm.export.onnx.bundle import codes_by_name
@@ -258,6 +259,20 @@ def test_asymmetric_and_8bit_codes_and_onnxruntime_native_quantization(tiny, tmp
     assert manifest["onnx"]["operators"]["decoder"] == {"MatMulNBits": 15}
     assert manifest["onnx"]["operators"]["embedding"] == {"GatherBlockQuantized": 1}
     OnnxRunner(native).generate(PROMPT_IDS, px, max_new_tokens=4)
+
+
+def test_mixed_codes_run_in_onnxruntime(tiny, tmp_path):
+    # rtn-w4-g32-min-mixed (export --target's ONNX pick for a grid-trained model): 8-bit first and last
+    # blocks and embedding, 4-bit blocks with float minimums between, as PyTorch computes them
+    loaded = quantized_copy(with_middle_block(tiny), "rtn-w4-g32-min-mixed")
+    out = export_bundle(copy.deepcopy(loaded), "onnx", tmp_path / "mixed", progress=False)
+    decoder = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    bits = [next(onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "bits")
+            for n in decoder.graph.node if n.op_type == "MatMulNBits"]
+    assert bits.count(4) == 7 and bits.count(8) == 15  # 7 linears a block, and the LM head
+    px = pixels(loaded)
+    tokens = OnnxRunner(out).generate(PROMPT_IDS, px, max_new_tokens=16, stop_token_ids=()).token_ids
+    assert agreement(tokens, torch_greedy(loaded, PROMPT_IDS, px, 16)) >= 0.95
 
 
 def test_export_is_deterministic(tiny, tmp_path):
