@@ -31,7 +31,7 @@ The picks, each with its reason (every reason ends up in the bundle's manifest u
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from edge_mllm.config import MLLMConfig
 from edge_mllm.errors import ConfigError, EdgeMLLMError
@@ -179,12 +179,13 @@ def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantiz
         fmt, reasons["format"] = _pick_format(
             device, lambda f: predict_for(config, name, f, quant or quantized, device, threads, context).decode_tok_s,
             available)
-    if on_grid and not QuantScheme.parse(quant).mixed:
+    grid = QuantScheme.parse(quant) if on_grid else None
+    if grid is not None and not grid.mixed:
         if fmt.startswith("executorch"):
             reasons["quant"] += ("; all at 4 bits: XNNPACK would run 8-bit group-wise linears (-mixed) in fp32, "
                                  "larger and slower")
         else:
-            quant = QuantScheme.parse(quant + "-mixed").name
+            quant = replace(grid, mixed=True).name
             reasons["quant"] += (f"; with the token embedding / LM head and the first and last blocks at 8 bits "
                                  f"({quant}): {fmt}'s 4-bit operators take activations as floats, so the 4-bit "
                                  "embedding is what is left to lose, and 8 bits keep it")

@@ -157,7 +157,8 @@ def ground_image_tokens(
         scheduled_step(optimizer, params, loss, step, steps)
         metrics["loss"] = loss.item()
         history.append(metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", color=metrics["color"], shape=metrics["shape"])
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}",
+                        **{k: "-" if metrics[k] is None else f"{metrics[k]:.2f}" for k in ("color", "shape")})
     tower.eval()
     projector.eval()
     return final_metrics(history, t0)
