@@ -185,12 +185,16 @@ SINGLE_TURNS = click.option(
 @click.option("--qat", metavar="SCHEME",
               help="instruct + LoRA: train the merged weights on this round-to-nearest scheme's grid (e.g. "
                    "rtn-w4-g32-min), so that exporting with --quant SCHEME keeps what was learnt.")
+@click.option("--qat-activations", is_flag=True,
+              help="With --qat: also round the linears' inputs to int8 per token, as ExecuTorch's 8da4w linears "
+                   "(XNNPACK) do, so that ExecuTorch's answers keep what was learnt too.")
 @click.option("--max-len", default=512, show_default=True, type=click.IntRange(min=8))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/ (optimizer, step).")
 @click.option("--json", "as_json", is_flag=True)
 def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_rank, freeze_llm, train_vision,
-          freeze_projector, image_norm_weight, single_turns, qat, max_len, seed, resume, as_json) -> None:
+          freeze_projector, image_norm_weight, single_turns, qat, qat_activations, max_len, seed, resume,
+          as_json) -> None:
     """Train the connector (pretrain) or connector + LLM (instruct) on conversations."""
     from pathlib import Path
 
@@ -209,6 +213,7 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
         config = TrainConfig(stage=stage, epochs=epochs, batch_size=batch_size, lr=lr, freeze_llm=freeze_llm,
                              train_vision=train_vision, train_projector=not freeze_projector,
                              image_norm_weight=image_norm_weight, single_turns=single_turns, qat=qat,
+                             qat_activations=qat_activations,
                              max_len=max_len, seed=seed, **lora)
     except EdgeMLLMError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -230,8 +235,11 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
 @click.option("-o", "--output", default="out/default-recipe", show_default=True, type=click.Path(path_type=str))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quick", is_flag=True, help="A minutes-long run of the same steps (to try the pipeline).")
+@click.option("--vision-from", type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="Take the vision tower and projector of an earlier run's default_vision.safetensors and skip "
+                   "vision pretraining and grounding (to try LLM-stage changes in a third of the time).")
 @click.option("--json", "as_json", is_flag=True)
-def train_default(output: str, seed: int, quick: bool, as_json: bool) -> None:
+def train_default(output: str, seed: int, quick: bool, vision_from: str | None, as_json: bool) -> None:
     """Train the embedded default's vision tower and projector on synthetic data (TRAINING.md).
 
     Writes OUTPUT/default_vision.safetensors (copy it to edge_mllm/weights/ to ship it), training.json
@@ -240,7 +248,7 @@ def train_default(output: str, seed: int, quick: bool, as_json: bool) -> None:
 
     from edge_mllm.train.recipe import RecipeConfig, run_recipe
 
-    config = replace(RecipeConfig.quick() if quick else RecipeConfig(), seed=seed)
+    config = replace(RecipeConfig.quick() if quick else RecipeConfig(), seed=seed, vision_from=vision_from)
     summary = run_recipe(output, config)
     if as_json:
         _emit_json(summary)

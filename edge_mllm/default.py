@@ -85,17 +85,29 @@ def untrained_default(seed: int = 0, progress: bool = True) -> LoadedModel:
     return LoadedModel(text.model.eval(), text.tokenizer, text.chat_template)
 
 
-def apply_trained(loaded: LoadedModel, path: Path) -> LoadedModel:
-    """Load the recipe's tensors (vision tower, projector, LoRA factors merged into the LLM) in place."""
-    model = loaded.model
+def _read_trained(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     try:
-        state = read_weights_file(path)
-        qat = read_metadata(path).get("qat")
+        return read_weights_file(path), read_metadata(path).get("qat")
     except CheckpointError as exc:
         raise CheckpointError(f"the default model's trained weights are missing or broken: {exc}") from exc
+
+
+def _load_vision(model: MultimodalLM, state: dict[str, torch.Tensor], path: Path) -> None:
     own = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
     load_into(model.vision_tower, select(own, "vision_tower."), str(path))
     load_into(model.mm_projector, select(own, "mm_projector."), str(path))
+
+
+def load_trained_vision(model: MultimodalLM, path: Path) -> None:
+    """Load only the vision tower and projector of a recipe file into ``model`` (in place)."""
+    _load_vision(model, _read_trained(path)[0], path)
+
+
+def apply_trained(loaded: LoadedModel, path: Path) -> LoadedModel:
+    """Load the recipe's tensors (vision tower, projector, LoRA factors merged into the LLM) in place."""
+    model = loaded.model
+    state, qat = _read_trained(path)
+    _load_vision(model, state, path)
     lora = select(state, "language_model.")
     grids = (quantization_grids(model.language_model, QuantScheme.parse(qat), model.config.text.num_hidden_layers)
              if qat else None)

@@ -110,3 +110,18 @@ def test_recipe_with_alignment_and_a_trained_connector(tmp_path):
     read_out = summary["diagnostics"]["read_out"]
     assert set(read_out) == {"ground", "align", "instruct"}
     assert summary["instruct"]["steps"] == 4  # 16 multi-turn conversations, batch 4
+
+
+@pytest.mark.slow
+def test_recipe_can_start_from_an_earlier_files_eyes(tmp_path):
+    # vision_from (train-default --vision-from): a trained file's tower and projector are used as they
+    # are, vision pretraining and grounding are skipped, and stage 2 (here activation-aware) trains LoRA.
+    config = dataclasses.replace(RecipeConfig.quick(), vision_from=str(TRAINED_WEIGHTS), qat_activations=True,
+                                 text_prompts=0, test_scenes=2)
+    summary = run_recipe(tmp_path, config, progress=False)
+    assert set(summary["seconds"]) == {"data", "instruct", "eval"}
+    assert summary["vision_pretrain"] is None and summary["recipe"]["qat_activations"] is True
+    source, written = read_weights_file(TRAINED_WEIGHTS), read_weights_file(tmp_path / TRAINED_WEIGHTS_FILE)
+    eyes = [k for k in source if k.startswith(("vision_tower.", "mm_projector."))]
+    assert eyes and all(torch.equal(written[k], source[k]) for k in eyes)
+    assert any(k.endswith(".lora_A") for k in written)

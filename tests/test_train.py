@@ -36,7 +36,15 @@ from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
 from edge_mllm.train.examples import IGNORE_INDEX, Example, embed_batch, pack_shared_prefix, tokenize_conversation
 from edge_mllm.train.grounding import VOCABULARY, ground_image_tokens, read_out, token_words, word_accuracy
-from edge_mllm.train.lora import LoRALinear, add_lora_factors, apply_lora, lora_factors, merge_lora, snap
+from edge_mllm.train.lora import (
+    LoRALinear,
+    add_lora_factors,
+    apply_lora,
+    lora_factors,
+    merge_lora,
+    per_token_int8,
+    snap,
+)
 from edge_mllm.train.recipe import trained_tensors
 from edge_mllm.train.trainer import TrainConfig, Trainer, epoch_batches
 from edge_mllm.train.vision_pretrain import disc_pool, final_metrics, object_discs, pretrain_vision
@@ -239,6 +247,37 @@ def test_quantization_aware_lora_gradients_are_the_straight_through_ones():
         torch.testing.assert_close(got, want)
 
 
+def test_activation_aware_lora_rounds_its_inputs_as_xnnpack_does():
+    # ExecuTorch's 8da4w linears quantize their input per token on XNNPACK: int8, asymmetric, the
+    # range widened to include 0, 255 steps, an integer zero point. Written out here independently of
+    # torchao's fake quantizer, which the training uses.
+    torch.manual_seed(0)
+    grid = TensorPlan(4, 32, False, "rtn", float_min=True)
+    lora = LoRALinear(torch.nn.Linear(64, 48), rank=4, alpha=8, grid=grid, activations=per_token_int8())
+    torch.nn.init.normal_(lora.lora_B, std=0.05)
+    x = torch.randn(5, 64) * torch.linspace(0.1, 8.0, 64) + 0.5  # outlier channels, rows not centred on 0
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / 255
+    zero = torch.round(-128 - lo / scale)
+    rounded = (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
+    weight = snap(lora.base.weight + lora.delta(), grid)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(x), torch.nn.functional.linear(rounded, weight, lora.base.bias))
+        assert not torch.allclose(lora(x), torch.nn.functional.linear(x, weight, lora.base.bias), atol=1e-3)
+    x.requires_grad_(True)
+    (lora(x) ** 2).sum().backward()  # straight through the rounding, to the factors and the input
+    assert lora.lora_A.grad.abs().sum() > 0 and lora.lora_B.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+def test_activation_rounding_goes_only_where_a_grid_is(tiny):
+    lm = tiny.model.language_model
+    grids = {"model.layers.0.self_attn.q_proj": TensorPlan(4, 32, False, "rtn", float_min=True)}
+    apply_lora(lm, rank=2, alpha=4, grid_for=grids.get, quantize_activations=True)
+    wrapped = {n: m for n, m in lm.named_modules() if isinstance(m, LoRALinear)}
+    assert {n for n, m in wrapped.items() if m.activations is not None} == set(grids)
+    assert all(m.activations is None for m in wrapped.values() if m.grid is None)
+
+
 def test_quantization_aware_factors_load_onto_the_grid_they_trained_on(mobilevlm_v2, tmp_path):
     # The default's weights file stores LoRA factors in fp16 and names the grid in its metadata;
     # loading must rebuild exactly the merged, snapped decoder that training ended with.
@@ -271,7 +310,8 @@ def test_quantization_aware_factors_load_onto_the_grid_they_trained_on(mobilevlm
 @pytest.mark.parametrize(
     ("settings", "message"),
     [({"lora_rank": 0}, "LoRA rank"), ({"freeze_llm": True}, "LoRA rank"), ({"stage": "pretrain"}, "instruct"),
-     ({"qat": "gptq-w4-g32"}, "round-to-nearest"), ({"qat": "rtn-w4-g32-sq"}, "round-to-nearest")],
+     ({"qat": "gptq-w4-g32"}, "round-to-nearest"), ({"qat": "rtn-w4-g32-sq"}, "round-to-nearest"),
+     ({"qat": None, "qat_activations": True}, "give qat too")],
 )
 def test_quantization_aware_training_settings_are_checked(settings, message):
     with pytest.raises(EdgeMLLMError, match=message):

@@ -9,6 +9,10 @@ rounded to the 4-bit grid an export will use (straight-through: the gradient pas
 unchanged), so the update learns to move weights between grid points. Without it, an update smaller
 than half a 4-bit step vanishes when the merged model is quantized; with it, the merged and snapped
 model is exactly what the export's codes compute.
+
+Activation-aware (``activations``): the grid linears' inputs are also rounded as ExecuTorch's 8da4w
+linears round them on XNNPACK (int8, asymmetric, one scale per token; torchao's own fake quantizer,
+straight-through), so the updates also learn to keep the answers that rounding would change.
 """
 
 from __future__ import annotations
@@ -34,12 +38,22 @@ def snap(weight: torch.Tensor, grid: TensorPlan) -> torch.Tensor:
     return rounded.to(weight.dtype)
 
 
+def per_token_int8() -> nn.Module:
+    """A fake quantizer of the activations ExecuTorch's 8da4w linears compute with: int8, asymmetric,
+    one scale and zero point per token (XNNPACK's dynamically quantized GEMMs; torchao's 8da4w)."""
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer
+
+    return IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False))
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, grid: TensorPlan | None = None):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, grid: TensorPlan | None = None,
+                 activations: nn.Module | None = None):
         super().__init__()
         self.base = base
         self.scale = alpha / rank
         self.grid = grid  # quantization-aware: the forward uses the merged weight on this grid
+        self.activations = activations  # with a grid: rounds the input as the runtime will (per_token_int8)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))  # zero: starts as the base model
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -54,23 +68,26 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             snapped = snap(self.base.weight + self.delta().to(self.base.weight.dtype), self.grid)
         branch = (x.detach() @ self.lora_A.t() @ self.lora_B.t()) * self.scale
-        return F.linear(x, snapped, self.base.bias) + (branch - branch.detach())
+        inputs = x if self.activations is None else self.activations(x)
+        return F.linear(inputs, snapped, self.base.bias) + (branch - branch.detach())
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
 
 
 def apply_lora(module: nn.Module, rank: int, alpha: float, targets: tuple[str, ...] = DEFAULT_TARGETS,
-               grid_for: Callable[[str], TensorPlan | None] | None = None) -> int:
+               grid_for: Callable[[str], TensorPlan | None] | None = None, quantize_activations: bool = False) -> int:
     """Wrap every ``nn.Linear`` child named in ``targets`` (in place); returns how many.
-    ``grid_for``: a linear's name within ``module`` → its quantization grid (quantization-aware LoRA)."""
+    ``grid_for``: a linear's name within ``module`` → its quantization grid (quantization-aware LoRA);
+    ``quantize_activations``: the inputs of the linears that have a grid are rounded too (``per_token_int8``)."""
     wrapped = 0
     for parent_name, parent in list(module.named_modules()):
         for name, child in list(parent.named_children()):
             if name in targets and isinstance(child, nn.Linear):
                 full = f"{parent_name}.{name}" if parent_name else name
                 grid = grid_for(full) if grid_for is not None else None
-                setattr(parent, name, LoRALinear(child, rank, alpha, grid))
+                activations = per_token_int8() if quantize_activations and grid is not None else None
+                setattr(parent, name, LoRALinear(child, rank, alpha, grid, activations))
                 wrapped += 1
     return wrapped
 

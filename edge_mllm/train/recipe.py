@@ -2,13 +2,15 @@
 budget on a 2-core CPU (faster with CUDA), wall-clock included (``training.json``: ``wall_seconds``).
 
 1. Render synthetic train scenes (captions, multi-turn VQA + POPE) and a held-out test split.
-2. Pretrain the vision tower on dense scene attributes (``vision_pretrain``).
+2. Pretrain the vision tower on dense scene attributes (``vision_pretrain``); or, with ``vision_from``,
+   take the tower and projector of an earlier run's file and skip to step 5.
 3. Ground the image tokens: tower + projector trained so that each token covering an object is one
    of its words in SmolLM2's embedding space, the background a full stop (``grounding``; no LLM
    forward pass).
 4. Stage 1 (off by default): align the LDPv2 projector on captions, vision tower and LLM frozen.
 5. Text replay: SmolLM2's own answers to 200 text-only instructions (``text_replay``).
-6. Stage 2: instruction-tune quantization-aware LoRA on SmolLM2, one question per example (the
+6. Stage 2: instruction-tune quantization-aware LoRA on SmolLM2 (optionally with its linears' inputs
+   rounded as ExecuTorch's 8da4w rounds them), one question per example (the
    questions about one image packed after its prompt), the replayed text conversations mixed in, with
    the grounded tower and projector frozen (each can be trained too, or the LLM frozen instead).
 7. Evaluate on the test split and write the small trained tensors as one safetensors file.
@@ -32,7 +34,7 @@ from safetensors.torch import save_file
 from edge_mllm.chat import ChatTemplate
 from edge_mllm.data.llava import load_conversations, save_records, single_turns
 from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, write_split
-from edge_mllm.default import TRAINED_WEIGHTS_FILE, apply_trained, untrained_default
+from edge_mllm.default import TRAINED_WEIGHTS_FILE, apply_trained, load_trained_vision, untrained_default
 from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
 from edge_mllm.pipeline import Pipeline
 from edge_mllm.preprocess import ImageProcessor
@@ -78,6 +80,9 @@ class RecipeConfig:
     freeze_llm: bool = False
     lora_rank: int = 8
     qat: str | None = "rtn-w4-g32-min"
+    # Round the grid linears' inputs to int8 per token too, as ExecuTorch's 8da4w linears do: without it
+    # ExecuTorch changed about a third of run 13's answers (TRAINING.md, run 14).
+    qat_activations: bool = False
     # Tower and projector stay as grounding leaves them: stage 2 only teaches the LLM to read them.
     instruct_train_vision: bool = False
     instruct_train_projector: bool = False
@@ -89,6 +94,9 @@ class RecipeConfig:
     # text answers (run 10's did not; TRAINING.md). 0: no replay.
     text_prompts: int = 200
     text_max_new_tokens: int = 48  # longer answers are learnt as far as that (text_replay)
+    # A recipe file whose vision tower and projector are used as they are, in place of steps 2-3 (to
+    # try stage-2 changes without re-training the eyes; stage 2 keeps them frozen by default)
+    vision_from: str | None = None
 
     @classmethod
     def quick(cls) -> RecipeConfig:
@@ -126,12 +134,16 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
     model = loaded.model
     vision = model.config.vision
     processor = ImageProcessor(vision.image_size, vision.image_mean, vision.image_std, model.config.image_aspect_ratio)
-    vision_metrics = timed("vision_pretrain", lambda: pretrain_vision(
-        model.vision_tower, processor, steps=config.vision_steps, batch_size=config.vision_batch,
-        lr=config.vision_lr, seed=config.seed, progress=progress))
-    ground_metrics = timed("ground", lambda: ground_image_tokens(
-        model, loaded.tokenizer, processor, steps=config.ground_steps, batch_size=config.ground_batch,
-        norm_weight=config.image_norm_weight, seed=config.seed, progress=progress))
+    if config.vision_from:
+        load_trained_vision(model, Path(config.vision_from))
+        vision_metrics = ground_metrics = None
+    else:
+        vision_metrics = timed("vision_pretrain", lambda: pretrain_vision(
+            model.vision_tower, processor, steps=config.vision_steps, batch_size=config.vision_batch,
+            lr=config.vision_lr, seed=config.seed, progress=progress))
+        ground_metrics = timed("ground", lambda: ground_image_tokens(
+            model, loaded.tokenizer, processor, steps=config.ground_steps, batch_size=config.ground_batch,
+            norm_weight=config.image_norm_weight, seed=config.seed, progress=progress))
     # Whether the image tokens still name what they show after each step, and whether the model's
     # loss depends on its images: the two checks that found the 2026-12-04 runs blind (TRAINING.md).
     diagnostics = {"read_out": {"ground": read_out(model, loaded.tokenizer, processor, seed=config.seed)}}
@@ -147,7 +159,7 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
     instruct = TrainConfig(stage="instruct", epochs=config.instruct_epochs, lr=config.instruct_lr,
                            projector_lr=config.instruct_projector_lr, batch_size=config.instruct_batch,
                            lora_rank=config.lora_rank, freeze_llm=config.freeze_llm,
-                           qat=qat,
+                           qat=qat, qat_activations=config.qat_activations and qat is not None,
                            train_vision=config.instruct_train_vision,
                            train_projector=config.instruct_train_projector,
                            image_norm_weight=config.image_norm_weight, single_turns=config.instruct_single_turn,

@@ -52,6 +52,9 @@ class TrainConfig:
     # instruct + LoRA: a round-to-nearest scheme (e.g. rtn-w4-g32-min) whose grid the merged weights are
     # trained on, so that exporting with that scheme keeps what was learnt (quantization-aware LoRA)
     qat: str | None = None
+    # with qat: also round each of those linears' inputs to int8 per token, as ExecuTorch's 8da4w
+    # linears do on XNNPACK, so that its answers keep what was learnt too (TRAINING.md, run 14)
+    qat_activations: bool = False
     train_vision: bool = False
     train_projector: bool = True  # False keeps the connector as it is (e.g. as grounding left it)
     image_norm_weight: float = 0.0  # > 0: keep image tokens near a word embedding's norm (image_norm_penalty)
@@ -72,6 +75,8 @@ class TrainConfig:
         trains_llm = self.stage == "instruct" and not self.freeze_llm
         if not (self.train_projector or self.train_vision or trains_llm):
             raise EdgeMLLMError("nothing to train: the stage freezes the connector, the vision encoder and the LLM")
+        if self.qat_activations and self.qat is None:
+            raise EdgeMLLMError("activation-aware training rounds the inputs of the QAT grid's linears: give qat too")
         if self.qat is not None:
             scheme = QuantScheme.parse(self.qat)
             if self.stage != "instruct" or self.freeze_llm or self.lora_rank < 1:
@@ -97,7 +102,8 @@ def set_trainable(model: MultimodalLM, config: TrainConfig) -> list[torch.nn.Par
         if config.lora_rank > 0:
             grid_for = (quantization_grids(model.language_model, QuantScheme.parse(config.qat),
                                            model.config.text.num_hidden_layers) if config.qat else None)
-            apply_lora(model.language_model, config.lora_rank, config.lora_alpha, grid_for=grid_for)
+            apply_lora(model.language_model, config.lora_rank, config.lora_alpha, grid_for=grid_for,
+                       quantize_activations=config.qat_activations)
             for name, param in model.language_model.named_parameters():
                 param.requires_grad_("lora_" in name)
         else:
