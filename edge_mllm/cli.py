@@ -187,7 +187,7 @@ SINGLE_TURNS = click.option(
                    "rtn-w4-g32-min), so that exporting with --quant SCHEME keeps what was learnt.")
 @click.option("--qat-activations", is_flag=True,
               help="With --qat: also round the linears' inputs to int8 per token, as ExecuTorch's 8da4w linears "
-                   "(XNNPACK) do, so that ExecuTorch's answers keep what was learnt too.")
+                   "(XNNPACK) do, so that ExecuTorch changes fewer answers (TRAINING.md, run 14).")
 @click.option("--max-len", default=512, show_default=True, type=click.IntRange(min=8))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/ (optimizer, step).")

@@ -606,6 +606,9 @@ def test_cli_data_synth_and_train(mobilevlm_v2, tmp_path):
     proc = cli("train", str(mobilevlm_v2.path), "--stage", "instruct", "--data", str(tmp_path / "data"),
                "--qat", "gptq-w4-g32", "-o", str(tmp_path / "never"))
     assert proc.returncode == 2 and "round-to-nearest" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("train", str(mobilevlm_v2.path), "--stage", "instruct", "--data", str(tmp_path / "data"),
+               "--qat-activations", "-o", str(tmp_path / "never"))
+    assert proc.returncode == 2 and "give qat too" in proc.stderr and "Traceback" not in proc.stderr
     proc = cli("train", str(mobilevlm_v2.path), "--stage", "pretrain", "--data", str(tmp_path / "data"),
                "--freeze-projector", "-o", str(tmp_path / "never"))
     assert proc.returncode == 2 and "nothing to train" in proc.stderr and "Traceback" not in proc.stderr
@@ -614,10 +617,11 @@ def test_cli_data_synth_and_train(mobilevlm_v2, tmp_path):
                "--single-turns", "--batch-size", "1", "--lora-rank", "4", "-o", str(tmp_path / "single"), "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["steps"] > len(load_conversations(tmp_path / "data" / CONVERSATIONS_FILE))
-    # Quantization-aware LoRA: the saved model is on the grid, so quantizing it with the scheme changes nothing.
+    # Quantization-aware LoRA (here with its inputs rounded as ExecuTorch's 8da4w does): the saved model is
+    # on the grid, so quantizing it with the scheme changes nothing.
     out = tmp_path / "qat"
     proc = cli("train", str(mobilevlm_v2.path), "--stage", "instruct", "--data", str(tmp_path / "data"),
-               "--qat", "rtn-w4-g32-min", "--lora-rank", "4", "--lr", "0.01", "-o", str(out))
+               "--qat", "rtn-w4-g32-min", "--qat-activations", "--lora-rank", "4", "--lr", "0.01", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     trained = load_model(out)
     linears = {n: p.detach().clone() for n, p in trained.model.named_parameters()

@@ -53,7 +53,7 @@ class TrainConfig:
     # trained on, so that exporting with that scheme keeps what was learnt (quantization-aware LoRA)
     qat: str | None = None
     # with qat: also round each of those linears' inputs to int8 per token, as ExecuTorch's 8da4w
-    # linears do on XNNPACK, so that its answers keep what was learnt too (TRAINING.md, run 14)
+    # linears do on XNNPACK, so that its answers keep more of what was learnt (TRAINING.md, run 14)
     qat_activations: bool = False
     train_vision: bool = False
     train_projector: bool = True  # False keeps the connector as it is (e.g. as grounding left it)

@@ -110,7 +110,8 @@ def describe_quantization(weights: QuantizedWeights | None, native_quant: str | 
     embed = next((n for n in used if n.endswith("embed_tokens.weight")), None)
     return {
         "source": weights.scheme,
-        "linears": "4-bit codes: 8da4w (int8 dynamic activations) + exact per-group offsets; "
+        "linears": "4-bit codes: 8da4w (int8 dynamic activations; XNNPACK rounds group scales to bf16) + "
+                   "exact per-group offsets; "
                    "8-bit codes: their fp32 values (XNNPACK has no group-wise 8-bit GEMM)",
         "embedding": "fp32" if embed is None else
                      f"{weights.tensors[embed].bits}-bit codes (quantized_decomposed embedding)",
