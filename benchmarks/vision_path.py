@@ -4,7 +4,8 @@ Paths: eager PyTorch through the reference modules (``MultimodalLM.encode_images
 ``FusedVisionEncoder``; ExecuTorch (XNNPACK, the bundle's ``vision_encoder`` method) and ONNX Runtime
 (``vision.onnx``), each with the reference graph (``--no-fuse-vision``) and the fused one; and
 llama.cpp's clip (libmtmd through llama-cpp-python) on the bundle's ``mmproj.gguf``. The int8 rows are
-``--int8-vision`` where an export offers it (ONNX Runtime's dynamic int8, a Q8_0 mmproj) and
+``--int8-vision`` as each export writes it (XNNPACK's qd8-f32-qc8w GEMMs, ONNX Runtime's dynamic
+int8, a Q8_0 mmproj) and
 ``FusedVisionEncoder(int8=True)`` in eager PyTorch; their error is the relative L2 column.
 
 Encoders: the default model's (CLIP ViT 336 px / 14, width 256, 5 layers run, LDPv2), and a CLIP
@@ -41,7 +42,8 @@ from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
 
 PATHS = ("eager unfused", "eager fused", "eager fused int8", "ExecuTorch XNNPACK unfused",
-         "ExecuTorch XNNPACK fused", "ONNX Runtime unfused", "ONNX Runtime fused", "ONNX Runtime fused int8",
+         "ExecuTorch XNNPACK fused", "ExecuTorch XNNPACK fused int8", "ONNX Runtime unfused", "ONNX Runtime fused",
+         "ONNX Runtime fused int8",
          "llama.cpp clip", "llama.cpp clip Q8_0")
 LLAMACPP = ("llama.cpp clip", "llama.cpp clip Q8_0")
 VIT_L_336 = VisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
@@ -73,23 +75,31 @@ def timed(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
 
 def build_artifacts(loaded: LoadedModel, folder: Path) -> None:
     """The vision graphs as the exports write them, fused and (``--no-fuse-vision``) reference:
-    ``vision[_ref].pte`` (the ``vision_encoder`` method alone, lowered as the bundle lowers it) and
+    ``vision[_ref|_int8].pte`` (the ``vision_encoder`` method alone, lowered as the bundle lowers it) and
     ``vision[_ref].onnx`` (and ``vision_int8.onnx``); and the GGUF bundle's ``model.gguf`` +
     ``mmproj.gguf`` (and its ``--int8-vision`` twin)."""
     from edge_mllm.export.bundle import export_bundle
     from edge_mllm.export.executorch.modules import FusedRGBVisionEncoder, VisionEncoder
     from edge_mllm.export.executorch.program import VISION_METHOD, MethodSpec, export_methods, lower_to_pte
+    from edge_mllm.export.executorch.quantize import VISION_INT8, dynamic_quantize_linears_
     from edge_mllm.export.executorch.targets import XnnpackTarget
     from edge_mllm.export.onnx import files, graphs
     from edge_mllm.export.onnx.bundle import quantize_vision_int8
 
     model = loaded.model.eval()
     s = model.config.vision.image_size
-    for suffix, encoder, dtype in (("", FusedRGBVisionEncoder, torch.uint8), ("_ref", VisionEncoder, torch.float32)):
-        spec = MethodSpec(encoder(model), (torch.zeros(1, 3, s, s, dtype=dtype),))
+    for suffix, encoder, dtype in (("", FusedRGBVisionEncoder, torch.uint8), ("_ref", VisionEncoder, torch.float32),
+                                   ("_int8", FusedRGBVisionEncoder, torch.uint8)):
+        method = encoder(model)
+        if suffix == "_int8":
+            dynamic_quantize_linears_(method, VISION_INT8)
+        spec = MethodSpec(method, (torch.zeros(1, 3, s, s, dtype=dtype),))
         programs = export_methods({VISION_METHOD: spec}, progress=False)
-        pte = lower_to_pte(programs, lambda name: XnnpackTarget().partitioners(name, False), {})
+        quantized = suffix == "_int8"
+        pte = lower_to_pte(programs, lambda name, q=quantized: XnnpackTarget().partitioners(name, q), {})
         (folder / f"vision{suffix}.pte").write_bytes(pte)
+        if quantized:
+            continue
         graph = graphs.export_vision(model, fused=not suffix)
         files.fold_weight_transposes(graph)
         if not suffix:  # before saving: save() points the graph's weights at its data file
@@ -121,8 +131,9 @@ def measure(loaded: LoadedModel, folder: Path, threads: int, repeats: int) -> di
     normalized, rgb01 = processor.normalize(rgb), rgb.float() / 255
     fused = FusedVisionEncoder(model).eval()
     fused_int8 = FusedVisionEncoder(model, int8=True).eval()
-    method, method_ref = (Runtime.get().load_program(folder / f"vision{suffix}.pte").load_method(VISION_METHOD)
-                          for suffix in ("", "_ref"))
+    method, method_ref, method_int8 = (
+        Runtime.get().load_program(folder / f"vision{suffix}.pte").load_method(VISION_METHOD)
+        for suffix in ("", "_ref", "_int8"))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session, session_ref, session_int8 = (
@@ -138,6 +149,7 @@ def measure(loaded: LoadedModel, folder: Path, threads: int, repeats: int) -> di
             "eager fused int8": lambda: fused_int8(rgb01)[0].numpy(),
             "ExecuTorch XNNPACK unfused": lambda: method_ref.execute([normalized])[0][0].numpy(),
             "ExecuTorch XNNPACK fused": lambda: method.execute([rgb])[0][0].numpy(),
+            "ExecuTorch XNNPACK fused int8": lambda: method_int8.execute([rgb])[0][0].numpy(),
             "ONNX Runtime unfused": lambda: session_ref.run(None, {"pixel_values": normalized.numpy()})[0],
             "ONNX Runtime fused": lambda: session.run(None, {"pixel_values": rgb01.numpy()})[0],
             "ONNX Runtime fused int8": lambda: session_int8.run(None, {"pixel_values": rgb01.numpy()})[0],

@@ -384,8 +384,8 @@ def quantize(model, scheme, calib_path, output, report, eval_data, eval_scenes, 
               help="Export the reference vision graph (normalised pixels in) instead of the fused one "
                    "(RGB in; normalisation, LayerNorm affines and Q/K/V folded).")
 @click.option("--int8-vision", "int8_vision", is_flag=True,
-              help="The vision tower's matrices as int8 weights: ONNX Runtime's dynamic int8 (onnx) or Q8_0 "
-                   "mmproj blocks (gguf).")
+              help="The vision tower's matrices as int8 weights: XNNPACK's int8 GEMMs with int8 dynamic "
+                   "activations (executorch), ONNX Runtime's dynamic int8 (onnx) or Q8_0 mmproj blocks (gguf).")
 @click.option("--max-context", type=click.IntRange(min=1),
               help="Cap the bundle's context (prompt + image tokens + answer) below the model's: a smaller "
                    "preallocated KV cache. Default: the model's (ExecuTorch: at most 2048), or --target's pick.")

@@ -137,7 +137,7 @@ def test_usage_errors_exit_2(tmp_path, args, fragment):
         (["--format", "executorch", "--quant", "q4_k_m"], "executorch's own types: 8da4w"),
         (["--format", "onnx", "--quant", "gptq-w3-g32"], "3-bit weights are not supported"),
         (["--target", "tensor-g3", "--quant", "zzz"], "a format's own types"),
-        (["--format", "executorch", "--int8-vision"], "int8 vision weights in executorch bundles"),
+        (["--format", "executorch-vulkan", "--int8-vision"], "int8 vision weights in executorch-vulkan bundles"),
     ],
     ids=["gguf-unknown-quant", "quant-of-another-format", "bad-scheme", "target-unknown-quant", "et-int8-vision"],
 )

@@ -123,6 +123,30 @@ def test_fused_vision_encoder_reads_uint8_rgb_in_one_xnnpack_delegate(fp32_bundl
     assert torch.allclose(got, ref, atol=1e-4, rtol=0)
 
 
+def test_int8_vision_runs_xnnpack_int8_gemms(fp32_bundle, tmp_path, test_image):
+    """--int8-vision: the fused vision method's linears as int8 weights with int8 dynamic activations
+    (XNNPACK's qd8-f32-qc8w), still one delegate: the program shrinks by ~3 bytes per linear weight, and
+    the tokens the runtime computes move from the fp32 reference by a small, nonzero error (~1% here)."""
+    loaded, fp32_out = fp32_bundle
+    out = export_bundle(loaded, "executorch", tmp_path / "int8", int8_vision=True, progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["executorch"]["quantization"]["vision"].startswith("linears: int8 weights per output channel")
+    assert manifest["executorch"]["delegates"]["vision_encoder"] == {"XnnpackBackend": 1}
+    pte = (out / "model.pte").read_bytes()
+    assert et_program.non_delegated_ops(pte)["vision_encoder"] == ["dim_order_ops::_to_dim_order_copy"]
+    vision = [m for name, m in loaded.model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not name.startswith("language_model")]
+    saved = (fp32_out / "model.pte").stat().st_size - len(pte)
+    assert saved > 0.8 * 3 * sum(m.weight.numel() for m in vision), saved
+
+    runner, pipe = ExecuTorchRunner(out), Pipeline(loaded)
+    got = runner.method("vision_encoder").execute([pipe.image_processor.rgb(test_image)[None]])[0][0]
+    with torch.inference_mode():
+        ref = loaded.model.encode_images(pipe.image_processor(test_image)[None])[0]
+    error = float((got - ref).norm() / ref.norm())
+    assert 0 < error < 0.03, error
+
+
 def test_fp32_logits_and_greedy_tokens_match_pytorch(fp32_bundle, test_image):
     loaded, out = fp32_bundle
     pipe, runner = Pipeline(loaded), ExecuTorchRunner(out)

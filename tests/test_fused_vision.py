@@ -268,6 +268,6 @@ def test_int8_vision_is_refused_where_not_offered(llava, tmp_path):
 
     from edge_mllm.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="XNNPACK's dynamic int8 vision measured"):
-        export_bundle(load_model(llava.path), "executorch", tmp_path / "et", int8_vision=True, progress=False)
+    with pytest.raises(ConfigError, match="int8 vision method is XNNPACK's"):
+        export_bundle(load_model(llava.path), "executorch-vulkan", tmp_path / "et", int8_vision=True, progress=False)
     assert not (tmp_path / "et").exists()

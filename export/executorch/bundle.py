@@ -7,6 +7,7 @@ manifest section is always ``"executorch"``, with the target under ``"backend"``
 
 Quantization: our schemes (``rtn-w4-g32``…) use the model's own integer codes (see ``quantize``);
 ``8da4w`` / ``8da4w-g64`` / ``8da4w-g128`` / ``8da8w`` run torchao's quantizer; none exports fp32.
+``--int8-vision`` (XNNPACK only): the vision method's linears as int8 with int8 dynamic activations.
 """
 
 from __future__ import annotations
@@ -39,11 +40,8 @@ class ExecuTorchBackend(Backend):
     native_quant = NATIVE_NAMES
     target: ClassVar[type[Target]] = XnnpackTarget
     max_seq_len: ClassVar[int] = DEFAULT_MAX_SEQ_LEN
-    # Measured here on the default model's fused vision method (XNNPACKQuantizer, dynamic per-channel
-    # int8): 1.09x faster, 6.9% relative error on the image tokens, against 1.32x and 0.64% for ONNX
-    # Runtime's dynamic int8: too little gained for the error, so it is not offered.
-    int8_vision_unsupported = ("XNNPACK's dynamic int8 vision measured 1.09x faster at 6.9% error on the image "
-                               "tokens here: not offered; use --format onnx or gguf for int8 vision")
+    # --int8-vision: the vision method's linears as XNNPACK's qd8-f32-qc8w GEMMs (quantize.VISION_INT8)
+    int8_vision_unsupported = None
     uint8_vision: ClassVar[bool] = True  # the fused vision method reads uint8 RGB; False keeps it unfused
 
     def check(self, loaded: LoadedModel, scheme: QuantScheme | None, native_quant: str | None) -> None:
@@ -74,7 +72,7 @@ class ExecuTorchBackend(Backend):
         native = parse_native(native_quant) if native_quant else None
         fuse_vision = self.fuse_vision and self.uint8_vision
         built = build_program(loaded, weights, native, target.partitioners, self.cache_length(loaded), progress,
-                              fuse_vision=fuse_vision)
+                              fuse_vision=fuse_vision, int8_vision=self.int8_vision)
         (out_dir / PROGRAM_FILE).write_bytes(built.pte)
         has_vision = loaded.model.config.has_vision
         fused = fuse_vision and has_vision
@@ -89,7 +87,7 @@ class ExecuTorchBackend(Backend):
             "methods": built.methods,
             "delegates": built.delegates,  # backend partitions per method; the rest runs on portable kernels
             "metadata_methods": built.metadata,
-            "quantization": describe_quantization(weights, native_quant, built.quantized_tensors),
+            "quantization": describe_quantization(weights, native_quant, built.quantized_tensors, self.int8_vision),
             # the tokenizer folder, not tokenizer.json alone: its tokenizer_config.json names BOS/EOS
             "runner": "MultimodalRunner(model.pte, tokenizer/) or Android LlmModule; images as "
                       + ("make_image_input(uint8 RGB [3, S, S]) / prefillImages(int[]): resized, cropped and "
@@ -98,26 +96,36 @@ class ExecuTorchBackend(Backend):
         }
 
 
-def describe_quantization(weights: QuantizedWeights | None, native_quant: str | None, used: list[str]) -> dict:
+def describe_quantization(weights: QuantizedWeights | None, native_quant: str | None, used: list[str],
+                          int8_vision: bool = False) -> dict:
     """What the program's weights are, for the manifest."""
     if native_quant:
         native = parse_native(native_quant)
         group = f"group {native.group_size}" if native.group_size else "per channel"
-        return {"source": "torchao", "linears": f"{native.name}: int8 dynamic activations, {native.bits}-bit "
-                f"weights ({group}, hqq scales)", "embedding": f"{native.bits}-bit {group}", "vision": "fp32"}
-    if weights is None:
-        return {"source": None, "linears": "fp32", "embedding": "fp32", "vision": "fp32"}
-    embed = next((n for n in used if n.endswith("embed_tokens.weight")), None)
-    return {
-        "source": weights.scheme,
-        "linears": "4-bit codes: 8da4w (int8 dynamic activations; XNNPACK rounds group scales to bf16) + "
-                   "exact per-group offsets; "
-                   "8-bit codes: their fp32 values (XNNPACK has no group-wise 8-bit GEMM)",
-        "embedding": "fp32" if embed is None else
-                     f"{weights.tensors[embed].bits}-bit codes (quantized_decomposed embedding)",
-        "vision": "fp32 values of its 8-bit codes",
-        "tensors": used,
-    }
+        described = {"source": "torchao", "linears": f"{native.name}: int8 dynamic activations, {native.bits}-bit "
+                     f"weights ({group}, hqq scales)", "embedding": f"{native.bits}-bit {group}", "vision": "fp32"}
+    elif weights is None:
+        described = {"source": None, "linears": "fp32", "embedding": "fp32", "vision": "fp32"}
+    else:
+        embed = next((n for n in used if n.endswith("embed_tokens.weight")), None)
+        described = {
+            "source": weights.scheme,
+            "linears": "4-bit codes: 8da4w (int8 dynamic activations; XNNPACK rounds group scales to bf16) + "
+                       "exact per-group offsets; "
+                       "8-bit codes: their fp32 values (XNNPACK has no group-wise 8-bit GEMM)",
+            "embedding": "fp32" if embed is None else
+                         f"{weights.tensors[embed].bits}-bit codes (quantized_decomposed embedding)",
+            "vision": "fp32 values of its 8-bit codes",
+            "tensors": used,
+        }
+    if int8_vision:
+        described["vision"] = ("linears: int8 weights per output channel (hqq scales) with int8 dynamic "
+                               "activations per token (XNNPACK qd8-f32-qc8w); the rest fp32")
+    return described
+
+
+# The int8 vision method is lowered for XNNPACK's int8 GEMMs; the NPU/GPU delegates take the fp32 one.
+NOT_XNNPACK_INT8 = "the int8 vision method is XNNPACK's (qd8-f32-qc8w GEMMs): use --format executorch"
 
 
 @register
@@ -126,6 +134,7 @@ class ExecuTorchCoreMLBackend(ExecuTorchBackend):
 
     name = "executorch-coreml"
     target = CoreMLTarget
+    int8_vision_unsupported = NOT_XNNPACK_INT8
     uint8_vision = False  # coremltools' ExecuTorch frontend has no uint8 inputs (KeyError: torch.uint8)
 
 
@@ -135,6 +144,7 @@ class ExecuTorchVulkanBackend(ExecuTorchBackend):
 
     name = "executorch-vulkan"
     target = VulkanTarget
+    int8_vision_unsupported = NOT_XNNPACK_INT8
 
 
 @register
@@ -143,6 +153,7 @@ class ExecuTorchQnnBackend(ExecuTorchBackend):
 
     name = "executorch-qnn"
     target = QnnTarget
+    int8_vision_unsupported = NOT_XNNPACK_INT8
 
 
 @register
@@ -151,4 +162,5 @@ class ExecuTorchMediaTekBackend(ExecuTorchBackend):
 
     name = "executorch-mediatek"
     target = MediaTekTarget
+    int8_vision_unsupported = NOT_XNNPACK_INT8
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from edge_mllm.checkpoint.base import LoadedModel
 
 from .modules import FusedRGBVisionEncoder, TextDecoder, TokenEmbedding, VisionEncoder, load_custom_ops
-from .quantize import NativeQuant, apply_codes, apply_native, load_quantized_ops
+from .quantize import VISION_INT8, NativeQuant, apply_codes, apply_native, dynamic_quantize_linears_, load_quantized_ops
 
 VISION_METHOD = "vision_encoder"
 EMBEDDING_METHOD = "token_embedding"
@@ -154,13 +154,15 @@ def build_program(
     max_seq_len: int,
     progress: bool = True,
     fuse_vision: bool = True,
+    int8_vision: bool = False,
 ) -> BuiltProgram:
     """``loaded`` → a serialized multimodal ExecuTorch program.
 
     ``weights``: our codes (4-bit linears → 8da4w, embedding → quantized lookup); ``native``: torchao's
     quantizer instead; neither: fp32. ``partitioners(method, quantized)`` picks the delegates.
     ``fuse_vision``: ``vision_encoder`` is ``FusedRGBVisionEncoder`` (uint8 RGB in) rather than the
-    reference ``VisionEncoder`` (normalised pixels in).
+    reference ``VisionEncoder`` (normalised pixels in). ``int8_vision``: its linears as int8 weights per
+    output channel with int8 dynamic activations (``VISION_INT8``, XNNPACK's ``qd8-f32-qc8w`` GEMMs).
     """
     load_custom_ops()
     load_quantized_ops()
@@ -171,6 +173,8 @@ def build_program(
     vision = None
     if config.has_vision:
         vision = FusedRGBVisionEncoder(model) if fuse_vision else VisionEncoder(model)
+        if int8_vision:
+            dynamic_quantize_linears_(vision, VISION_INT8)
     embedding = TokenEmbedding(model.language_model)
     decoder = TextDecoder(model.language_model, max_seq_len)
     used: list[str] = []
@@ -188,7 +192,7 @@ def build_program(
     steps.update()
     steps.set_postfix_str("lower")
     metadata = runner_metadata(loaded, max_seq_len)
-    pte = lower_to_pte(programs, lambda name: partitioners(name, quantized), metadata)
+    pte = lower_to_pte(programs, lambda name: partitioners(name, quantized or int8_vision), metadata)
     steps.update(2)
     steps.close()
     return BuiltProgram(pte, max_seq_len, metadata, describe_methods(specs, model, max_seq_len), used)

@@ -252,25 +252,44 @@ def parse_native(name: str) -> NativeQuant:
 def apply_native(decoder: nn.Module, embedding: nn.Module, native: NativeQuant) -> None:
     """torchao ``quantize_`` on the decoder's linears (those whose width the group divides, as in
     ExecuTorch's Llama export) and on the embedding (then packed for ExecuTorch's embedding op)."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
 
-    granularity = PerGroup(native.group_size) if native.group_size else PerAxis(0)
+    dynamic_quantize_linears_(decoder, native)
+    granularity = _granularity(native)
     dtype = _BITS_DTYPE[native.bits]
-
-    def fits(module: nn.Module, _fqn: str) -> bool:
-        return isinstance(module, nn.Linear) and (not native.group_size or module.in_features % native.group_size == 0)
-
-    quantize_(
-        decoder,
-        Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=dtype, weight_granularity=granularity, intx_choose_qparams_algorithm="hqq_scale_only"
-        ),
-        filter_fn=fits,
-    )
     table = embedding.embed_tokens
     if native.group_size and table.embedding_dim % native.group_size:
         return
     quantize_(table, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity), filter_fn=lambda m, _: True)
     w = table.weight
     embedding.embed_tokens = QuantizedEmbedding(w.qdata, w.scale.reshape(w.shape[0], -1), None, native.bits)
+
+
+# The vision tower's int8 option (``--int8-vision``): int8 weights per output channel with int8 per-token
+# dynamic activations, which XNNPACK runs as its ``qd8-f32-qc8w`` GEMMs (VNNI / SDOT int8 dot products).
+VISION_INT8 = NativeQuant(8, 0)
+
+
+def dynamic_quantize_linears_(module: nn.Module, native: NativeQuant) -> None:
+    """Every ``nn.Linear`` under ``module`` whose width the group divides as torchao's
+    ``Int8DynamicActivationIntxWeightConfig`` linear (``hqq_scale_only`` scales), in place: the form
+    XNNPACK's partitioner lowers to its dynamically quantized GEMMs."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+
+    def fits(module: nn.Module, _fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and (not native.group_size or module.in_features % native.group_size == 0)
+
+    quantize_(
+        module,
+        Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=_BITS_DTYPE[native.bits], weight_granularity=_granularity(native),
+            intx_choose_qparams_algorithm="hqq_scale_only",
+        ),
+        filter_fn=fits,
+    )
+
+
+def _granularity(native: NativeQuant):
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    return PerGroup(native.group_size) if native.group_size else PerAxis(0)
