@@ -18,7 +18,8 @@ pytest.importorskip("executorch.runtime", reason="executorch is not installed")
 
 from edge_mllm.export.bundle import MANIFEST, backend, export_bundle  # noqa: E402
 from edge_mllm.export.executorch import program as et_program  # noqa: E402
-from edge_mllm.export.executorch.quantize import CodesLinear, xnnpack_int4  # noqa: E402
+from edge_mllm.export.executorch.bundle import ExecuTorchBackend  # noqa: E402
+from edge_mllm.export.executorch.quantize import CodesLinear, input_outliers, xnnpack_int4  # noqa: E402
 from edge_mllm.export.executorch.runtime import ExecuTorchRunner, multimodal_runner  # noqa: E402
 from edge_mllm.quant.groupwise import quantize_rtn  # noqa: E402
 
@@ -244,6 +245,38 @@ def test_our_4bit_codes_become_exact_xnnpack_weights(form):
     assert float((y - x @ qt.dequantize().T).abs().max()) < 0.05 * float((x @ qt.dequantize().T).abs().max())
 
 
+def test_outlier_channels_skip_the_int8_rounding_and_keep_the_weights():
+    """Two input channels 500× the rest set every token's int8 step; computed in fp32 beside the 4-bit
+    GEMM they no longer do: the output error drops, and the weights are the codes' exactly."""
+    g = torch.Generator().manual_seed(0)
+    qt = quantize_rtn(torch.randn(24, 96, generator=g), 4, 32, False, float_min=True)
+    linear = torch.nn.Linear(96, 24, bias=False)
+    x = torch.randn(7, 96, generator=g)
+    x[:, [3, 40]] *= 500
+    exact = x @ qt.dequantize().T
+    error = {}
+    for name, outliers in (("int8", None), ("outliers fp32", torch.tensor([3, 40]))):
+        codes = CodesLinear(linear, qt, outliers)
+        error[name] = float((codes(x) - exact).norm() / exact.norm())
+    assert error["outliers fp32"] < 0.1 * error["int8"], error
+    keep = codes.int8_channels.bool()
+    weights = codes.linear.weight.dequantize()
+    assert torch.equal(weights[:, ~keep], codes.outlier_weights.weight)
+    assert torch.equal(codes.outlier_inputs(x), x[:, [3, 40]])
+
+
+def test_input_outliers_finds_the_large_channels(llama_folder):
+    loaded = load_model(llama_folder[0])
+    _with_activation_outliers(loaded)
+    lm = loaded.model.language_model
+    found = input_outliers(lm, [lm.embed(torch.tensor([[1, 5, 9, 14, 3, 7]]))], count=3)
+    names = {name.removeprefix("model.") for name, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(found) == names
+    for name, channels in found.items():
+        if name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+            assert channels.tolist() == [0, 1, 2], name
+
+
 def test_4bit_bundle_agrees_with_the_quantized_pytorch_model(q4_bundle):
     loaded, out = q4_bundle
     manifest = json.loads((out / MANIFEST).read_text())
@@ -282,24 +315,36 @@ def _with_activation_outliers(loaded) -> None:
                     lin.weight[:, :3] /= 40
 
 
-@pytest.mark.slow
-def test_smoothquant_codes_bring_executorch_8da4w_closer_to_pytorch(llama_folder, tmp_path):
-    """8da4w rounds each token's activations to int8; outlier channels set the step. ``-sq`` codes
-    (scales migrated into the weights before rounding) must leave the bundle closer to the PyTorch
-    model carrying the same codes than plain codes do."""
+def _runtime_error(loaded, out) -> float:
+    """Relative L2 distance of the bundle's logits from the PyTorch model's over a 16-token continuation."""
     prompt = "The quick brown fox jumps over the lazy dog because"
+    pipe, runner = Pipeline(loaded), ExecuTorchRunner(out)
+    ids = loaded.tokenizer.encode(prompt)
+    tokens = runner.generate(ids, max_new_tokens=16, stop_token_ids=()).token_ids
+    expected = torch.stack(reference_logits(pipe, ids, [], tokens))
+    actual = torch.stack(runtime_logits(runner, ids, [], tokens))
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.mark.slow
+def test_outlier_channels_and_smoothquant_bring_executorch_8da4w_closer_to_pytorch(llama_folder, tmp_path,
+                                                                                 monkeypatch):
+    """8da4w rounds each token's activations to int8; outlier channels set the step. Keeping each
+    linear's largest input channels out of the rounding (the default), or ``-sq`` codes (scales migrated
+    into the weights before rounding), must each leave the bundle closer to the PyTorch model carrying
+    the same codes than plain codes rounded whole."""
     errors = {}
-    for scheme in ("rtn-w4-g32", "rtn-w4-g32-sq"):
+    for name, scheme, channels in (("int8", "rtn-w4-g32", 0), ("sq", "rtn-w4-g32-sq", 0),
+                                   ("outliers fp32", "rtn-w4-g32", 4)):
+        monkeypatch.setattr(ExecuTorchBackend, "outlier_channels", channels)
         loaded = load_model(llama_folder[0])
         _with_activation_outliers(loaded)
-        out = export_bundle(loaded, "executorch", tmp_path / scheme, quant=scheme, progress=False)
-        pipe, runner = Pipeline(loaded), ExecuTorchRunner(out)
-        ids = loaded.tokenizer.encode(prompt)
-        tokens = runner.generate(ids, max_new_tokens=16, stop_token_ids=()).token_ids
-        expected = torch.stack(reference_logits(pipe, ids, [], tokens))
-        actual = torch.stack(runtime_logits(runner, ids, [], tokens))
-        errors[scheme] = float((actual - expected).norm() / expected.norm())
-    assert errors["rtn-w4-g32-sq"] < 0.5 * errors["rtn-w4-g32"], errors
+        out = export_bundle(loaded, "executorch", tmp_path / name, quant=scheme, progress=False)
+        errors[name] = _runtime_error(loaded, out)
+        info = json.loads((out / MANIFEST).read_text())["executorch"]["quantization"]
+        assert ("int8_activations" in info) == bool(channels)
+    assert errors["sq"] < 0.5 * errors["int8"], errors
+    assert errors["outliers fp32"] < 0.5 * errors["int8"], errors
 
 
 # ----------------------------------------------------------------------------------------------

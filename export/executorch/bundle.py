@@ -23,7 +23,7 @@ from edge_mllm.errors import ConfigError
 from edge_mllm.preprocess import NORMALIZED, RGB_UINT8
 
 from ..bundle import Backend, register
-from .quantize import NATIVE_NAMES, parse_native
+from .quantize import NATIVE_NAMES, OUTLIER_CHANNELS, input_outliers, parse_native
 from .targets import CoreMLTarget, MediaTekTarget, QnnTarget, Target, VulkanTarget, XnnpackTarget
 
 PROGRAM_FILE = "model.pte"
@@ -43,6 +43,8 @@ class ExecuTorchBackend(Backend):
     # --int8-vision: the vision method's linears as XNNPACK's qd8-f32-qc8w GEMMs (quantize.VISION_INT8)
     int8_vision_unsupported = None
     uint8_vision: ClassVar[bool] = True  # the fused vision method reads uint8 RGB; False keeps it unfused
+    # input channels per 4-bit linear computed in fp32 rather than rounded to int8 (quantize.input_outliers)
+    outlier_channels: ClassVar[int] = OUTLIER_CHANNELS
 
     def check(self, loaded: LoadedModel, scheme: QuantScheme | None, native_quant: str | None) -> None:
         self.target().check()
@@ -71,8 +73,9 @@ class ExecuTorchBackend(Backend):
         target = self.target()
         native = parse_native(native_quant) if native_quant else None
         fuse_vision = self.fuse_vision and self.uint8_vision
+        outliers = self.activation_outliers(loaded, weights)
         built = build_program(loaded, weights, native, target.partitioners, self.cache_length(loaded), progress,
-                              fuse_vision=fuse_vision, int8_vision=self.int8_vision)
+                              fuse_vision=fuse_vision, int8_vision=self.int8_vision, outliers=outliers)
         (out_dir / PROGRAM_FILE).write_bytes(built.pte)
         has_vision = loaded.model.config.has_vision
         fused = fuse_vision and has_vision
@@ -87,7 +90,8 @@ class ExecuTorchBackend(Backend):
             "methods": built.methods,
             "delegates": built.delegates,  # backend partitions per method; the rest runs on portable kernels
             "metadata_methods": built.metadata,
-            "quantization": describe_quantization(weights, native_quant, built.quantized_tensors, self.int8_vision),
+            "quantization": describe_quantization(weights, native_quant, built.quantized_tensors, self.int8_vision,
+                                                  outliers),
             # the tokenizer folder, not tokenizer.json alone: its tokenizer_config.json names BOS/EOS
             "runner": "MultimodalRunner(model.pte, tokenizer/) or Android LlmModule; images as "
                       + ("make_image_input(uint8 RGB [3, S, S]) / prefillImages(int[]): resized, cropped and "
@@ -95,9 +99,19 @@ class ExecuTorchBackend(Backend):
                          "make_image_input(float32 [3, S, S]) preprocessed as image_preprocessing says"),
         }
 
+    def activation_outliers(self, loaded: LoadedModel, weights: QuantizedWeights | None) -> dict | None:
+        """For our 4-bit codes: each decoder linear's largest input channels on the calibration set
+        (text chunks + synthetic scene conversations), which the program keeps out of int8."""
+        if weights is None or self.outlier_channels == 0 or not any(t.bits == 4 for t in weights.tensors.values()):
+            return None
+        from edge_mllm.quant.calibration import calibration_set
+
+        calibration = calibration_set(loaded, text_count=8, image_count=8)
+        return input_outliers(loaded.model.language_model, calibration, self.outlier_channels)
+
 
 def describe_quantization(weights: QuantizedWeights | None, native_quant: str | None, used: list[str],
-                          int8_vision: bool = False) -> dict:
+                          int8_vision: bool = False, outliers: dict | None = None) -> dict:
     """What the program's weights are, for the manifest."""
     if native_quant:
         native = parse_native(native_quant)
@@ -118,6 +132,10 @@ def describe_quantization(weights: QuantizedWeights | None, native_quant: str | 
             "vision": "fp32 values of its 8-bit codes",
             "tensors": used,
         }
+        if outliers:
+            count = max(len(channels) for channels in outliers.values())
+            described["int8_activations"] = (f"except each 4-bit linear's {count} largest input channels on "
+                                             "calibration data, multiplied in fp32 by their exact weights")
     if int8_vision:
         described["vision"] = ("linears: int8 weights per output channel (hqq scales) with int8 dynamic "
                                "activations per token (XNNPACK qd8-f32-qc8w); the rest fp32")

@@ -155,6 +155,7 @@ def build_program(
     progress: bool = True,
     fuse_vision: bool = True,
     int8_vision: bool = False,
+    outliers: dict[str, torch.Tensor] | None = None,
 ) -> BuiltProgram:
     """``loaded`` → a serialized multimodal ExecuTorch program.
 
@@ -163,6 +164,8 @@ def build_program(
     ``fuse_vision``: ``vision_encoder`` is ``FusedRGBVisionEncoder`` (uint8 RGB in) rather than the
     reference ``VisionEncoder`` (normalised pixels in). ``int8_vision``: its linears as int8 weights per
     output channel with int8 dynamic activations (``VISION_INT8``, XNNPACK's ``qd8-f32-qc8w`` GEMMs).
+    ``outliers``: per decoder linear, the input channels our 4-bit codes multiply in fp32
+    (``quantize.input_outliers``).
     """
     load_custom_ops()
     load_quantized_ops()
@@ -179,7 +182,7 @@ def build_program(
     decoder = TextDecoder(model.language_model, max_seq_len)
     used: list[str] = []
     if weights is not None:
-        used = apply_codes(decoder, embedding, weights, prefix="language_model.")
+        used = apply_codes(decoder, embedding, weights, prefix="language_model.", outliers=outliers)
     elif native is not None:
         apply_native(decoder, embedding, native)
     quantized = weights is not None or native is not None
