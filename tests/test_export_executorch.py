@@ -260,9 +260,13 @@ def test_outlier_channels_skip_the_int8_rounding_and_keep_the_weights():
         error[name] = float((codes(x) - exact).norm() / exact.norm())
     assert error["outliers fp32"] < 0.1 * error["int8"], error
     keep = codes.int8_channels.bool()
-    weights = codes.linear.weight.dequantize()
-    assert torch.equal(weights[:, ~keep], codes.outlier_weights.weight)
-    assert torch.equal(codes.outlier_inputs(x), x[:, [3, 40]])
+    assert (~keep).nonzero().flatten().tolist() == [3, 40]
+    # the side path: 3 group sums then the 2 outlier channels, times the offsets then their columns
+    assert torch.equal(codes.side_inputs(x)[:, 3:], x[:, [3, 40]])
+    offsets, columns = codes.side_weights.weight[:, :3], codes.side_weights.weight[:, 3:]
+    assert torch.equal(codes.linear.weight.dequantize()[:, ~keep], columns)
+    rebuilt = codes.linear.weight.dequantize() + offsets.repeat_interleave(32, dim=1)
+    assert torch.equal(rebuilt, qt.dequantize())
 
 
 def test_input_outliers_finds_the_large_channels(llama_folder):
