@@ -299,11 +299,17 @@ def test_4bit_bundle_agrees_with_the_quantized_pytorch_model(q4_bundle):
         tokens = runner.generate(ids, max_new_tokens=n, stop_token_ids=()).token_ids
     expected = reference_logits(pipe, ids, [], tokens)
     actual = runtime_logits(runner, ids, [], tokens)
-    agree = sum(int(a.argmax()) == int(e.argmax()) for a, e in zip(actual, expected, strict=True)) / n
-    assert agree >= 0.95, agree
     # 8da4w quantizes activations to int8 per token: logits move a little, not a lot
     scale = max(float(e.abs().max()) for e in expected)
-    assert max(float((a - e).abs().max()) for a, e in zip(actual, expected, strict=True)) < 0.1 * scale
+    worst = max(float((a - e).abs().max()) for a, e in zip(actual, expected, strict=True))
+    assert worst < 0.1 * scale
+    # Greedy tokens agree, except where PyTorch's top two logits are closer than that rounding moves
+    # them: the tiny random model has a few such near-ties in 32 tokens, and which of them flip changes
+    # with any change to the program (int8 rounding turns 1e-8 into whole steps), so a bare 95% bound
+    # would pass or fail by chance.
+    flips = [e for a, e in zip(actual, expected, strict=True) if int(a.argmax()) != int(e.argmax())]
+    assert all(float(e.topk(2).values.diff().abs()) < worst for e in flips), worst
+    assert 1 - len(flips) / n >= 0.9, len(flips)
 
 
 def _with_activation_outliers(loaded) -> None:
