@@ -48,6 +48,9 @@ class Backend(ABC):
     # a format without one says why here (None: it has one).
     int8_vision: bool = False
     int8_vision_unsupported: ClassVar[str | None] = "this format has no int8 vision option"
+    # Write option: the calibration inputs the quantization was computed on (None: it needed none), for
+    # a format that calibrates something of its own, so one export builds them once.
+    calibration: Sequence[torch.Tensor] | None = None
 
     @abstractmethod
     def check(self, loaded: LoadedModel, scheme: QuantScheme | None, native_quant: str | None) -> None:
@@ -186,17 +189,27 @@ def parse_quant(loaded: LoadedModel, target: Backend, quant: str | None) -> tupl
     return scheme, None
 
 
+def needed_calibration(loaded: LoadedModel, scheme: QuantScheme | None) -> list[torch.Tensor] | None:
+    """The calibration inputs quantizing ``loaded`` with ``scheme`` needs (None: none, or the model
+    already carries its codes)."""
+    from edge_mllm.quant.calibration import calibration_set
+
+    if scheme is None or not scheme.needs_calibration or loaded.quantization is not None:
+        return None
+    return calibration_set(loaded)
+
+
 def quantized_weights(
     loaded: LoadedModel, scheme: QuantScheme | None, calibration: Sequence[torch.Tensor] | None = None
 ) -> QuantizedWeights | None:
-    """The codes to export: the model's own, or ``scheme`` applied to ``loaded`` (in place)."""
-    from edge_mllm.quant.calibration import calibration_set
+    """The codes to export: the model's own, or ``scheme`` applied to ``loaded`` (in place), on
+    ``calibration`` (built here if the scheme needs it and none is given)."""
     from edge_mllm.quant.quantize import quantize_model
 
     if scheme is None or loaded.quantization is not None:
         return loaded.quantization
-    if scheme.needs_calibration and calibration is None:
-        calibration = calibration_set(loaded)
+    if calibration is None:
+        calibration = needed_calibration(loaded, scheme)
     loaded.quantization = quantize_model(loaded.model, scheme, calibration).weights()
     return loaded.quantization
 
@@ -240,7 +253,8 @@ def export_bundle(
     scheme, native = parse_quant(loaded, target, quant)
     with context_capped(loaded, max_context):
         target.check(loaded, scheme, native)
-        weights = quantized_weights(loaded, scheme)
+        target.calibration = needed_calibration(loaded, scheme)
+        weights = quantized_weights(loaded, scheme, target.calibration)
         with atomic_output_dir(out_dir) as tmp:
             format_info = target.write(loaded, tmp, weights, native, progress)
             loaded.tokenizer.save(tmp / TOKENIZER_DIR)

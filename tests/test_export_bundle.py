@@ -36,6 +36,7 @@ def weights_format():
                 raise QuantError("this format packs group size 32 only")
 
         def write(self, loaded, out_dir, weights, native_quant, progress):
+            type(self).seen_calibration = self.calibration
             state = {k: v.contiguous() for k, v in loaded.model.language_model.state_dict().items()
                      if k != "lm_head.weight" or not loaded.model.config.text.tie_word_embeddings}
             save_file(state, str(out_dir / "llm.safetensors"))
@@ -109,6 +110,25 @@ def test_our_scheme_quantizes_and_is_recorded(tiny, tmp_path):
     name = "language_model.model.layers.0.mlp.up_proj.weight"
     weight = dict(loaded.model.named_parameters())[name]
     assert torch.equal(weight.detach(), loaded.quantization.tensors[name].dequantize())
+
+
+def test_calibration_is_built_once_and_handed_to_the_format(tiny, tmp_path, weights_format, monkeypatch):
+    """A scheme that calibrates gets its inputs built once; the format sees the same ones (ExecuTorch
+    finds its outlier channels on them) and None for a scheme that needs none."""
+    import edge_mllm.quant.calibration as calibration
+
+    built = []
+    original = calibration.calibration_set
+
+    def counted(*args, **kwargs):
+        built.append(original(*args, text_count=2, image_count=1))
+        return built[-1]
+
+    monkeypatch.setattr(calibration, "calibration_set", counted)
+    export_bundle(copy.deepcopy(tiny), "test-weights", tmp_path / "g", quant="gptq-w4-g32", progress=False)
+    assert len(built) == 1 and weights_format.seen_calibration is built[0]
+    export_bundle(copy.deepcopy(tiny), "test-weights", tmp_path / "r", quant="rtn-w4-g32", progress=False)
+    assert len(built) == 1 and weights_format.seen_calibration is None
 
 
 def test_native_types_pass_through(tiny, tmp_path):

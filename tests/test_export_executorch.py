@@ -281,6 +281,24 @@ def test_input_outliers_finds_the_large_channels(llama_folder):
             assert channels.tolist() == [0, 1, 2], name
 
 
+def test_outlier_channels_come_from_the_quantizations_calibration_when_there_is_one(llama_folder, monkeypatch):
+    """An export whose scheme calibrated (gptq, awq, -sq) finds the outlier channels on those inputs
+    rather than building a second set."""
+    import edge_mllm.quant.calibration as calibration
+    from edge_mllm.export.bundle import quantized_weights
+    from edge_mllm.quant.scheme import QuantScheme
+
+    loaded = load_model(llama_folder[0])
+    _with_activation_outliers(loaded)
+    lm = loaded.model.language_model
+    weights = quantized_weights(loaded, QuantScheme.parse("rtn-w4-g32"))
+    target = backend("executorch")
+    target.calibration = [lm.embed(torch.tensor([[1, 5, 9, 14, 3, 7]]))]
+    monkeypatch.setattr(calibration, "calibration_set", lambda *a, **k: pytest.fail("built a second set"))
+    found, expected = target.activation_outliers(loaded, weights), input_outliers(lm, target.calibration)
+    assert found.keys() == expected.keys() and all(torch.equal(found[k], expected[k]) for k in found)
+
+
 def test_4bit_bundle_agrees_with_the_quantized_pytorch_model(q4_bundle):
     loaded, out = q4_bundle
     manifest = json.loads((out / MANIFEST).read_text())

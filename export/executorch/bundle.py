@@ -101,12 +101,15 @@ class ExecuTorchBackend(Backend):
 
     def activation_outliers(self, loaded: LoadedModel, weights: QuantizedWeights | None) -> dict | None:
         """For our 4-bit codes: each decoder linear's largest input channels on the calibration set
-        (text chunks + synthetic scene conversations), which the program keeps out of int8."""
+        (the quantization's own, or 8 text chunks + 8 synthetic scene conversations), which the program
+        keeps out of int8."""
         if weights is None or self.outlier_channels == 0 or not any(t.bits == 4 for t in weights.tensors.values()):
             return None
         from edge_mllm.quant.calibration import calibration_set
 
-        calibration = calibration_set(loaded, text_count=8, image_count=8)
+        calibration = self.calibration
+        if calibration is None:
+            calibration = calibration_set(loaded, text_count=8, image_count=8)
         return input_outliers(loaded.model.language_model, calibration, self.outlier_channels)
 
 
