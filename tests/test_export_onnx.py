@@ -208,9 +208,12 @@ def test_4bit_graphs_hold_our_codes(quantized):
     loaded, out = quantized
     text = loaded.model.config.text
     decoder_ops = op_counts(out / "decoder.onnx")
-    # 7 linears per block + the LM head, all MatMulNBits; the only float MatMuls left are attention's
-    assert decoder_ops["MatMulNBits"] == 7 * text.num_hidden_layers + 1
-    assert decoder_ops.get("MatMul", 0) == 2 * text.num_hidden_layers
+    # 7 linears per block + the LM head, all MatMulNBits; the only float MatMuls left are attention's,
+    # and for float-minimum codes each linear's two small ones that add its blocks' offsets
+    linears = 7 * text.num_hidden_layers + 1
+    with_mins = loaded.quantization.scheme.endswith("-min")
+    assert decoder_ops["MatMulNBits"] == linears
+    assert decoder_ops.get("MatMul", 0) == 2 * text.num_hidden_layers + (2 * linears if with_mins else 0)
     embedding = onnx.load(str(out / "embedding.onnx"), load_external_data=False)
     assert op_counts(out / "embedding.onnx")["GatherBlockQuantized"] == 1
     assert "language_model.model.embed_tokens.weight" not in {i.name for i in embedding.graph.initializer}
@@ -226,6 +229,14 @@ def test_4bit_graphs_hold_our_codes(quantized):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attrs == {"K": 128, "N": 64, "bits": 4, "block_size": 32, "accuracy_level": 1}
     assert not any(n.endswith("proj.weight") or n.endswith("lm_head.weight") for n in inits)  # no float copy left
+    # no zero-point input (float ones leave ONNX Runtime's fast kernels): the graph holds the weight
+    # exactly, by the default zero point 8, plus each block's offset for float-minimum codes
+    assert len(node.input) == 3
+    nibbles = np.stack([inits[f"{name}.qweight"] & 15, inits[f"{name}.qweight"] >> 4], -1).reshape(64, 4, 32)
+    weight = (nibbles.astype(np.float32) - 8) * inits[f"{name}.scales"][..., None]
+    if with_mins:
+        weight += inits[f"{name}.offsets"].T[..., None]
+    assert np.allclose(weight.reshape(64, 128), codes[name].dequantize().numpy(), rtol=0, atol=1e-6)
 
 
 def test_4bit_logits_and_greedy_tokens_match_the_quantized_pytorch_model(quantized):
@@ -347,3 +358,27 @@ def test_default_model_fp32_and_4bit_bundles(default_model, tmp_path, test_image
     expected = torch_greedy(default_model, ids, px, 32)  # the model now carries the 4-bit codes
     tokens = OnnxRunner(out).generate(ids, px, max_new_tokens=32, stop_token_ids=()).token_ids
     assert agreement(tokens, expected) >= 0.95
+
+
+@pytest.mark.slow
+def test_default_model_on_its_own_4bit_grid(tmp_path, test_image):
+    """rtn-w4-g32-min (the Q4_1 grid the default's LoRA was trained on): every decoder matrix exactly,
+    through MatMulNBits' integer (default) zero point and the blocks' offsets beside it."""
+    from edge_mllm.default import load_default
+
+    loaded = load_default(progress=False)
+    pipe = Pipeline(loaded)
+    ids = pipe.tokenizer.encode_with_images(pipe.render_prompt("Describe the image.", 1))
+    px = torch.stack([pipe.image_processor(test_image)])
+    out = export_bundle(loaded, "onnx", tmp_path / "grid", quant="rtn-w4-g32-min", progress=False)
+    decoder = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    nbits = [n for n in decoder.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 7 * 30 + 1 and all(len(n.input) == 3 for n in nbits)
+    runner = OnnxRunner(out)
+    got = runner.embed(ids, runner.encode_images(px.numpy()))
+    logits, _ = runner.forward(got, runner.empty_cache())
+    with torch.no_grad():
+        embeds = loaded.model.embed_prompt(ids, loaded.model.encode_images(px))
+    assert np.abs(logits - torch_logits(loaded, embeds)).max() < LOGITS_ATOL
+    tokens = runner.generate(ids, px, max_new_tokens=32, stop_token_ids=()).token_ids
+    assert agreement(tokens, torch_greedy(loaded, ids, px, 32)) >= 0.95

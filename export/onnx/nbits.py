@@ -5,8 +5,12 @@ chose, we pack them by hand in the layout its kernels read (``contrib_defs.cc``)
 - ``MatMulNBits`` (Y = A·Bᵀ, B [N, K]): ``B`` uint8 ``[N, n_blocks, block·bits/8]``, elements in K
   order, low nibble first; ``scales`` ``[N, n_blocks]``; ``zero_points`` uint8, each row's
   ``n_blocks`` values packed like B and padded to whole bytes, omitted for symmetric codes (the
-  kernel's default zero point is 2^(bits−1)); for our float-minimum (Q4_1) codes, float zero points
-  ``[N, n_blocks]`` (the kernel's other accepted type): ``(q − zp)·s = q·s + min`` with ``zp = −min/s``;
+  kernel's default zero point is 2^(bits−1)). Our float-minimum (Q4_1) codes are not integer zero
+  points; MatMulNBits also takes float zero points (``zp = −min/s``), but its CPU kernels then leave
+  their fast path (22× slower per decode step for a 576×1536 linear on an x86 CPU). So they keep the
+  default zero point and carry per-block ``offsets`` ``[N, n_blocks]`` instead:
+  ``q·s + min = (q − 2^(bits−1))·s + offset`` with ``offset = min + 2^(bits−1)·s``, which the graph
+  adds as ``(A's block sums) · offsetsᵀ`` (``surgery.to_matmul_nbits``);
 - ``GatherBlockQuantized`` (embedding rows, quantize_axis 1): ``data`` uint8 ``[V, D·bits/8]`` packed
   the same way, ``scales`` ``[V, D/block]``, ``zero_points`` ``[V, D/block·bits/8]``.
 """
@@ -27,11 +31,12 @@ class NBitsWeight:
 
     data: np.ndarray  # uint8, packed codes
     scales: np.ndarray  # float32 [rows, n_blocks]
-    zero_points: np.ndarray | None  # uint8, packed, or float32 [rows, n_blocks]; None: the default 2^(bits−1)
+    zero_points: np.ndarray | None  # uint8, packed; None: the default 2^(bits−1)
     bits: int
     block_size: int
     rows: int  # N (MatMulNBits) or V (GatherBlockQuantized)
     cols: int  # K or D
+    offsets: np.ndarray | None = None  # float32 [rows, n_blocks], added to every weight of a block
 
 
 def pack_nbits(qt: QuantizedTensor) -> NBitsWeight:
@@ -42,13 +47,10 @@ def pack_nbits(qt: QuantizedTensor) -> NBitsWeight:
     n_blocks = cols // qt.group_size
     codes = qt.unsigned_codes().reshape(rows, n_blocks, qt.group_size)
     scales = qt.scales.float().numpy()
+    offsets = None
     if qt.mins is not None:
-        mins = qt.mins.float().numpy()
-        flat = scales == 0  # a constant group is its minimum: code 0 with zp −1 and scale = min
-        scales = np.where(flat, mins, scales)
-        zero_points = np.where(flat, -1.0, -mins / np.where(flat, 1.0, scales)).astype(np.float32)
-    else:
-        zero_points = None if qt.symmetric else pack_unsigned(qt.zero_points, qt.bits).numpy()
+        offsets = (qt.mins.float().numpy() + 2 ** (qt.bits - 1) * scales).astype(np.float32)
+    zero_points = None if qt.symmetric or qt.mins is not None else pack_unsigned(qt.zero_points, qt.bits).numpy()
     return NBitsWeight(
         data=pack_unsigned(codes, qt.bits).numpy(),
         scales=scales,
@@ -57,4 +59,5 @@ def pack_nbits(qt: QuantizedTensor) -> NBitsWeight:
         block_size=qt.group_size,
         rows=rows,
         cols=cols,
+        offsets=offsets,
     )

@@ -41,8 +41,11 @@ def _add_initializers(graph: onnx.GraphProto, prefix: str, packed: NBitsWeight, 
     tensors = [(f"{prefix}.qweight", packed.data.reshape(data_shape)), (f"{prefix}.scales", packed.scales)]
     if packed.zero_points is not None:
         tensors.append((f"{prefix}.zero_points", packed.zero_points.reshape(packed.rows, -1)))
+    inputs = [name for name, _ in tensors]
+    if packed.offsets is not None:  # not an operator input: the [blocks, N] factor of the offsets' MatMul
+        tensors.append((f"{prefix}.offsets", np.ascontiguousarray(packed.offsets.T)))
     graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in tensors)
-    return [name for name, _ in tensors]
+    return inputs
 
 
 def _replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], uses_ms_domain: bool) -> None:
@@ -60,10 +63,15 @@ def to_matmul_nbits(
     """Replace ``MatMul(A, Transpose(W))`` by ``MatMulNBits(A, codes of W)`` for every initializer
     ``W`` named in ``codes`` whose codes ONNX Runtime can take; returns the weights replaced.
 
+    Float-minimum codes add their blocks' offsets (``nbits``) beside it, in fp32:
+    ``MatMulNBits(A) + (A · P) · offsetsᵀ``, with ``P`` the 0/1 [K, blocks] matrix that sums each
+    block of A (one initializer per K and block size).
+
     ``accuracy_level``: MatMulNBits' minimum precision of A (1 fp32 … 4 int8, the mobile default)."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
     packed_inputs: dict[str, tuple[NBitsWeight, list[str]]] = {}  # a weight read twice is packed once
+    block_sums: set[str] = set()
     nodes = []
     for node in graph.node:
         src = producers.get(node.input[1]) if node.op_type == "MatMul" else None
@@ -76,10 +84,24 @@ def to_matmul_nbits(
             shape = (packed.rows, packed.cols // packed.block_size, -1)
             packed_inputs[weight] = packed, _add_initializers(graph, weight, packed, shape)
         packed, inputs = packed_inputs[weight]
+        output = node.output[0] if packed.offsets is None else f"{node.output[0]}_nbits"
         nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], *inputs], list(node.output), name=f"{node.name}_nbits", domain=MS_DOMAIN,
+            "MatMulNBits", [node.input[0], *inputs], [output], name=f"{node.name}_nbits", domain=MS_DOMAIN,
             K=packed.cols, N=packed.rows, bits=packed.bits, block_size=packed.block_size, accuracy_level=accuracy_level,
         ))
+        if packed.offsets is not None:
+            sums = f"block_sums.K{packed.cols}.g{packed.block_size}"
+            if sums not in block_sums:
+                blocks = packed.cols // packed.block_size
+                pick = np.repeat(np.eye(blocks, dtype=np.float32), packed.block_size, axis=0)
+                graph.initializer.append(numpy_helper.from_array(pick, sums))
+                block_sums.add(sums)
+            a_sums, offsets = f"{node.output[0]}_block_sums", f"{node.output[0]}_offsets"
+            nodes += [
+                helper.make_node("MatMul", [node.input[0], sums], [a_sums], name=f"{node.name}_block_sums"),
+                helper.make_node("MatMul", [a_sums, f"{weight}.offsets"], [offsets], name=f"{node.name}_offsets"),
+                helper.make_node("Add", [output, offsets], list(node.output), name=f"{node.name}_add_offsets"),
+            ]
     _replace_nodes(model, nodes, bool(packed_inputs))
     return set(packed_inputs)
 
