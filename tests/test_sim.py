@@ -130,7 +130,8 @@ def test_hybrid_config_only_full_attention_layers_cache_keys_and_values():
 
 
 @pytest.mark.parametrize("quant,family,bits", [
-    ("q4_0", "gguf", 4.5), ("q8_0", "gguf", 8.5), ("awq-w4-g32", "gguf", 4.5), ("rtn-w4-g32-asym", "onnx", 5.0),
+    ("q4_0", "gguf", 4.5), ("q8_0", "gguf", 8.5), ("awq-w4-g32", "gguf", 4.5), ("rtn-w4-g32-min", "gguf", 5.0),
+    ("awq-w4-g32", "onnx", 5.0), ("rtn-w4-g32-asym", "onnx", 5.125), ("rtn-w4-g32-min", "onnx", 6.0),
     ("8da4w-g128", "executorch", 4.25), ("8da4w", "executorch", 5.0), ("ort-int4-g64", "onnx", 4.5),
 ])
 def test_weight_plans_count_scales_per_group(quant, family, bits):

@@ -95,10 +95,13 @@ def weight_plan(quant: str | None, family: str, tied: bool) -> WeightPlan:
             scheme = QuantScheme.parse(name)
         except QuantError as exc:
             raise ConfigError(str(exc)) from exc
-        # Block formats keep an fp16 scale per group (and an fp16 minimum or zero point when
-        # asymmetric), as GGUF's Q4_0/Q4_1/Q8_0 blocks and ONNX Runtime's MatMulNBits do.
-        fmt = _grouped(scheme.name, scheme.bits, scheme.group_size, 16 if scheme.symmetric else 32)
-        eight = _grouped(f"{scheme.name} (8-bit part)", 8, scheme.group_size, 16)
+        # Per group: GGUF's Q4_0/Q4_1/Q8_0 blocks keep an fp16 scale (and an fp16 minimum when
+        # asymmetric); ONNX Runtime's MatMulNBits an fp32 scale (its activations' type), a packed
+        # integer zero point, and our float minimums as an fp32 offset (export/onnx/nbits.py).
+        scale_bits, offset_bits = (32, 32 if scheme.float_min else scheme.bits) if family == "onnx" else (16, 16)
+        fmt = _grouped(scheme.name, scheme.bits, scheme.group_size,
+                       scale_bits + (0 if scheme.symmetric else offset_bits))
+        eight = _grouped(f"{scheme.name} (8-bit part)", 8, scheme.group_size, scale_bits)
         sensitive = eight if scheme.mixed else fmt
         vision = WeightFormat("8-bit codes", 8.5, "int8") if family == "gguf" else F32
         return WeightPlan(scheme.name, fmt, sensitive, None if tied else sensitive, vision,
