@@ -79,6 +79,15 @@ def op_counts(path) -> dict[str, int]:
     return counts
 
 
+def prompt_logits_error(loaded, runner: OnnxRunner, ids: list[int], px: torch.Tensor) -> float:
+    """Max |Δ| between the bundle's logits for the prompt (with its image) and the PyTorch model's."""
+    got = runner.embed(ids, runner.encode_images(px.numpy()))
+    logits, _ = runner.forward(got, runner.empty_cache())
+    with torch.no_grad():
+        embeds = loaded.model.embed_prompt(ids, loaded.model.encode_images(px))
+    return float(np.abs(logits - torch_logits(loaded, embeds)).max())
+
+
 @pytest.fixture(scope="module")
 def tiny(mobilevlm_v2):
     return load_model(mobilevlm_v2.path)
@@ -243,11 +252,7 @@ def test_4bit_logits_and_greedy_tokens_match_the_quantized_pytorch_model(quantiz
     loaded, out = quantized
     runner = OnnxRunner(out)
     px = pixels(loaded)
-    with torch.no_grad():
-        embeds = loaded.model.embed_prompt(PROMPT_IDS, loaded.model.encode_images(px))
-    got = runner.embed(PROMPT_IDS, runner.encode_images(px.numpy()))
-    logits, _ = runner.forward(got, runner.empty_cache())
-    assert np.abs(logits - torch_logits(loaded, embeds)).max() < LOGITS_ATOL
+    assert prompt_logits_error(loaded, runner, PROMPT_IDS, px) < LOGITS_ATOL
     expected = torch_greedy(loaded, PROMPT_IDS, px, 32)
     tokens = runner.generate(PROMPT_IDS, px, max_new_tokens=32, stop_token_ids=()).token_ids
     assert agreement(tokens, expected) >= 0.95
@@ -344,11 +349,7 @@ def test_default_model_fp32_and_4bit_bundles(default_model, tmp_path, test_image
 
     out = export_bundle(default_model, "onnx", tmp_path / "fp32", progress=False)
     runner = OnnxRunner(out)
-    got = runner.embed(ids, runner.encode_images(px.numpy()))
-    logits, _ = runner.forward(got, runner.empty_cache())
-    with torch.no_grad():
-        embeds = default_model.model.embed_prompt(ids, default_model.model.encode_images(px))
-    assert np.abs(logits - torch_logits(default_model, embeds)).max() < LOGITS_ATOL
+    assert prompt_logits_error(default_model, runner, ids, px) < LOGITS_ATOL
     assert runner.generate(ids, px, max_new_tokens=16).token_ids == pipe.generate(
         "Describe the image.", [test_image], max_new_tokens=16).token_ids
     del runner
@@ -375,10 +376,6 @@ def test_default_model_on_its_own_4bit_grid(tmp_path, test_image):
     nbits = [n for n in decoder.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 7 * 30 + 1 and all(len(n.input) == 3 for n in nbits)
     runner = OnnxRunner(out)
-    got = runner.embed(ids, runner.encode_images(px.numpy()))
-    logits, _ = runner.forward(got, runner.empty_cache())
-    with torch.no_grad():
-        embeds = loaded.model.embed_prompt(ids, loaded.model.encode_images(px))
-    assert np.abs(logits - torch_logits(loaded, embeds)).max() < LOGITS_ATOL
+    assert prompt_logits_error(loaded, runner, ids, px) < LOGITS_ATOL
     tokens = runner.generate(ids, px, max_new_tokens=32, stop_token_ids=()).token_ids
     assert agreement(tokens, torch_greedy(loaded, ids, px, 32)) >= 0.95

@@ -5,7 +5,8 @@ Weights, by quantization:
 - none: fp32 everywhere;
 - one of our schemes (``rtn-w4-g32``, ``gptq-w4-g64-asym``…) or a quantized checkpoint: every decoder
   linear (LM head included) is a ``com.microsoft.MatMulNBits`` and the token embedding a
-  ``GatherBlockQuantized`` (4- or 8-bit, whatever the scheme gave it), packed from our own codes;
+  ``GatherBlockQuantized`` (4- or 8-bit, whatever the scheme gave it), packed from our own codes
+  (float-minimum codes add their groups' offsets beside each operator: ``surgery``);
   a tied embedding / LM head is the same codes in both files. The vision tower's 8-bit linears are
   ``MatMulNBits`` where their group size is a block size ONNX Runtime takes; its convs (and any
   other linear) stay fp32 holding the dequantized codes, which is what the PyTorch model computes;
