@@ -217,12 +217,13 @@ def test_4bit_graphs_hold_our_codes(quantized):
     loaded, out = quantized
     text = loaded.model.config.text
     decoder_ops = op_counts(out / "decoder.onnx")
-    # 7 linears per block + the LM head, all MatMulNBits; the only float MatMuls left are attention's,
-    # and for float-minimum codes each linear's two small ones that add its blocks' offsets
+    # 7 linears per block + the LM head, all MatMulNBits, and attention one GroupQueryAttention per
+    # block; the only float MatMuls left are, for float-minimum codes, each linear's two small ones
+    # that add its blocks' offsets
     linears = 7 * text.num_hidden_layers + 1
     with_mins = loaded.quantization.scheme.endswith("-min")
-    assert decoder_ops["MatMulNBits"] == linears
-    assert decoder_ops.get("MatMul", 0) == 2 * text.num_hidden_layers + (2 * linears if with_mins else 0)
+    assert decoder_ops["MatMulNBits"] == linears and decoder_ops["GroupQueryAttention"] == text.num_hidden_layers
+    assert decoder_ops.get("MatMul", 0) == (2 * linears if with_mins else 0)
     embedding = onnx.load(str(out / "embedding.onnx"), load_external_data=False)
     assert op_counts(out / "embedding.onnx")["GatherBlockQuantized"] == 1
     assert "language_model.model.embed_tokens.weight" not in {i.name for i in embedding.graph.initializer}
@@ -272,7 +273,7 @@ def test_asymmetric_and_8bit_codes_and_onnxruntime_native_quantization(tiny, tmp
     native = export_bundle(copy.deepcopy(tiny), "onnx", tmp_path / "ort", quant="ort-int4", progress=False)
     manifest = json.loads((native / "manifest.json").read_text())
     assert manifest["quantization"] == "ort-int4" and manifest["onnx"]["weights"] == "onnxruntime MatMulNBitsQuantizer"
-    assert manifest["onnx"]["operators"]["decoder"] == {"MatMulNBits": 15}
+    assert manifest["onnx"]["operators"]["decoder"] == {"MatMulNBits": 15, "GroupQueryAttention": 2}
     assert manifest["onnx"]["operators"]["embedding"] == {"GatherBlockQuantized": 1}
     OnnxRunner(native).generate(PROMPT_IDS, px, max_new_tokens=4)
 

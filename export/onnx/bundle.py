@@ -120,7 +120,8 @@ def _graph(
 
 
 def _operators(model: onnx.ModelProto) -> dict[str, int]:
-    """Counts of the block-quantized operators in a graph (for the manifest and tests)."""
+    """Counts of the ONNX Runtime contrib operators (block-quantized, attention) in a graph (for the
+    manifest and tests)."""
     ops = collections.Counter(n.op_type for n in model.graph.node if n.domain == surgery.MS_DOMAIN)
     return dict(sorted(ops.items()))
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_mllm.model.fused_vision import FusedVisionEncoder, PackedSelfAttention
-from edge_mllm.model.llama import LlamaForCausalLM
+from edge_mllm.model.llama import LlamaForCausalLM, apply_rope
 from edge_mllm.model.mllm import MultimodalLM
 
 PIXEL_VALUES = "pixel_values"
@@ -133,20 +133,69 @@ class EmbeddingGraph(nn.Module):
         return torch.where(is_image.unsqueeze(-1), table[index], embeds)
 
 
-class ConcatKVCache(nn.Module):
-    """Export-only stand-in for ``KVCache`` (same ``update``): the past comes in as graph inputs
-    and the concatenation goes out as ``present`` outputs, instead of a static buffer written in
-    place (a source transform, as ExecuTorch's export does with its own cache)."""
+class GroupQueryAttentionFunction(torch.autograd.Function):
+    """Causal attention of S new queries over the P cached and S new keys / values, each K/V head
+    shared by its group of query heads (GQA; MQA and MHA too), returning the output [B, S, H·D] and
+    the caches grown to P + S. Exports as ONNX Runtime's ``com.microsoft.GroupQueryAttention``: one
+    CPU kernel that shares the K/V heads in place, where the traced ``repeat_interleave`` copied every
+    layer's whole cache per query head at every step (a ``Tile``), plus the concatenation."""
 
-    def __init__(self) -> None:
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                num_heads: int, kv_heads: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # q [B, S, H·D], k / v [B, S, H_kv·D] (RoPE applied), past [B, H_kv, P, D]
+        b, s, _ = q.shape
+        p = past_k.shape[2]
+        present_k = torch.cat([past_k, k.view(b, s, kv_heads, d).transpose(1, 2)], 2)
+        present_v = torch.cat([past_v, v.view(b, s, kv_heads, d).transpose(1, 2)], 2)
+        groups = num_heads // kv_heads
+        keys, values = present_k.repeat_interleave(groups, 1), present_v.repeat_interleave(groups, 1)
+        mask = torch.arange(p + s)[None, :] <= torch.arange(p, p + s)[:, None]  # query i at slot p + i
+        out = F.scaled_dot_product_attention(q.view(b, s, num_heads, d).transpose(1, 2), keys, values, attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, s, num_heads * d), present_k, present_v
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, num_heads: int, kv_heads: int, d: int):
+        def dim(x, i: int):
+            return g.op("Gather", g.op("Shape", x), g.op("Constant", value_t=torch.tensor(i)), axis_i=0)
+
+        # total_sequence_length (int32 scalar) = P + S; seqlens_k (int32 [B]) = P + S − 1 for every row
+        total = g.op("Cast", g.op("Add", dim(past_k, 2), dim(q, 1)), to_i=6)
+        last = g.op("Sub", total, g.op("Constant", value_t=torch.tensor(1, dtype=torch.int32)))
+        batch = g.op("Unsqueeze", dim(q, 0), g.op("Constant", value_t=torch.tensor([0])))
+        seqlens = g.op("Expand", g.op("Unsqueeze", last, g.op("Constant", value_t=torch.tensor([0]))), batch)
+        out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens,
+                                         total, num_heads_i=num_heads, kv_num_heads_i=kv_heads, outputs=3)
+        # the exporter cannot infer a contrib op's types: the query's, and the past's with a new length
+        out.setType(q.type().with_sizes([None, None, num_heads * d]))
+        present_k.setType(past_k.type().with_sizes([None, kv_heads, None, d]))
+        present_v.setType(past_v.type().with_sizes([None, kv_heads, None, d]))
+        return out, present_k, present_v
+
+
+class ContribSelfAttention(nn.Module):
+    """Export-only ``LlamaAttention`` (its own projections and RoPE, so the same parameter names) whose
+    cache and attention are ``GroupQueryAttentionFunction``: the past comes in as graph inputs
+    (``past``) and the grown caches go out as ``present`` outputs, instead of a static buffer written
+    in place (a source transform, as ExecuTorch's export does with its own cache)."""
+
+    def __init__(self, attn: nn.Module):
         super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.past: tuple[torch.Tensor, torch.Tensor] | None = None
         self.present: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        past_k, past_v = self.past
-        self.present = (torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2))
-        return self.present
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        out, *present = GroupQueryAttentionFunction.apply(
+            q.transpose(1, 2).reshape(b, t, -1), k.transpose(1, 2).reshape(b, t, -1), self.v_proj(x), *self.past,
+            self.num_heads, self.num_kv_heads, self.head_dim)
+        self.present = tuple(present)
+        return self.o_proj(out)
 
 
 class DecoderGraph(nn.Module):
@@ -163,26 +212,24 @@ class DecoderGraph(nn.Module):
         cos = lm.rope_cos[input_pos].to(inputs_embeds.dtype)
         sin = lm.rope_sin[input_pos].to(inputs_embeds.dtype)
         x, present = inputs_embeds, []
-        for layer, (past_k, past_v) in zip(lm.model.layers, past, strict=True):
-            cache = layer.self_attn.kv_cache
-            cache.past = (past_k, past_v)
+        for layer, layer_past in zip(lm.model.layers, past, strict=True):
+            layer.self_attn.past = layer_past
             x = layer(x, cos, sin, input_pos)
-            present.extend(cache.present)
+            present.extend(layer.self_attn.present)
         return (lm.lm_head(lm.model.norm(x)), *present)
 
 
 @contextmanager
-def concat_caches(lm: LlamaForCausalLM):
-    """Give every attention layer a ``ConcatKVCache`` for the duration; restore the model after."""
-    saved = [layer.self_attn.kv_cache for layer in lm.model.layers], lm.max_cache_len
+def contrib_attention(lm: LlamaForCausalLM):
+    """Give every decoder layer a ``ContribSelfAttention`` for the duration; restore the model after."""
+    saved = [layer.self_attn for layer in lm.model.layers]
     try:
         for layer in lm.model.layers:
-            layer.self_attn.kv_cache = ConcatKVCache()
+            layer.self_attn = ContribSelfAttention(layer.self_attn)
         yield
     finally:
-        for layer, cache in zip(lm.model.layers, saved[0], strict=True):
-            layer.self_attn.kv_cache = cache
-        lm.max_cache_len = saved[1]
+        for layer, attn in zip(lm.model.layers, saved, strict=True):
+            layer.self_attn = attn
 
 
 def _export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
@@ -248,5 +295,5 @@ def export_decoder(model: MultimodalLM) -> onnx.ModelProto:
     axes = {INPUTS_EMBEDS: {0: BATCH, 1: SEQUENCE}, LOGITS: {0: BATCH, 1: SEQUENCE}}
     axes.update({name: {0: BATCH, 2: PAST} for name in inputs[1:]})
     axes.update({name: {0: BATCH, 2: TOTAL} for name in outputs[1:]})
-    with concat_caches(model.language_model):
+    with contrib_attention(model.language_model):
         return _export(DecoderGraph(model).eval(), (embeds, past), inputs, outputs, axes)
