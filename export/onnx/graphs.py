@@ -10,7 +10,8 @@ Names and layouts are onnxruntime-genai's (``genai_config.json``, Phi-3-vision's
   every negative id (LLaVA's ``IMAGE_TOKEN_INDEX``, Phi-3-vision's image ids) takes the next
   row of ``image_features``, in order, as ``MultimodalLM.embed_prompt`` splices images;
 - ``decoder.onnx``: ``inputs_embeds`` + ``past_key_values.N.key/value`` [B, H_kv, P, head_dim] →
-  ``logits`` [B, S, V] + ``present.N.key/value`` [B, H_kv, P + S, head_dim].
+  ``logits`` [B, S, V] + ``present.N.key/value`` [B, H_kv, P + S, head_dim]; each block's attention
+  and cache growth is one ``com.microsoft.GroupQueryAttention`` (as in genai's own decoders).
 
 Each wrapper keeps the model's attribute names, so the exported initializers are named exactly
 as the model's parameters (the exporter keeps only the ones a graph reads).
