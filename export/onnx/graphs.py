@@ -189,6 +189,8 @@ class ContribSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # Positions are the cache slots, so the mask is GQA's own causal one; ``attn_mask`` (padding)
+        # never comes here: the decoder takes unpadded batches (module docstring).
         b, t, _ = x.shape
         q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
