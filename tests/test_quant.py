@@ -172,13 +172,13 @@ def _run_ort(node, inputs: dict[str, np.ndarray], initializers: dict[str, np.nda
 
 
 @pytest.mark.parametrize(("bits", "group", "symmetric"),
-                         [(4, 32, True), (4, 64, False), (8, 32, True), (4, 128, True), (4, 32, "min")])
+                         [(4, 32, True), (4, 64, False), (8, 32, True), (4, 128, True)])
 def test_matmul_nbits_runs_in_onnxruntime_as_our_dequantized_matmul(bits, group, symmetric):
     from onnx import helper
 
     w = weights(48, 256, seed=3)
     w[2, :32] = -0.1  # a constant group
-    qt = quantize_rtn(w, bits, group, symmetric is True, float_min=symmetric == "min")
+    qt = quantize_rtn(w, bits, group, symmetric)
     packed = pack_nbits(qt)
     init = {"B": packed.data, "scales": packed.scales}
     inputs = ["A", "B", "scales"]
@@ -191,6 +191,32 @@ def test_matmul_nbits_runs_in_onnxruntime_as_our_dequantized_matmul(bits, group,
     )
     a = torch.randn(5, 256, generator=torch.Generator().manual_seed(4))
     got = _run_ort(node, {"A": a.numpy()}, init)
+    expected = (a @ qt.dequantize().T).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_float_minimum_linear_runs_in_onnxruntime_through_its_offsets():
+    """MatMulNBits' float zero points leave ONNX Runtime's fast kernels: the surgery keeps the integer
+    default zero point and adds each group's offset beside it; the graph computes our weights."""
+    import onnxruntime as ort
+    from edge_mllm.export.onnx.surgery import to_matmul_nbits
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = weights(48, 256, seed=3)
+    w[2, :32] = -0.1  # a constant group
+    qt = quantize_rtn(w, 4, 32, float_min=True)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), helper.make_node("MatMul", ["A", "Wt"], ["Y"])],
+        "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, 256])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w.numpy(), "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert to_matmul_nbits(model, {"W": qt}, accuracy_level=1) == {"W"}
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 1 and len(nbits[0].input) == 3  # no float zero points
+    a = torch.randn(5, 256, generator=torch.Generator().manual_seed(4))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"A": a.numpy()})[0]
     expected = (a @ qt.dequantize().T).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
