@@ -42,6 +42,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values of ``x`` [B, T, hidden] as [B, T, heads, D], before RoPE. Shared by
+    ``LlamaAttention`` and the export-time attentions that keep its projections (each applies RoPE in
+    the layout its kernel takes)."""
+    b, t, _ = x.shape
+    q = attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim)
+    k = attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim)
+    v = attn.v_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim)
+    return q, k, v
+
+
 class KVCache(nn.Module):
     """Static [B, H_kv, max_seq, D] key/value buffers, written in place at the given positions."""
 
@@ -75,9 +86,7 @@ class LlamaAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (y.transpose(1, 2) for y in project_qkv(self, x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if self.kv_cache is None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from edge_mllm.model.connectors import LayerNorm2d, SqueezeExcitation
 from edge_mllm.model.fused_vision import SDPA, FusedVisionEncoder
-from edge_mllm.model.llama import LlamaAttention, LlamaForCausalLM, RMSNorm, apply_rope
+from edge_mllm.model.llama import LlamaAttention, LlamaForCausalLM, RMSNorm, apply_rope, project_qkv
 from edge_mllm.model.mllm import MultimodalLM
 
 
@@ -192,9 +192,7 @@ class CustomOpAttention(nn.Module):
         if attn_mask is not None:  # LlamaAttention's mask is for packed training rows, never for decoding
             raise ValueError("the exported decoder masks causally from start_pos; it takes no attn_mask")
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = project_qkv(self, x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         torch.ops.llama.update_cache(k, self.k_cache, start_pos)
         torch.ops.llama.update_cache(v, self.v_cache, start_pos)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_mllm.model.fused_vision import FusedVisionEncoder, PackedSelfAttention
-from edge_mllm.model.llama import LlamaForCausalLM, apply_rope
+from edge_mllm.model.llama import LlamaForCausalLM, apply_rope, project_qkv
 from edge_mllm.model.mllm import MultimodalLM
 
 PIXEL_VALUES = "pixel_values"
@@ -192,10 +192,10 @@ class ContribSelfAttention(nn.Module):
         # Positions are the cache slots, so the mask is GQA's own causal one; ``attn_mask`` (padding)
         # never comes here: the decoder takes unpadded batches (module docstring).
         b, t, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        q, k, v = project_qkv(self, x)
+        q, k = (apply_rope(y.transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, -1) for y in (q, k))
         out, *present = GroupQueryAttentionFunction.apply(
-            q.transpose(1, 2).reshape(b, t, -1), k.transpose(1, 2).reshape(b, t, -1), self.v_proj(x), *self.past,
+            q, k, v.reshape(b, t, -1), *self.past,
             self.num_heads, self.num_kv_heads, self.head_dim)
         self.present = tuple(present)
         return self.o_proj(out)
