@@ -170,10 +170,12 @@ def test_fp32_graphs_match_pytorch(float_bundle, tiny):
     got = np.concatenate([logits, step, chunk], axis=1)
     assert np.abs(got - reference).max() < LOGITS_ATOL
     assert past[0].shape == (1, 2, t + 4, 16)
-    # batch 2 (rows of the same length)
-    batch = torch.cat([full[:, :t], full[:, 1 : t + 1]])
-    logits, _ = runner.forward(batch.numpy(), runner.empty_cache(2))
-    assert np.abs(logits - torch_logits(tiny, batch)).max() < LOGITS_ATOL
+    # batch 2 (rows of the same length), then one cached step (each row's rotary positions go on)
+    batch = torch.cat([full[:, : t + 1], full[:, 1 : t + 2]])
+    logits, past = runner.forward(batch[:, :t].numpy(), runner.empty_cache(2))
+    step, _ = runner.forward(batch[:, t:].numpy(), past)
+    got = np.concatenate([logits, step], axis=1)
+    assert np.abs(got - torch_logits(tiny, batch)).max() < LOGITS_ATOL
 
 
 def test_fp32_bundle_answers_an_image_prompt_as_pytorch(float_bundle, tiny, test_image):
@@ -224,6 +226,11 @@ def test_4bit_graphs_hold_our_codes(quantized):
     with_mins = loaded.quantization.scheme.endswith("-min")
     assert decoder_ops["MatMulNBits"] == linears and decoder_ops["GroupQueryAttention"] == text.num_hidden_layers
     assert decoder_ops.get("MatMul", 0) == (2 * linears if with_mins else 0)
+    # RoPE is inside GroupQueryAttention (do_rotary), not rotate-half's slices and negations around it
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
+    rotary = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}.get("do_rotary")
+              for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert rotary == [1] * text.num_hidden_layers and "Neg" not in decoder_ops
     embedding = onnx.load(str(out / "embedding.onnx"), load_external_data=False)
     assert op_counts(out / "embedding.onnx")["GatherBlockQuantized"] == 1
     assert "language_model.model.embed_tokens.weight" not in {i.name for i in embedding.graph.initializer}

@@ -18,7 +18,9 @@ as the model's parameters (the exporter keeps only the ones a graph reads).
 
 The decoder's positions are its cache slots (P … P + S − 1), as in ``edge_mllm.generate``; it has
 no ``attention_mask`` / ``position_ids`` inputs (both optional in genai), so batches must be
-unpadded (every row the same length).
+unpadded (every row the same length); and a batch of several rows goes on one token per step after
+its prompt (GroupQueryAttention's CPU kernel refuses a chunk of several new tokens with a past when
+the batch has more than one row).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_mllm.model.fused_vision import FusedVisionEncoder, PackedSelfAttention
-from edge_mllm.model.llama import LlamaForCausalLM, apply_rope, project_qkv
+from edge_mllm.model.llama import LlamaForCausalLM, apply_rope
 from edge_mllm.model.mllm import MultimodalLM
 
 PIXEL_VALUES = "pixel_values"
@@ -135,38 +137,46 @@ class EmbeddingGraph(nn.Module):
 
 
 class GroupQueryAttentionFunction(torch.autograd.Function):
-    """Causal attention of S new queries over the P cached and S new keys / values, each K/V head
-    shared by its group of query heads (GQA; MQA and MHA too), returning the output [B, S, H·D] and
-    the caches grown to P + S. Exports as ONNX Runtime's ``com.microsoft.GroupQueryAttention``: one
-    CPU kernel that shares the K/V heads in place, where the traced ``repeat_interleave`` copied every
-    layer's whole cache per query head at every step (a ``Tile``), plus the concatenation."""
+    """Rotary positions, then causal attention of S new queries over the P cached and S new keys /
+    values, each K/V head shared by its group of query heads (GQA; MQA and MHA too), returning the
+    output [B, S, H·D] and the caches grown to P + S (keys stored rotated). Exports as ONNX Runtime's
+    ``com.microsoft.GroupQueryAttention`` with ``do_rotary``: one CPU kernel per layer for RoPE,
+    cache growth and attention, as in genai's own decoders. The traced equivalents were ~25 small
+    nodes per layer (RoPE's slices and concatenations, the head reshapes and transposes around it)
+    and a ``Tile`` copying the whole cache per query head at every step (``repeat_interleave``)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                num_heads: int, kv_heads: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # q [B, S, H·D], k / v [B, S, H_kv·D] (RoPE applied), past [B, H_kv, P, D]
+                cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int, kv_heads: int,
+                d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # q [B, S, H·D], k / v [B, S, H_kv·D] (before RoPE), past [B, H_kv, P, D] (keys rotated),
+        # cos / sin caches [max positions, D / 2]: one half of the rotate-half tables (GQA's layout)
         b, s, _ = q.shape
         p = past_k.shape[2]
-        present_k = torch.cat([past_k, k.view(b, s, kv_heads, d).transpose(1, 2)], 2)
+        cos, sin = (torch.cat([t[p : p + s]] * 2, -1) for t in (cos_cache, sin_cache))
+        q = apply_rope(q.view(b, s, num_heads, d).transpose(1, 2), cos, sin)
+        present_k = torch.cat([past_k, apply_rope(k.view(b, s, kv_heads, d).transpose(1, 2), cos, sin)], 2)
         present_v = torch.cat([past_v, v.view(b, s, kv_heads, d).transpose(1, 2)], 2)
         groups = num_heads // kv_heads
         keys, values = present_k.repeat_interleave(groups, 1), present_v.repeat_interleave(groups, 1)
         mask = torch.arange(p + s)[None, :] <= torch.arange(p, p + s)[:, None]  # query i at slot p + i
-        out = F.scaled_dot_product_attention(q.view(b, s, num_heads, d).transpose(1, 2), keys, values, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return out.transpose(1, 2).reshape(b, s, num_heads * d), present_k, present_v
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, num_heads: int, kv_heads: int, d: int):
+    def symbolic(g, q, k, v, past_k, past_v, cos_cache, sin_cache, num_heads: int, kv_heads: int, d: int):
         def dim(x, i: int):
             return g.op("Gather", g.op("Shape", x), g.op("Constant", value_t=torch.tensor(i)), axis_i=0)
 
         # total_sequence_length (int32 scalar) = P + S; seqlens_k (int32 [B]) = P + S − 1 for every row
+        # (GQA also derives the rotary positions P … P + S − 1 from them)
         total = g.op("Cast", g.op("Add", dim(past_k, 2), dim(q, 1)), to_i=6)
         last = g.op("Sub", total, g.op("Constant", value_t=torch.tensor(1, dtype=torch.int32)))
         batch = g.op("Unsqueeze", dim(q, 0), g.op("Constant", value_t=torch.tensor([0])))
         seqlens = g.op("Expand", g.op("Unsqueeze", last, g.op("Constant", value_t=torch.tensor([0]))), batch)
         out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens,
-                                         total, num_heads_i=num_heads, kv_num_heads_i=kv_heads, outputs=3)
+                                         total, cos_cache, sin_cache, num_heads_i=num_heads, kv_num_heads_i=kv_heads,
+                                         do_rotary_i=1, rotary_interleaved_i=0, outputs=3)
         # the exporter cannot infer a contrib op's types: the query's, and the past's with a new length
         out.setType(q.type().with_sizes([None, None, num_heads * d]))
         present_k.setType(past_k.type().with_sizes([None, kv_heads, None, d]))
@@ -175,7 +185,7 @@ class GroupQueryAttentionFunction(torch.autograd.Function):
 
 
 class ContribSelfAttention(nn.Module):
-    """Export-only ``LlamaAttention`` (its own projections and RoPE, so the same parameter names) whose
+    """Export-only ``LlamaAttention`` (its own projections, so the same parameter names) whose RoPE,
     cache and attention are ``GroupQueryAttentionFunction``: the past comes in as graph inputs
     (``past``) and the grown caches go out as ``present`` outputs, instead of a static buffer written
     in place (a source transform, as ExecuTorch's export does with its own cache)."""
@@ -187,15 +197,13 @@ class ContribSelfAttention(nn.Module):
         self.past: tuple[torch.Tensor, torch.Tensor] | None = None
         self.present: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, input_pos: torch.Tensor | None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # Positions are the cache slots, so the mask is GQA's own causal one; ``attn_mask`` (padding)
-        # never comes here: the decoder takes unpadded batches (module docstring).
-        b, t, _ = x.shape
-        q, k, v = project_qkv(self, x)
-        q, k = (apply_rope(y.transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, -1) for y in (q, k))
+        # ``DecoderGraph`` passes the whole rotary caches (GQA picks the rows from the cache length),
+        # not per-position tables. Positions are the cache slots, so the mask is GQA's own causal one;
+        # ``attn_mask`` (padding) never comes here: the decoder takes unpadded batches (module docstring).
         out, *present = GroupQueryAttentionFunction.apply(
-            q, k, v.reshape(b, t, -1), *self.past,
+            self.q_proj(x), self.k_proj(x), self.v_proj(x), *self.past, cos_cache, sin_cache,
             self.num_heads, self.num_kv_heads, self.head_dim)
         self.present = tuple(present)
         return self.o_proj(out)
@@ -206,18 +214,20 @@ class DecoderGraph(nn.Module):
 
     def __init__(self, model: MultimodalLM):
         super().__init__()
-        self.language_model = model.language_model
+        self.language_model = lm = model.language_model
+        # GQA's rotary caches: the cos / sin of the first half of each row (rotate-half repeats it),
+        # for every position the bundle's context allows
+        positions, half = lm.config.max_position_embeddings, lm.config.head_dim // 2
+        dtype = lm.lm_head.weight.dtype
+        for name, table in (("rotary_cos_cache", lm.rope_cos), ("rotary_sin_cache", lm.rope_sin)):
+            self.register_buffer(name, table[:positions, :half].to(dtype).contiguous(), persistent=False)
 
     def forward(self, inputs_embeds: torch.Tensor, past: Sequence[tuple[torch.Tensor, torch.Tensor]]):
         lm = self.language_model
-        past_len, seq_len = past[0][0].shape[2], inputs_embeds.shape[1]
-        input_pos = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)
-        cos = lm.rope_cos[input_pos].to(inputs_embeds.dtype)
-        sin = lm.rope_sin[input_pos].to(inputs_embeds.dtype)
         x, present = inputs_embeds, []
         for layer, layer_past in zip(lm.model.layers, past, strict=True):
             layer.self_attn.past = layer_past
-            x = layer(x, cos, sin, input_pos)
+            x = layer(x, self.rotary_cos_cache, self.rotary_sin_cache, None)
             present.extend(layer.self_attn.present)
         return (lm.lm_head(lm.model.norm(x)), *present)
 
