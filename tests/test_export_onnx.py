@@ -228,9 +228,11 @@ def test_4bit_graphs_hold_our_codes(quantized):
     assert decoder_ops.get("MatMul", 0) == (2 * linears if with_mins else 0)
     # RoPE is inside GroupQueryAttention (do_rotary), not rotate-half's slices and negations around it
     graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
-    rotary = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}.get("do_rotary")
-              for n in graph.node if n.op_type == "GroupQueryAttention"]
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    rotary = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}.get("do_rotary") for n in gqa]
     assert rotary == [1] * text.num_hidden_layers and "Neg" not in decoder_ops
+    # and every layer reads the same seqlens_k / total_sequence_length, computed once per step
+    assert len({(n.input[5], n.input[6]) for n in gqa}) == 1
     embedding = onnx.load(str(out / "embedding.onnx"), load_external_data=False)
     assert op_counts(out / "embedding.onnx")["GatherBlockQuantized"] == 1
     assert "language_model.model.embed_tokens.weight" not in {i.name for i in embedding.graph.initializer}

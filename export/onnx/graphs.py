@@ -136,6 +136,29 @@ class EmbeddingGraph(nn.Module):
         return torch.where(is_image.unsqueeze(-1), table[index], embeds)
 
 
+class CacheLengthsFunction(torch.autograd.Function):
+    """The lengths GroupQueryAttention reads, from the past [B, H_kv, P, D] and the new inputs
+    [B, S, …]: seqlens_k (int32 [B]; P + S − 1 for every row) and total_sequence_length (int32 scalar;
+    P + S). GQA also derives the rotary positions P … P + S − 1 from them. Computed once per step for
+    every layer (traced inside each layer's op, they were six shape nodes per layer)."""
+
+    @staticmethod
+    def forward(ctx, past_k: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total = past_k.shape[2] + inputs.shape[1]
+        return torch.full((inputs.shape[0],), total - 1, dtype=torch.int32), torch.tensor(total, dtype=torch.int32)
+
+    @staticmethod
+    def symbolic(g, past_k, inputs):
+        def dim(x, i: int):
+            return g.op("Gather", g.op("Shape", x), g.op("Constant", value_t=torch.tensor(i)), axis_i=0)
+
+        total = g.op("Cast", g.op("Add", dim(past_k, 2), dim(inputs, 1)), to_i=6)
+        last = g.op("Sub", total, g.op("Constant", value_t=torch.tensor(1, dtype=torch.int32)))
+        batch = g.op("Unsqueeze", dim(inputs, 0), g.op("Constant", value_t=torch.tensor([0])))
+        seqlens = g.op("Expand", g.op("Unsqueeze", last, g.op("Constant", value_t=torch.tensor([0]))), batch)
+        return seqlens, total
+
+
 class GroupQueryAttentionFunction(torch.autograd.Function):
     """Rotary positions, then causal attention of S new queries over the P cached and S new keys /
     values, each K/V head shared by its group of query heads (GQA; MQA and MHA too), returning the
@@ -147,10 +170,11 @@ class GroupQueryAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int, kv_heads: int,
-                d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                cos_cache: torch.Tensor, sin_cache: torch.Tensor, seqlens: torch.Tensor, total: torch.Tensor,
+                num_heads: int, kv_heads: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # q [B, S, H·D], k / v [B, S, H_kv·D] (before RoPE), past [B, H_kv, P, D] (keys rotated),
-        # cos / sin caches [max positions, D / 2]: one half of the rotate-half tables (GQA's layout)
+        # cos / sin caches [max positions, D / 2]: one half of the rotate-half tables (GQA's layout);
+        # seqlens / total: ``CacheLengthsFunction``'s, which the exported op reads (here: from the shapes)
         b, s, _ = q.shape
         p = past_k.shape[2]
         cos, sin = (torch.cat([t[p : p + s]] * 2, -1) for t in (cos_cache, sin_cache))
@@ -164,16 +188,8 @@ class GroupQueryAttentionFunction(torch.autograd.Function):
         return out.transpose(1, 2).reshape(b, s, num_heads * d), present_k, present_v
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, cos_cache, sin_cache, num_heads: int, kv_heads: int, d: int):
-        def dim(x, i: int):
-            return g.op("Gather", g.op("Shape", x), g.op("Constant", value_t=torch.tensor(i)), axis_i=0)
-
-        # total_sequence_length (int32 scalar) = P + S; seqlens_k (int32 [B]) = P + S − 1 for every row
-        # (GQA also derives the rotary positions P … P + S − 1 from them)
-        total = g.op("Cast", g.op("Add", dim(past_k, 2), dim(q, 1)), to_i=6)
-        last = g.op("Sub", total, g.op("Constant", value_t=torch.tensor(1, dtype=torch.int32)))
-        batch = g.op("Unsqueeze", dim(q, 0), g.op("Constant", value_t=torch.tensor([0])))
-        seqlens = g.op("Expand", g.op("Unsqueeze", last, g.op("Constant", value_t=torch.tensor([0]))), batch)
+    def symbolic(g, q, k, v, past_k, past_v, cos_cache, sin_cache, seqlens, total, num_heads: int, kv_heads: int,
+                 d: int):
         out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens,
                                          total, cos_cache, sin_cache, num_heads_i=num_heads, kv_num_heads_i=kv_heads,
                                          do_rotary_i=1, rotary_interleaved_i=0, outputs=3)
@@ -195,6 +211,7 @@ class ContribSelfAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.past: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.lengths: tuple[torch.Tensor, torch.Tensor] | None = None  # CacheLengthsFunction's
         self.present: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, input_pos: torch.Tensor | None,
@@ -203,7 +220,7 @@ class ContribSelfAttention(nn.Module):
         # not per-position tables. Positions are the cache slots, so the mask is GQA's own causal one;
         # ``attn_mask`` (padding) never comes here: the decoder takes unpadded batches (module docstring).
         out, *present = GroupQueryAttentionFunction.apply(
-            self.q_proj(x), self.k_proj(x), self.v_proj(x), *self.past, cos_cache, sin_cache,
+            self.q_proj(x), self.k_proj(x), self.v_proj(x), *self.past, cos_cache, sin_cache, *self.lengths,
             self.num_heads, self.num_kv_heads, self.head_dim)
         self.present = tuple(present)
         return self.o_proj(out)
@@ -225,8 +242,9 @@ class DecoderGraph(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, past: Sequence[tuple[torch.Tensor, torch.Tensor]]):
         lm = self.language_model
         x, present = inputs_embeds, []
+        lengths = CacheLengthsFunction.apply(past[0][0], inputs_embeds)
         for layer, layer_past in zip(lm.model.layers, past, strict=True):
-            layer.self_attn.past = layer_past
+            layer.self_attn.past, layer.self_attn.lengths = layer_past, lengths
             x = layer(x, self.rotary_cos_cache, self.rotary_sin_cache, None)
             present.extend(layer.self_attn.present)
         return (lm.lm_head(lm.model.norm(x)), *present)
