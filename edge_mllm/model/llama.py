@@ -44,8 +44,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries, keys and values of ``x`` [B, T, hidden] as [B, T, heads, D], before RoPE. Shared by
-    ``LlamaAttention`` and the export-time attentions that keep its projections (each applies RoPE in
-    the layout its kernel takes)."""
+    ``LlamaAttention`` and ExecuTorch's export-time attention, which keeps its projections (each
+    applies RoPE in the layout its kernel takes)."""
     b, t, _ = x.shape
     q = attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim)
     k = attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim)
