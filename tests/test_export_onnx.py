@@ -24,7 +24,7 @@ from edge_mllm.quant.quantize import quantize_model
 from edge_mllm.quant.scheme import QuantScheme
 
 from edge_mllm.checkpoint import load_model
-from edge_mllm.errors import QuantError
+from edge_mllm.errors import EdgeMLLMError, QuantError
 from edge_mllm.generate import GenerationConfig, generate
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.pipeline import Pipeline
@@ -176,6 +176,8 @@ def test_fp32_graphs_match_pytorch(float_bundle, tiny):
     step, _ = runner.forward(batch[:, t:].numpy(), past)
     got = np.concatenate([logits, step], axis=1)
     assert np.abs(got - torch_logits(tiny, batch)).max() < LOGITS_ATOL
+    with pytest.raises(EdgeMLLMError, match="one token per step"):  # GQA refuses a batch's cached chunk
+        runner.forward(np.concatenate([batch[:, t:].numpy()] * 2, axis=1), past)
 
 
 def test_fp32_bundle_answers_an_image_prompt_as_pytorch(float_bundle, tiny, test_image):

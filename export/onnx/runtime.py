@@ -105,6 +105,10 @@ class OnnxRunner(BundleRuntime):
 
     def forward(self, inputs_embeds: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder step: inputs_embeds [B, S, D] after ``past`` → (logits [B, S, V], present)."""
+        batch, new_tokens = inputs_embeds.shape[:2]
+        if batch > 1 and new_tokens > 1 and past and past[0].shape[2] > 0:  # before ONNX Runtime's own error
+            raise EdgeMLLMError(f"a batch of {batch} rows goes on one token per step after its prompt "
+                                f"(GroupQueryAttention's CPU kernel), not {new_tokens}")
         io = self.io["decoder"]
         names = [io["inputs"]["past_key_names"], io["inputs"]["past_value_names"]]
         feeds = {io["inputs"]["inputs_embeds"]: np.ascontiguousarray(inputs_embeds, dtype=np.float32)}
