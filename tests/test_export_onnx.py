@@ -17,7 +17,7 @@ from conftest import with_middle_block
 from edge_mllm.export.bundle import export_bundle
 from edge_mllm.export.onnx import graphs
 from edge_mllm.export.onnx.bundle import codes_by_name
-from edge_mllm.export.onnx.nbits import pack_nbits
+from edge_mllm.export.onnx.nbits import pack_nbits, stack_rows
 from edge_mllm.export.onnx.runtime import OnnxRunner
 from edge_mllm.quant.groupwise import quantize_rtn
 from edge_mllm.quant.quantize import quantize_model
@@ -86,6 +86,27 @@ def prompt_logits_error(loaded, runner: OnnxRunner, ids: list[int], px: torch.Te
     with torch.no_grad():
         embeds = loaded.model.embed_prompt(ids, loaded.model.encode_images(px))
     return float(np.abs(logits - torch_logits(loaded, embeds)).max())
+
+
+def assert_cached_steps_match_pytorch(runner: OnnxRunner, loaded, embeds: torch.Tensor) -> None:
+    """Prefill, then one cached step and a cached chunk of 3; batch 2 (rows of the same length) and
+    one cached step (each row's rotary positions go on): each against the whole sequence in PyTorch."""
+    full = torch.cat([embeds, torch.randn(1, 4, embeds.shape[2], generator=torch.Generator().manual_seed(1))], 1)
+    reference = torch_logits(loaded, full)
+    t = embeds.shape[1]
+    logits, past = runner.forward(full[:, :t].numpy(), runner.empty_cache())
+    step, past = runner.forward(full[:, t : t + 1].numpy(), past)
+    chunk, past = runner.forward(full[:, t + 1 :].numpy(), past)
+    got = np.concatenate([logits, step, chunk], axis=1)
+    assert np.abs(got - reference).max() < LOGITS_ATOL
+    assert past[0].shape[2] == t + 4
+    batch = torch.cat([full[:, : t + 1], full[:, 1 : t + 2]])
+    logits, past = runner.forward(batch[:, :t].numpy(), runner.empty_cache(2))
+    step, _ = runner.forward(batch[:, t:].numpy(), past)
+    got = np.concatenate([logits, step], axis=1)
+    assert np.abs(got - torch_logits(loaded, batch)).max() < LOGITS_ATOL
+    with pytest.raises(EdgeMLLMError, match="one token per step"):  # GQA refuses a batch's cached chunk
+        runner.forward(np.concatenate([batch[:, t:].numpy()] * 2, axis=1), past)
 
 
 @pytest.fixture(scope="module")
@@ -160,24 +181,7 @@ def test_fp32_graphs_match_pytorch(float_bundle, tiny):
     got_embeds = runner.embed(PROMPT_IDS + [IMAGE_TOKEN_INDEX, 8], got_features)
     np.testing.assert_allclose(got_embeds, embeds.numpy(), atol=1e-5)
 
-    # prefill, then one cached step and a cached chunk of 3, against the whole sequence in PyTorch
-    full = torch.cat([embeds, torch.randn(1, 4, embeds.shape[2], generator=torch.Generator().manual_seed(1))], 1)
-    reference = torch_logits(tiny, full)
-    t = embeds.shape[1]
-    logits, past = runner.forward(full[:, :t].numpy(), runner.empty_cache())
-    step, past = runner.forward(full[:, t : t + 1].numpy(), past)
-    chunk, past = runner.forward(full[:, t + 1 :].numpy(), past)
-    got = np.concatenate([logits, step, chunk], axis=1)
-    assert np.abs(got - reference).max() < LOGITS_ATOL
-    assert past[0].shape == (1, 2, t + 4, 16)
-    # batch 2 (rows of the same length), then one cached step (each row's rotary positions go on)
-    batch = torch.cat([full[:, : t + 1], full[:, 1 : t + 2]])
-    logits, past = runner.forward(batch[:, :t].numpy(), runner.empty_cache(2))
-    step, _ = runner.forward(batch[:, t:].numpy(), past)
-    got = np.concatenate([logits, step], axis=1)
-    assert np.abs(got - torch_logits(tiny, batch)).max() < LOGITS_ATOL
-    with pytest.raises(EdgeMLLMError, match="one token per step"):  # GQA refuses a batch's cached chunk
-        runner.forward(np.concatenate([batch[:, t:].numpy()] * 2, axis=1), past)
+    assert_cached_steps_match_pytorch(runner, tiny, embeds)
 
 
 def test_fp32_bundle_answers_an_image_prompt_as_pytorch(float_bundle, tiny, test_image):
@@ -221,13 +225,15 @@ def test_4bit_graphs_hold_our_codes(quantized):
     loaded, out = quantized
     text = loaded.model.config.text
     decoder_ops = op_counts(out / "decoder.onnx")
-    # 7 linears per block + the LM head, all MatMulNBits, and attention one GroupQueryAttention per
-    # block; the only float MatMuls left are, for float-minimum codes, each linear's two small ones
-    # that add its blocks' offsets
-    linears = 7 * text.num_hidden_layers + 1
+    # 7 linears per block + the LM head, all MatMulNBits, those of one input stacked (Q/K/V, gate/up):
+    # 4 per block; attention one GroupQueryAttention per block; the only float MatMuls left are, for
+    # float-minimum codes, each MatMulNBits' two small ones that add its blocks' offsets
+    kernels = 4 * text.num_hidden_layers + 1
     with_mins = loaded.quantization.scheme.endswith("-min")
-    assert decoder_ops["MatMulNBits"] == linears and decoder_ops["GroupQueryAttention"] == text.num_hidden_layers
-    assert decoder_ops.get("MatMul", 0) == (2 * linears if with_mins else 0)
+    assert decoder_ops["MatMulNBits"] == kernels and decoder_ops["GroupQueryAttention"] == text.num_hidden_layers
+    assert decoder_ops.get("MatMul", 0) == (2 * kernels if with_mins else 0)
+    # gate/up is split after its kernel; Q/K/V go to GroupQueryAttention packed, unsplit
+    assert decoder_ops["Split"] == text.num_hidden_layers
     # RoPE is inside GroupQueryAttention (do_rotary), not rotate-half's slices and negations around it
     graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
     gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
@@ -235,6 +241,7 @@ def test_4bit_graphs_hold_our_codes(quantized):
     assert rotary == [1] * text.num_hidden_layers and "Neg" not in decoder_ops
     # and every layer reads the same seqlens_k / total_sequence_length, computed once per step
     assert len({(n.input[5], n.input[6]) for n in gqa}) == 1
+    assert all(n.input[1] == n.input[2] == "" for n in gqa)  # packed QKV in the query input
     embedding = onnx.load(str(out / "embedding.onnx"), load_external_data=False)
     assert op_counts(out / "embedding.onnx")["GatherBlockQuantized"] == 1
     assert "language_model.model.embed_tokens.weight" not in {i.name for i in embedding.graph.initializer}
@@ -258,6 +265,12 @@ def test_4bit_graphs_hold_our_codes(quantized):
     if with_mins:
         weight += inits[f"{name}.offsets"].T[..., None]
     assert np.allclose(weight.reshape(64, 128), codes[name].dequantize().numpy(), rtol=0, atol=1e-6)
+    # a stacked kernel holds its linears' codes in order, rows after rows
+    attn = "language_model.model.layers.0.self_attn."
+    stacked = stack_rows([pack_nbits(codes[f"{attn}{p}_proj.weight"]) for p in "qkv"])
+    assert np.array_equal(inits[f"{attn}q_proj+k_proj+v_proj.weight.qweight"].reshape(-1), stacked.data.reshape(-1))
+    assert np.array_equal(inits[f"{attn}q_proj+k_proj+v_proj.weight.scales"], stacked.scales)
+    assert stacked.rows == (text.num_attention_heads + 2 * text.num_key_value_heads) * text.head_dim
 
 
 def test_4bit_logits_and_greedy_tokens_match_the_quantized_pytorch_model(quantized):
@@ -265,6 +278,9 @@ def test_4bit_logits_and_greedy_tokens_match_the_quantized_pytorch_model(quantiz
     runner = OnnxRunner(out)
     px = pixels(loaded)
     assert prompt_logits_error(loaded, runner, PROMPT_IDS, px) < LOGITS_ATOL
+    with torch.no_grad():  # stacked Q/K/V, packed into GroupQueryAttention, through its cached paths
+        embeds = loaded.model.embed_prompt(PROMPT_IDS, loaded.model.encode_images(px))
+    assert_cached_steps_match_pytorch(runner, loaded, embeds)
     expected = torch_greedy(loaded, PROMPT_IDS, px, 32)
     tokens = runner.generate(PROMPT_IDS, px, max_new_tokens=32, stop_token_ids=()).token_ids
     assert agreement(tokens, expected) >= 0.95
@@ -297,7 +313,7 @@ def test_mixed_codes_run_in_onnxruntime(tiny, tmp_path):
     decoder = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
     bits = [next(onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "bits")
             for n in decoder.graph.node if n.op_type == "MatMulNBits"]
-    assert bits.count(4) == 7 and bits.count(8) == 15  # 7 linears a block, and the LM head
+    assert bits.count(4) == 4 and bits.count(8) == 9  # 4 kernels a block (Q/K/V, gate/up stacked), the LM head
     px = pixels(loaded)
     tokens = OnnxRunner(out).generate(PROMPT_IDS, px, max_new_tokens=16, stop_token_ids=()).token_ids
     assert agreement(tokens, torch_greedy(loaded, PROMPT_IDS, px, 16)) >= 0.95
@@ -367,7 +383,7 @@ def test_default_model_fp32_and_4bit_bundles(default_model, tmp_path, test_image
     del runner
 
     out = export_bundle(default_model, "onnx", tmp_path / "w4", quant="rtn-w4-g32", progress=False)
-    assert op_counts(out / "decoder.onnx")["MatMulNBits"] == 7 * 30 + 1
+    assert op_counts(out / "decoder.onnx")["MatMulNBits"] == 4 * 30 + 1
     expected = torch_greedy(default_model, ids, px, 32)  # the model now carries the 4-bit codes
     tokens = OnnxRunner(out).generate(ids, px, max_new_tokens=32, stop_token_ids=()).token_ids
     assert agreement(tokens, expected) >= 0.95
@@ -386,7 +402,7 @@ def test_default_model_on_its_own_4bit_grid(tmp_path, test_image):
     out = export_bundle(loaded, "onnx", tmp_path / "grid", quant="rtn-w4-g32-min", progress=False)
     decoder = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
     nbits = [n for n in decoder.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 7 * 30 + 1 and all(len(n.input) == 3 for n in nbits)
+    assert len(nbits) == 4 * 30 + 1 and all(len(n.input) == 3 for n in nbits)
     runner = OnnxRunner(out)
     assert prompt_logits_error(loaded, runner, ids, px) < LOGITS_ATOL
     tokens = runner.generate(ids, px, max_new_tokens=32, stop_token_ids=()).token_ids

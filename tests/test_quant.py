@@ -221,6 +221,37 @@ def test_float_minimum_linear_runs_in_onnxruntime_through_its_offsets():
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+def test_linears_of_one_input_share_one_matmul_nbits_in_onnxruntime():
+    """Linears reading the same input with codes of one layout become one MatMulNBits over their
+    stacked rows, split after (zero points of an odd block count padded per row); others stay apart."""
+    import onnxruntime as ort
+    from edge_mllm.export.onnx.surgery import to_matmul_nbits
+    from onnx import TensorProto, helper, numpy_helper
+
+    codes = {"W1": quantize_rtn(weights(48, 96, seed=6), 4, 32, symmetric=False),
+             "W2": quantize_rtn(weights(16, 96, seed=7), 4, 32, symmetric=False),
+             "W3": quantize_rtn(weights(32, 96, seed=8), 4, 32, float_min=True)}
+    nodes = []
+    for name in codes:
+        nodes += [helper.make_node("Transpose", [name], [f"{name}t"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["A", f"{name}t"], [f"Y{name[1]}"], name=f"matmul{name[1]}")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, 96])],
+        [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, None) for i in "123"],
+        [numpy_helper.from_array(qt.dequantize().numpy(), name) for name, qt in codes.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert to_matmul_nbits(model, codes, accuracy_level=1) == set(codes)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert [next(a.i for a in n.attribute if a.name == "N") for n in nbits] == [64, 32]
+    assert [n.op_type for n in model.graph.node].count("Split") == 1
+    a = torch.randn(5, 96, generator=torch.Generator().manual_seed(9))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for got, qt in zip(session.run(None, {"A": a.numpy()}), codes.values(), strict=True):
+        expected = (a @ qt.dequantize().T).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_float_minimum_embedding_gathers_its_rows_in_onnxruntime():
     """GatherBlockQuantized takes integer zero points only: the surgery adds the rows' minimums."""
     import onnxruntime as ort

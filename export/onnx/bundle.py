@@ -6,7 +6,9 @@ Weights, by quantization:
 - one of our schemes (``rtn-w4-g32``, ``gptq-w4-g64-asym``…) or a quantized checkpoint: every decoder
   linear (LM head included) is a ``com.microsoft.MatMulNBits`` and the token embedding a
   ``GatherBlockQuantized`` (4- or 8-bit, whatever the scheme gave it), packed from our own codes
-  (float-minimum codes add their groups' offsets beside each operator: ``surgery``);
+  (float-minimum codes add their groups' offsets beside each operator: ``surgery``); linears that
+  read the same input are one operator over their stacked rows (a block's gate / up, split after;
+  its Q / K / V, which GroupQueryAttention takes packed);
   a tied embedding / LM head is the same codes in both files. The vision tower's 8-bit linears are
   ``MatMulNBits`` where their group size is a block size ONNX Runtime takes; its convs (and any
   other linear) stay fp32 holding the dequantized codes, which is what the PyTorch model computes;
@@ -108,6 +110,7 @@ def _graph(
             surgery.to_gather_block_quantized(model, codes)
         else:
             surgery.to_matmul_nbits(model, codes, accuracy_level)
+            surgery.feed_packed_qkv(model)
         if what != "vision":  # the vision tower's convs and odd-sized linears stay in float
             surgery.require_quantized(model, codes, f"{what}.onnx")
     files.fold_weight_transposes(model)

@@ -61,3 +61,27 @@ def pack_nbits(qt: QuantizedTensor) -> NBitsWeight:
         cols=cols,
         offsets=offsets,
     )
+
+
+def stack_rows(weights: list[NBitsWeight]) -> NBitsWeight:
+    """Several weights of one input width and layout as one, their rows (output channels) stacked in
+    order: the initializers of one ``MatMulNBits`` computing all their outputs side by side."""
+    first = weights[0]
+    if any((w.cols, w.bits, w.block_size, w.zero_points is None, w.offsets is None)
+           != (first.cols, first.bits, first.block_size, first.zero_points is None, first.offsets is None)
+           for w in weights):
+        raise QuantError("only weights of one input width, bit width, block size and zero-point form stack")
+
+    def stacked(arrays):
+        return None if arrays[0] is None else np.concatenate(arrays)
+
+    return NBitsWeight(
+        data=stacked([w.data for w in weights]),
+        scales=stacked([w.scales for w in weights]),
+        zero_points=stacked([w.zero_points for w in weights]),
+        bits=first.bits,
+        block_size=first.block_size,
+        rows=sum(w.rows for w in weights),
+        cols=first.cols,
+        offsets=stacked([w.offsets for w in weights]),
+    )

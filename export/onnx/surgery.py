@@ -11,12 +11,14 @@ weight is found again.
 
 from __future__ import annotations
 
+import collections
+import os
 from collections.abc import Mapping
 
 import numpy as np
 import onnx
 import torch
-from edge_mllm.export.onnx.nbits import NBitsWeight, pack_nbits
+from edge_mllm.export.onnx.nbits import NBitsWeight, pack_nbits, stack_rows
 from edge_mllm.quant.groupwise import QuantizedTensor
 from onnx import helper, numpy_helper
 
@@ -63,6 +65,10 @@ def to_matmul_nbits(
     """Replace ``MatMul(A, Transpose(W))`` by ``MatMulNBits(A, codes of W)`` for every initializer
     ``W`` named in ``codes`` whose codes ONNX Runtime can take; returns the weights replaced.
 
+    Linears that read the same ``A`` with codes of one layout (a block's Q / K / V, its gate / up)
+    become one ``MatMulNBits`` over their rows stacked, its output split back into theirs: one
+    kernel instead of two or three per step, as onnxruntime-genai's model builder packs them.
+
     Float-minimum codes add their blocks' offsets (``nbits``) beside it, in fp32:
     ``MatMulNBits(A) + (A · P) · offsetsᵀ``, with ``P`` the 0/1 [K, blocks] matrix that sums each
     block of A (one initializer per K and block size).
@@ -70,40 +76,103 @@ def to_matmul_nbits(
     ``accuracy_level``: MatMulNBits' minimum precision of A (1 fp32 … 4 int8, the mobile default)."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
-    packed_inputs: dict[str, tuple[NBitsWeight, list[str]]] = {}  # a weight read twice is packed once
-    block_sums: set[str] = set()
-    nodes = []
-    for node in graph.node:
+    packed: dict[str, NBitsWeight] = {}  # a weight read twice is packed once
+    groups: dict[tuple, list[int]] = {}  # (A, codes' layout) → its MatMuls' positions, in graph order
+    weight_at: dict[int, str] = {}
+    nodes = list(graph.node)
+    for i, node in enumerate(nodes):
         src = producers.get(node.input[1]) if node.op_type == "MatMul" else None
         weight = src.input[0] if src is not None and src.op_type == "Transpose" else None
         if weight not in codes or not packable(codes[weight]) or list(_attr(src, "perm", [])) != [1, 0]:
-            nodes.append(node)
             continue
-        if weight not in packed_inputs:
-            packed = pack_nbits(codes[weight])
-            shape = (packed.rows, packed.cols // packed.block_size, -1)
-            packed_inputs[weight] = packed, _add_initializers(graph, weight, packed, shape)
-        packed, inputs = packed_inputs[weight]
-        output = node.output[0] if packed.offsets is None else f"{node.output[0]}_nbits"
-        nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], *inputs], [output], name=f"{node.name}_nbits", domain=MS_DOMAIN,
-            K=packed.cols, N=packed.rows, bits=packed.bits, block_size=packed.block_size, accuracy_level=accuracy_level,
-        ))
-        if packed.offsets is not None:
-            sums = f"block_sums.K{packed.cols}.g{packed.block_size}"
-            if sums not in block_sums:
-                blocks = packed.cols // packed.block_size
-                pick = np.repeat(np.eye(blocks, dtype=np.float32), packed.block_size, axis=0)
-                graph.initializer.append(numpy_helper.from_array(pick, sums))
-                block_sums.add(sums)
-            a_sums, offsets = f"{node.output[0]}_block_sums", f"{node.output[0]}_offsets"
-            nodes += [
-                helper.make_node("MatMul", [node.input[0], sums], [a_sums], name=f"{node.name}_block_sums"),
-                helper.make_node("MatMul", [a_sums, f"{weight}.offsets"], [offsets], name=f"{node.name}_offsets"),
-                helper.make_node("Add", [output, offsets], list(node.output), name=f"{node.name}_add_offsets"),
-            ]
-    _replace_nodes(model, nodes, bool(packed_inputs))
-    return set(packed_inputs)
+        if weight not in packed:
+            packed[weight] = pack_nbits(codes[weight])
+        w = packed[weight]
+        key = (node.input[0], w.cols, w.bits, w.block_size, w.zero_points is None, w.offsets is None)
+        if weight in (weight_at[j] for j in groups.get(key, [])):
+            key += (i,)  # the same product twice: computed twice, as the graph said
+        groups.setdefault(key, []).append(i)
+        weight_at[i] = weight
+
+    first_of_group = {members[0]: members for members in groups.values()}
+    initialized: dict[str, list[str]] = {}
+    rewritten = []
+    for i, node in enumerate(nodes):
+        if i not in weight_at:
+            rewritten.append(node)
+        elif i in first_of_group:
+            members = [(nodes[j], weight_at[j]) for j in first_of_group[i]]
+            rewritten += _matmul_nbits_nodes(graph, members, packed, initialized, accuracy_level)
+    _replace_nodes(model, rewritten, bool(groups))
+    return set(packed)
+
+
+def _matmul_nbits_nodes(graph: onnx.GraphProto, members: list[tuple[onnx.NodeProto, str]],
+                        packed: Mapping[str, NBitsWeight], initialized: dict[str, list[str]],
+                        accuracy_level: int) -> list[onnx.NodeProto]:
+    """The nodes computing ``members`` (MatMuls of one input, each with its weight) as one
+    ``MatMulNBits`` (+ offsets), split into the members' outputs when there are several."""
+    weights = [weight for _, weight in members]
+    name = weights[0] if len(weights) == 1 else _joined_name(weights)
+    w = packed[name] if len(weights) == 1 else stack_rows([packed[weight] for weight in weights])
+    if name not in initialized:
+        initialized[name] = _add_initializers(graph, name, w, (w.rows, w.cols // w.block_size, -1))
+    a, first = members[0][0].input[0], members[0][0].name
+    outputs = [node.output[0] for node, _ in members]
+    result = outputs[0] if len(members) == 1 else f"{first}_stacked"
+    nbits = result if w.offsets is None else f"{result}_nbits"
+    nodes = [helper.make_node(
+        "MatMulNBits", [a, *initialized[name]], [nbits], name=f"{first}_nbits", domain=MS_DOMAIN,
+        K=w.cols, N=w.rows, bits=w.bits, block_size=w.block_size, accuracy_level=accuracy_level,
+    )]
+    if w.offsets is not None:
+        sums = f"block_sums.K{w.cols}.g{w.block_size}"
+        if sums not in initialized:
+            blocks = w.cols // w.block_size
+            pick = np.repeat(np.eye(blocks, dtype=np.float32), w.block_size, axis=0)
+            graph.initializer.append(numpy_helper.from_array(pick, sums))
+            initialized[sums] = [sums]
+        a_sums, offsets = f"{result}_block_sums", f"{result}_offsets"
+        nodes += [
+            helper.make_node("MatMul", [a, sums], [a_sums], name=f"{first}_block_sums"),
+            helper.make_node("MatMul", [a_sums, f"{name}.offsets"], [offsets], name=f"{first}_offsets"),
+            helper.make_node("Add", [nbits, offsets], [result], name=f"{first}_add_offsets"),
+        ]
+    if len(members) > 1:
+        sizes = f"{name}.split"
+        if sizes not in initialized:
+            graph.initializer.append(numpy_helper.from_array(
+                np.array([packed[weight].rows for weight in weights], dtype=np.int64), sizes))
+            initialized[sizes] = [sizes]
+        nodes.append(helper.make_node("Split", [result, sizes], outputs, name=f"{first}_split", axis=-1))
+    return nodes
+
+
+def _joined_name(weights: list[str]) -> str:
+    """One name for stacked weights: their shared dotted prefix and suffix around the differing
+    parts, e.g. ``layers.0.self_attn.q_proj+k_proj+v_proj.weight``."""
+    parts = [weight.split(".") for weight in weights]
+    prefix = len(os.path.commonprefix(parts))
+    suffix = len(os.path.commonprefix([p[prefix:][::-1] for p in parts]))
+    middles = [".".join(p[prefix:len(p) - suffix]) for p in parts]
+    return ".".join([*parts[0][:prefix], "+".join(middles), *parts[0][len(parts[0]) - suffix:]])
+
+
+def feed_packed_qkv(model: onnx.ModelProto) -> None:
+    """Hand each ``GroupQueryAttention`` whose query, key and value are the three outputs of one
+    ``Split`` (``to_matmul_nbits``' stacked Q / K / V, read by nothing else) the unsplit tensor as
+    its packed-QKV query, key and value left empty: the kernel reads the three from it in place."""
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    readers = collections.Counter(name for node in graph.node for name in node.input)
+    readers.update(out.name for out in graph.output)
+    for node in graph.node:
+        split = producers.get(node.input[0]) if node.op_type == "GroupQueryAttention" else None
+        if (split is None or split.op_type != "Split" or _attr(split, "axis", 0) != -1
+                or list(split.output) != list(node.input[:3]) or any(readers[out] != 1 for out in split.output)):
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+    prune(model)
 
 
 def to_gather_block_quantized(model: onnx.ModelProto, codes: Mapping[str, QuantizedTensor]) -> set[str]:
