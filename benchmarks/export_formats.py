@@ -34,7 +34,7 @@ import torch
 from edge_mllm.export.bundle import MANIFEST, export_bundle, quantized_weights
 from edge_mllm.quant.scheme import QuantScheme
 
-from edge_mllm.bench.measure import one_run
+from edge_mllm.bench.measure import one_run, settle
 from edge_mllm.bench.suite import accuracy
 from edge_mllm.bench.worker import RuntimeProcess
 from edge_mllm.checkpoint import LoadedModel, load_model
@@ -130,6 +130,7 @@ def main() -> None:
         runs: dict[str, list[dict]] = {name: [] for name in calls}
         for _ in range(args.repeats):
             for name, call in calls.items():
+                settle()
                 runs[name].append(speed(call, args.tokens))
         for name, samples in runs.items():
             for key in samples[0]:

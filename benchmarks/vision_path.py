@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_mllm.bench.measure import settle
 from edge_mllm.checkpoint import load_model
 from edge_mllm.checkpoint.base import LoadedModel
 from edge_mllm.config import MLLMConfig, ProjectorConfig, VisionConfig
@@ -61,12 +62,14 @@ def vit_l_model(default: LoadedModel) -> LoadedModel:
 
 def timed(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median ms per path of ``repeats`` rounds, the paths interleaved within each round (the CPU is
-    shared: a path timed in one block would take whatever load that moment had), after one warm-up."""
+    shared: a path timed in one block would take whatever load that moment had), after one warm-up;
+    each timed call waits for the previous runtime's threads to stop spinning (``settle``)."""
     for call in calls.values():
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
+            settle()
             t0 = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - t0)

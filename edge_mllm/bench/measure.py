@@ -8,6 +8,7 @@ and decodes exactly ``tokens`` tokens (stop tokens ignored), greedily, in the su
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 
@@ -17,6 +18,16 @@ PROMPT = "Describe the picture in detail."
 WARMUP_TOKENS = 4
 # What one run reports, from the runtime's own timings (edge_mllm.runtime).
 METRICS = ("vision_encode_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s")
+# A runtime's threads spin on after its call returns (ONNX Runtime's intra-op pool, PyTorch's OpenMP,
+# XNNPACK's pthreadpool), sharing the cores with whatever is timed next: on the 2-core host an ONNX
+# Runtime vision encode timed right after another session's took 82 ms instead of 47, and eager
+# PyTorch's after it 97 instead of 53. Waiting this long before each timed call lets them go idle.
+SETTLE_S = 0.2
+
+
+def settle() -> None:
+    """Let the previous call's runtime threads go idle before the next timed call."""
+    time.sleep(SETTLE_S)
 
 
 @lru_cache(maxsize=1)
@@ -58,6 +69,7 @@ def measure(workers: dict[str, RuntimeProcess], repeats: int, tokens: int,
         for name, worker in workers.items():
             if progress:
                 progress(f"run {i + 1}/{repeats} {name}")
+            settle()
             samples[name].append(worker.call(one_run, tokens))
     return {name: summarise(runs) for name, runs in samples.items()}
 
