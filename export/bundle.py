@@ -17,7 +17,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
 import torch
@@ -51,6 +51,8 @@ class Backend(ABC):
     # Write option: the calibration inputs the quantization was computed on (None: it needed none), for
     # a format that calibrates something of its own, so one export builds them once.
     calibration: Sequence[torch.Tensor] | None = None
+    # Where in the bundle the tokenizer files go ("": its root), as the format's own runtime looks for them.
+    tokenizer_dir: ClassVar[str] = TOKENIZER_DIR
 
     @abstractmethod
     def check(self, loaded: LoadedModel, scheme: QuantScheme | None, native_quant: str | None) -> None:
@@ -133,9 +135,11 @@ def prompt_template(loaded: LoadedModel) -> dict[str, str] | None:
 
 
 def build_manifest(
-    loaded: LoadedModel, fmt: str, out_dir: Path, quant: str | None, format_info: dict
+    loaded: LoadedModel, fmt: str, out_dir: Path, quant: str | None, format_info: dict,
+    tokenizer_dir: str = TOKENIZER_DIR,
 ) -> dict:
-    """The manifest of the bundle in ``out_dir`` (every file there is listed)."""
+    """The manifest of the bundle in ``out_dir`` (every file there is listed; the tokenizer's in
+    ``tokenizer_dir``)."""
     tok = loaded.tokenizer
     files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
     return {
@@ -145,7 +149,7 @@ def build_manifest(
         "files": [{"path": p.relative_to(out_dir).as_posix(), "size": p.stat().st_size, "sha256": sha256(p)}
                   for p in files],
         "model": loaded.model.config.to_dict(),
-        "tokenizer": f"{TOKENIZER_DIR}/tokenizer.json",
+        "tokenizer": PurePosixPath(tokenizer_dir, "tokenizer.json").as_posix(),
         "chat_template": loaded.chat_template,
         "prompt_template": prompt_template(loaded),
         "image_preprocessing": image_preprocessing(loaded, format_info.get("vision_input", NORMALIZED)),
@@ -257,8 +261,9 @@ def export_bundle(
         weights = quantized_weights(loaded, scheme, target.calibration)
         with atomic_output_dir(out_dir) as tmp:
             format_info = target.write(loaded, tmp, weights, native, progress)
-            loaded.tokenizer.save(tmp / TOKENIZER_DIR)
+            loaded.tokenizer.save(tmp / target.tokenizer_dir)
             label = native or (weights.scheme if weights is not None else None)
-            manifest = build_manifest(loaded, fmt, tmp, label, format_info) | (manifest_extra or {})
+            manifest = build_manifest(loaded, fmt, tmp, label, format_info, target.tokenizer_dir)
+            manifest |= manifest_extra or {}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)

@@ -135,7 +135,8 @@ def quantized(request, tiny, tmp_path_factory):
 def test_bundle_files_manifest_and_genai_config(float_bundle, tiny):
     names = {p.name for p in float_bundle.iterdir()}
     assert {"vision.onnx", "vision.onnx.data", "embedding.onnx", "embedding.onnx.data", "decoder.onnx",
-            "decoder.onnx.data", "genai_config.json", "manifest.json", "tokenizer"} <= names
+            "decoder.onnx.data", "genai_config.json", "manifest.json"} <= names
+    assert {"tokenizer.json", "tokenizer_config.json"} <= names  # at the root, where GenAI looks for them
     manifest = json.loads((float_bundle / "manifest.json").read_text())
     assert manifest["format"] == "onnx" and manifest["quantization"] is None
     assert manifest["onnx"]["decoder"] == "decoder.onnx" and manifest["onnx"]["weights"] == "float32"
@@ -182,6 +183,37 @@ def test_fp32_graphs_match_pytorch(float_bundle, tiny):
     np.testing.assert_allclose(got_embeds, embeds.numpy(), atol=1e-5)
 
     assert_cached_steps_match_pytorch(runner, tiny, embeds)
+
+
+def genai_greedy(bundle, token_ids: list[int], n: int) -> list[int]:
+    """ONNX Runtime GenAI's own greedy continuation of ``n`` tokens (stop tokens ignored), loading
+    the bundle from its genai_config.json: the embedding and decoder graphs in genai's loop."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(bundle))
+    params = og.GeneratorParams(model)
+    length = len(token_ids) + n
+    params.set_search_options(max_length=length, min_length=length, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([token_ids], dtype=np.int32))
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+TEXT_IDS = [1, 5, 9, 40, 77, 3]
+
+
+def test_onnxruntime_genai_runs_the_fp32_bundle_as_pytorch(float_bundle, tiny):
+    import onnxruntime_genai as og
+
+    assert genai_greedy(float_bundle, TEXT_IDS, 16) == torch_greedy(tiny, TEXT_IDS, None, 16)
+    # GenAI's tokenizer reads the bundle's tokenizer files and splits text as ours does (without the
+    # BOS ours prepends)
+    tokenizer, text = og.Tokenizer(og.Model(str(float_bundle))), "a red circle left of the blue square"
+    assert list(tokenizer.encode(text)) == tiny.tokenizer.encode(text, add_special_tokens=False)
 
 
 def test_fp32_bundle_answers_an_image_prompt_as_pytorch(float_bundle, tiny, test_image):
@@ -284,6 +316,8 @@ def test_4bit_logits_and_greedy_tokens_match_the_quantized_pytorch_model(quantiz
     expected = torch_greedy(loaded, PROMPT_IDS, px, 32)
     tokens = runner.generate(PROMPT_IDS, px, max_new_tokens=32, stop_token_ids=()).token_ids
     assert agreement(tokens, expected) >= 0.95
+    # ONNX Runtime GenAI's own loop on the 4-bit graphs (stacked MatMulNBits, packed-QKV attention)
+    assert agreement(genai_greedy(out, TEXT_IDS, 32), torch_greedy(loaded, TEXT_IDS, None, 32)) >= 0.95
 
 
 def test_asymmetric_and_8bit_codes_and_onnxruntime_native_quantization(tiny, tmp_path):

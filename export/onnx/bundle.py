@@ -181,6 +181,7 @@ class ONNXBackend(Backend):
     name = "onnx"
     native_quant = tuple(NATIVE_BLOCK_SIZES)
     int8_vision_unsupported = None
+    tokenizer_dir = ""  # beside genai_config.json, where ONNX Runtime GenAI's tokenizer looks for it
 
     def check(self, loaded: LoadedModel, scheme: QuantScheme | None, native_quant: str | None) -> None:
         model = loaded.model
