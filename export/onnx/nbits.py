@@ -38,6 +38,12 @@ class NBitsWeight:
     cols: int  # K or D
     offsets: np.ndarray | None = None  # float32 [rows, n_blocks], added to every weight of a block
 
+    @property
+    def layout(self) -> tuple[int, int, int, bool, bool]:
+        """What weights must share to stack into one operator (``stack_rows``): input width, bit
+        width, block size, and whether they carry zero points and offsets."""
+        return self.cols, self.bits, self.block_size, self.zero_points is None, self.offsets is None
+
 
 def pack_nbits(qt: QuantizedTensor) -> NBitsWeight:
     """Pack ``qt`` (rows = output channels / vocabulary rows) for ONNX Runtime's N-bit operators."""
@@ -67,9 +73,7 @@ def stack_rows(weights: list[NBitsWeight]) -> NBitsWeight:
     """Several weights of one input width and layout as one, their rows (output channels) stacked in
     order: the initializers of one ``MatMulNBits`` computing all their outputs side by side."""
     first = weights[0]
-    if any((w.cols, w.bits, w.block_size, w.zero_points is None, w.offsets is None)
-           != (first.cols, first.bits, first.block_size, first.zero_points is None, first.offsets is None)
-           for w in weights):
+    if any(w.layout != first.layout for w in weights):
         raise QuantError("only weights of one input width, bit width, block size and zero-point form stack")
 
     def stacked(arrays):

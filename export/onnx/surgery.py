@@ -88,7 +88,7 @@ def to_matmul_nbits(
         if weight not in packed:
             packed[weight] = pack_nbits(codes[weight])
         w = packed[weight]
-        key = (node.input[0], w.cols, w.bits, w.block_size, w.zero_points is None, w.offsets is None)
+        key = (node.input[0], *w.layout)
         if weight in (weight_at[j] for j in groups.get(key, [])):
             key += (i,)  # the same product twice: computed twice, as the graph said
         groups.setdefault(key, []).append(i)
