@@ -110,7 +110,8 @@ def _graph(
             surgery.to_gather_block_quantized(model, codes)
         else:
             surgery.to_matmul_nbits(model, codes, accuracy_level)
-            surgery.feed_packed_qkv(model)
+            if what == "decoder":  # the one graph with GroupQueryAttention
+                surgery.feed_packed_qkv(model)
         if what != "vision":  # the vision tower's convs and odd-sized linears stay in float
             surgery.require_quantized(model, codes, f"{what}.onnx")
     files.fold_weight_transposes(model)

@@ -166,13 +166,16 @@ def feed_packed_qkv(model: onnx.ModelProto) -> None:
     producers = {out: node for node in graph.node for out in node.output}
     readers = collections.Counter(name for node in graph.node for name in node.input)
     readers.update(out.name for out in graph.output)
+    rewired = False
     for node in graph.node:
         split = producers.get(node.input[0]) if node.op_type == "GroupQueryAttention" else None
         if (split is None or split.op_type != "Split" or _attr(split, "axis", 0) != -1
                 or list(split.output) != list(node.input[:3]) or any(readers[out] != 1 for out in split.output)):
             continue
         node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
-    prune(model)
+        rewired = True
+    if rewired:  # the Splits are left unread
+        prune(model)
 
 
 def to_gather_block_quantized(model: onnx.ModelProto, codes: Mapping[str, QuantizedTensor]) -> set[str]:
