@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -185,17 +186,42 @@ def test_fp32_graphs_match_pytorch(float_bundle, tiny):
     assert_cached_steps_match_pytorch(runner, tiny, embeds)
 
 
-def genai_greedy(bundle, token_ids: list[int], n: int) -> list[int]:
-    """ONNX Runtime GenAI's own greedy continuation of ``n`` tokens (stop tokens ignored), loading
-    the bundle from its genai_config.json: the embedding and decoder graphs in genai's loop."""
+def genai_agreement(bundle, token_ids: list[int], expected: list[int], stop_token_ids: Sequence[int],
+                    pixel_values: torch.Tensor | None = None) -> float:
+    """Share of PyTorch's greedy tokens ``expected`` (up to its first stop token) that ONNX Runtime
+    GenAI's own loop repeats position for position; a longer or shorter answer counts its extra
+    positions as misses."""
+    end = next((i + 1 for i, t in enumerate(expected) if t in stop_token_ids), len(expected))
+    expected = expected[:end]
+    tokens = genai_greedy(bundle, token_ids, len(expected), pixel_values)
+    return sum(x == y for x, y in zip(tokens, expected, strict=False)) / max(len(tokens), len(expected))
+
+
+def genai_greedy(bundle, token_ids: list[int], n: int, pixel_values: torch.Tensor | None = None) -> list[int]:
+    """ONNX Runtime GenAI's own greedy continuation of up to ``n`` tokens, ending at a stop token, loading
+    the bundle from its genai_config.json: the embedding and decoder graphs in genai's loop, and with
+    ``pixel_values`` (normalised) its ``phi3v`` pipeline's vision graph too, fed as an app feeds it
+    (genai_config.py): the ids with each image placeholder expanded to one negative id per image token,
+    the pixels as vision.onnx reads them, and ``num_image_tokens``, the count genai sizes the image
+    features by (without it genai skips the vision graph)."""
     import onnxruntime_genai as og
 
     model = og.Model(str(bundle))
     params = og.GeneratorParams(model)
-    length = len(token_ids) + n
-    params.set_search_options(max_length=length, min_length=length, do_sample=False)
+    runner = OnnxRunner(bundle)
+    per_image = 0 if pixel_values is None else runner.image_token_count
+    ids = [t for tok in token_ids for t in ([tok] * per_image if tok == IMAGE_TOKEN_INDEX else [tok])]
+    # no min_length: genai meets it by masking the stop tokens' logits, which changes the answer
+    params.set_search_options(max_length=len(ids) + n, do_sample=False)
     generator = og.Generator(model, params)
-    generator.append_tokens(np.array([token_ids], dtype=np.int32))
+    if pixel_values is None:
+        generator.append_tokens(np.array([ids], dtype=np.int32))
+    else:
+        inputs = og.NamedTensors()
+        inputs["input_ids"] = np.array([ids], dtype=np.int32)
+        inputs["pixel_values"] = np.ascontiguousarray(runner.vision_pixels(pixel_values).numpy(), dtype=np.float32)
+        inputs["num_image_tokens"] = np.array([per_image] * pixel_values.shape[0], dtype=np.int64)
+        generator.set_inputs(inputs)
     tokens = []
     while not generator.is_done():
         generator.generate_next_token()
@@ -209,7 +235,12 @@ TEXT_IDS = [1, 5, 9, 40, 77, 3]
 def test_onnxruntime_genai_runs_the_fp32_bundle_as_pytorch(float_bundle, tiny):
     import onnxruntime_genai as og
 
-    assert genai_greedy(float_bundle, TEXT_IDS, 16) == torch_greedy(tiny, TEXT_IDS, None, 16)
+    stops = tiny.tokenizer.stop_token_ids()
+    assert genai_agreement(float_bundle, TEXT_IDS, torch_greedy(tiny, TEXT_IDS, None, 16), stops) == 1
+    # with two images: GenAI runs vision.onnx, and the embedding places each image's rows
+    px = pixels(tiny, 2)
+    ids = PROMPT_IDS + [IMAGE_TOKEN_INDEX, 8]
+    assert genai_agreement(float_bundle, ids, torch_greedy(tiny, ids, px, 16), stops, px) == 1
     # GenAI's tokenizer reads the bundle's tokenizer files and splits text as ours does (without the
     # BOS ours prepends)
     tokenizer, text = og.Tokenizer(og.Model(str(float_bundle))), "a red circle left of the blue square"
@@ -317,7 +348,7 @@ def test_4bit_logits_and_greedy_tokens_match_the_quantized_pytorch_model(quantiz
     tokens = runner.generate(PROMPT_IDS, px, max_new_tokens=32, stop_token_ids=()).token_ids
     assert agreement(tokens, expected) >= 0.95
     # ONNX Runtime GenAI's own loop on the 4-bit graphs (stacked MatMulNBits, packed-QKV attention)
-    assert agreement(genai_greedy(out, TEXT_IDS, 32), torch_greedy(loaded, TEXT_IDS, None, 32)) >= 0.95
+    assert genai_agreement(out, PROMPT_IDS, expected, loaded.tokenizer.stop_token_ids(), px) >= 0.95
 
 
 def test_asymmetric_and_8bit_codes_and_onnxruntime_native_quantization(tiny, tmp_path):
@@ -415,6 +446,9 @@ def test_default_model_fp32_and_4bit_bundles(default_model, tmp_path, test_image
     assert runner.generate(ids, px, max_new_tokens=16).token_ids == pipe.generate(
         "Describe the image.", [test_image], max_new_tokens=16).token_ids
     del runner
+    # ONNX Runtime GenAI, image included, answers as PyTorch
+    stops = default_model.tokenizer.stop_token_ids()
+    assert genai_agreement(out, ids, torch_greedy(default_model, ids, px, 16), stops, px) == 1
 
     out = export_bundle(default_model, "onnx", tmp_path / "w4", quant="rtn-w4-g32", progress=False)
     assert op_counts(out / "decoder.onnx")["MatMulNBits"] == 4 * 30 + 1
@@ -440,4 +474,6 @@ def test_default_model_on_its_own_4bit_grid(tmp_path, test_image):
     runner = OnnxRunner(out)
     assert prompt_logits_error(loaded, runner, ids, px) < LOGITS_ATOL
     tokens = runner.generate(ids, px, max_new_tokens=32, stop_token_ids=()).token_ids
-    assert agreement(tokens, torch_greedy(loaded, ids, px, 32)) >= 0.95
+    expected = torch_greedy(loaded, ids, px, 32)
+    assert agreement(tokens, expected) >= 0.95
+    assert genai_agreement(out, ids, expected, loaded.tokenizer.stop_token_ids(), px) >= 0.95
