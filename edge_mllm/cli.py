@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 
 import click
@@ -26,6 +28,18 @@ def _emit_json(obj: dict) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def _check_output(output: str, replaceable, *inputs: str | None) -> None:
+    """Refuse OUTPUT before any work (a usage error): a file, the input itself, or a folder holding
+    something other than an earlier output of this command (``fsutil.check_output_dir``)."""
+    from edge_mllm.errors import OutputError
+    from edge_mllm.fsutil import check_output_dir
+
+    try:
+        check_output_dir(output, replaceable, [i for i in inputs if i])
+    except OutputError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edge-mllm")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -41,9 +55,13 @@ def cli(debug: bool) -> None:
 @MODEL_ARG
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(model: str | None, as_json: bool) -> None:
-    """Architecture and parameter count per component."""
+    """Architecture and parameter count per component; for a bundle, its manifest (files checked)."""
     from edge_mllm.pipeline import Pipeline
+    from edge_mllm.runtime import is_bundle
 
+    if is_bundle(model):
+        _bundle_info(model, as_json)
+        return
     data = Pipeline.load(model).info()
     data["model"] = model or "embedded default"
     if as_json:
@@ -76,6 +94,31 @@ def info(model: str | None, as_json: bool) -> None:
         click.echo(f"note ({key}): {note}")
 
 
+def _bundle_info(path: str, as_json: bool) -> None:
+    """An exported bundle's manifest, after checking its files against it."""
+    from pathlib import Path
+
+    from edge_mllm.runtime.bundle import read_manifest, verify_files
+
+    manifest = read_manifest(path)
+    verify_files(Path(path), manifest)
+    if as_json:
+        _emit_json(manifest | {"bundle": path, "files_verified": True})
+        return
+    text, vision = manifest["model"]["text"], manifest["model"].get("vision")
+    click.echo(f"bundle: {path} ({manifest['format']}, {manifest.get('quantization') or 'float'}; "
+               f"edge-mllm {manifest.get('edge_mllm_version')})")
+    click.echo(f"language model: llama, {text['num_hidden_layers']} layers, hidden {text['hidden_size']}, "
+               f"vocab {text['vocab_size']}; context {manifest.get('max_seq_len')} tokens")
+    if vision:
+        click.echo(f"vision: CLIP ViT {vision['image_size']}px/{vision['patch_size']}, "
+                   f"{manifest['model']['projector']['type']} → {manifest.get('image_token_count')} image tokens")
+    for f in manifest["files"]:
+        click.echo(f"{f['size'] / 1e6:9.2f} MB  {f['path']}")
+    total = sum(f["size"] for f in manifest["files"]) / 1e6
+    click.echo(f"{total:9.2f} MB in {len(manifest['files'])} files, each matching the manifest's size and sha256")
+
+
 @cli.command()
 @MODEL_ARG
 @click.option("--prompt", "-p", required=True, help="The question or instruction.")
@@ -91,6 +134,10 @@ def run(model, prompt, images, max_new_tokens, temperature, top_p, seed, raw, as
     from edge_mllm import runtime
     from edge_mllm.preprocess import load_image
 
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (click keeps them as surrogates)
+        raise click.BadParameter("is not valid UTF-8 text", param_hint="--prompt") from None
     bundle = runtime.is_bundle(model)
     if bundle and (temperature > 0 or top_p < 1 or seed is not None):
         raise click.UsageError("exported bundles generate greedily: --temperature/--top-p/--seed are for models")
@@ -130,14 +177,16 @@ def data() -> None:
 @click.option("--split", type=click.Choice(["train", "val", "test"]), required=True)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("-n", "count", default=500, show_default=True, type=click.IntRange(min=1), help="Number of scenes.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output folder (replaced).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+              help="Output folder (an earlier split there is replaced).")
 def data_synth(split: str, seed: int, count: int, output: str) -> None:
     """Render synthetic scenes with captions, VQA and POPE questions (LLaVA JSON format).
 
     Writes OUTPUT/images/*.png, captions.json (stage 1), conversations.json (stage 2, multi-turn) and
     questions.json (evaluation, one question per record with its type)."""
-    from edge_mllm.data.synth import write_split
+    from edge_mllm.data.synth import is_split, write_split
 
+    _check_output(output, is_split)
     write_split(output, split, seed, count, progress=True)
     click.echo(f"wrote {count} {split} scenes to {output}", err=True)
 
@@ -202,6 +251,7 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
 
     from edge_mllm.chat import ChatTemplate
     from edge_mllm.checkpoint import load_model, save_native
+    from edge_mllm.checkpoint.native import is_native
     from edge_mllm.errors import EdgeMLLMError
     from edge_mllm.train.lora import merge_lora
     from edge_mllm.train.trainer import TrainConfig, Trainer
@@ -217,6 +267,7 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
                              max_len=max_len, seed=seed, **lora)
     except EdgeMLLMError as exc:
         raise click.UsageError(str(exc)) from exc
+    _check_output(output, is_native, model, data_path, images)
     conversations = _training_data(data_path, stage, images)
     loaded = load_model(model)
     torch.manual_seed(seed)
@@ -283,10 +334,12 @@ def distill(teacher, student_layers, data_path, images, output, temperature, alp
 
     from edge_mllm.chat import ChatTemplate
     from edge_mllm.checkpoint import LoadedModel, load_model, save_native
+    from edge_mllm.checkpoint.native import is_native
     from edge_mllm.distill.distiller import DistillConfig, Distiller
     from edge_mllm.distill.student import make_student
     from edge_mllm.train.trainer import TrainConfig
 
+    _check_output(output, is_native, teacher, data_path, images)
     conversations = _training_data(data_path, "instruct", images)
     loaded = load_model(teacher)
     student = make_student(loaded.model, student_layers)
@@ -337,11 +390,13 @@ def quantize(model, scheme, calib_path, output, report, eval_data, eval_scenes, 
     from pathlib import Path
 
     from edge_mllm.checkpoint import detect_layout, load_model, save_native
+    from edge_mllm.checkpoint.native import is_native
     from edge_mllm.data.synth import write_split
     from edge_mllm.quant.calibration import calibration_set
     from edge_mllm.quant.quantize import quantize_model
     from edge_mllm.quant.report import format_report, quality_report, size_report
 
+    _check_output(output, is_native, model, calib_path, eval_data)
     loaded = load_model(model)
     reference = copy.deepcopy(loaded) if report else None
     calibration = calibration_set(loaded, calib_path) if scheme.needs_calibration else None
@@ -376,7 +431,8 @@ def quantize(model, scheme, calib_path, output, report, eval_data, eval_scenes, 
 @click.option("--quant", help="Our scheme (e.g. awq-w4-g32) or the format's own type "
                               "(gguf: f32, f16, q8_0, q4_0, q4_k_m; executorch: 8da4w[-gN], 8da8w; "
                               "onnx: ort-int4[-gN]). Default: floats, or a quantized MODEL's codes.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Bundle folder (replaced).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+              help="Bundle folder (an earlier bundle there is replaced).")
 @click.option("--target", "target", callback=lambda ctx, param, value: _target_device(param, value),
               help="Device profile (`edge-mllm devices`): picks format, quantization, threads and max context "
                    "for it, records them in the manifest and prints the simulator's prediction.")
@@ -395,11 +451,13 @@ def export(model, fmt, quant, output, target, no_fuse_vision, int8_vision, max_c
     from edge_mllm.checkpoint import load_model
     from edge_mllm.errors import ConfigError, QuantError
     from edge_mllm.export.bundle import MANIFEST, check_options, export_bundle
+    from edge_mllm.runtime import is_bundle
 
     try:  # before loading the model: option values no model could export are usage errors
         check_options(fmt, quant, int8_vision)
     except (ConfigError, QuantError) as exc:
         raise click.UsageError(str(exc)) from exc
+    _check_output(output, is_bundle, model)
     if target is not None:
         _export_for_target(model, target, fmt, quant, max_context, output, not no_fuse_vision, int8_vision, as_json)
         return
@@ -669,10 +727,18 @@ def bench_command(bundles, threads, repeats, tokens, eval_data, eval_limit, no_r
         click.echo(table)
 
 
+def _terminated(signum: int, _frame) -> None:
+    # SIGTERM (timeout, CI cancellation, kill, container stop) unwinds like Ctrl-C, so atomic
+    # outputs remove their temporary folders
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps errors to exit codes and one-line messages."""
     from edge_mllm.errors import EdgeMLLMError
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:

@@ -23,3 +23,7 @@ class ContextLengthError(EdgeMLLMError):
 
 class QuantError(EdgeMLLMError):
     """A quantization scheme, group size or quantized file is invalid or unsupported."""
+
+
+class OutputError(EdgeMLLMError):
+    """An output folder cannot be written, or holds something that must not be replaced."""

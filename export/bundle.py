@@ -12,7 +12,6 @@ model is exportable (before any slow work), write the artifacts, describe them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -29,8 +28,9 @@ from edge_mllm import __version__
 from edge_mllm.chat import ChatTemplate, user_message
 from edge_mllm.checkpoint.base import LoadedModel
 from edge_mllm.errors import ConfigError, EdgeMLLMError, QuantError
-from edge_mllm.fsutil import atomic_output_dir
+from edge_mllm.fsutil import atomic_output_dir, sha256
 from edge_mllm.preprocess import NORMALIZED, RGB_UINT8
+from edge_mllm.runtime import is_bundle
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -90,14 +90,6 @@ def backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise ConfigError(f"unknown export format {name!r}; choose one of {', '.join({**FORMATS, **BACKENDS})}")
     return BACKENDS[name]()
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def image_preprocessing(loaded: LoadedModel, vision_input: str = NORMALIZED) -> dict | None:
@@ -228,6 +220,10 @@ def context_capped(loaded: LoadedModel, max_context: int | None) -> Iterator[Non
     own = text.max_position_embeddings
     if max_context is not None and max_context < 1:
         raise ConfigError(f"max context must be at least 1 position, not {max_context}")
+    image_tokens = loaded.model.num_image_tokens if loaded.model.config.has_vision else 0
+    if max_context is not None and max_context <= image_tokens:
+        raise ConfigError(f"max context {max_context} leaves no room for a prompt: one image alone takes "
+                          f"{image_tokens} positions")
     text.max_position_embeddings = own if max_context is None else min(own, max_context)
     try:
         yield
@@ -259,7 +255,7 @@ def export_bundle(
         target.check(loaded, scheme, native)
         target.calibration = needed_calibration(loaded, scheme)
         weights = quantized_weights(loaded, scheme, target.calibration)
-        with atomic_output_dir(out_dir) as tmp:
+        with atomic_output_dir(out_dir, is_bundle) as tmp:
             format_info = target.write(loaded, tmp, weights, native, progress)
             loaded.tokenizer.save(tmp / target.tokenizer_dir)
             label = native or (weights.scheme if weights is not None else None)

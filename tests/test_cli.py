@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +148,61 @@ def test_export_option_errors_exit_2_before_loading(tmp_path, args, fragment):
     out = tmp_path / "bundle"
     assert_usage_error(edge_mllm("export", "no/such/model", *args, "-o", str(out), cwd=tmp_path), fragment)
     assert not out.exists()
+
+
+def test_output_folder_is_checked_before_any_work(tmp_path):
+    """A folder holding a user's files, a file, or the input model itself is refused (exit 2) and kept."""
+    mine = tmp_path / "precious"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("important")
+    a_file = tmp_path / "afile"
+    a_file.write_text("keep")
+    assert_usage_error(edge_mllm("data", "synth", "--split", "test", "-n", "1", "-o", str(mine), cwd=tmp_path),
+                       "holds other files")
+    assert_usage_error(edge_mllm("data", "synth", "--split", "test", "-n", "1", "-o", str(a_file), cwd=tmp_path),
+                       "not a folder")
+    model = tmp_path / "model"  # need not exist: the check comes before loading
+    assert_usage_error(edge_mllm("export", str(model), "--format", "gguf", "-o", str(model), cwd=tmp_path),
+                       "would overwrite the input")
+    assert_usage_error(edge_mllm("quantize", str(model / "sub"), "--scheme", "rtn-w4-g32", "-o", str(model),
+                                 cwd=tmp_path), "would overwrite the input")
+    assert (mine / "thesis.txt").read_text() == "important" and a_file.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "precious"]
+
+
+def test_prompt_that_is_not_utf8_is_a_usage_error(tmp_path):
+    # the shell hands over bytes; Python keeps the invalid ones as surrogates (PEP 383)
+    assert_usage_error(edge_mllm("run", "--prompt", "caf\udce9", cwd=tmp_path), "not valid UTF-8")
+
+
+def test_sigterm_leaves_no_temporary_folder(tmp_path):
+    out = tmp_path / "split"
+    proc = subprocess.Popen([sys.executable, "-m", "edge_mllm.cli", "data", "synth", "--split", "test", "-n", "2000",
+                             "-o", str(out)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + DEFAULT_TIMEOUT
+    while not list(tmp_path.glob(".split.*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert list(tmp_path.glob(".split.*")), "the temporary folder never appeared"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=DEFAULT_TIMEOUT) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bundle_info_checks_its_files_and_a_bundle_is_not_a_model(tmp_path, llava):
+    bundle = tmp_path / "bundle"
+    assert edge_mllm("export", str(llava.path), "--format", "gguf", "-o", str(bundle), cwd=tmp_path).returncode == 0
+    data = parse_json(edge_mllm("info", str(bundle), "--json", cwd=tmp_path))
+    assert data["files_verified"] and data["format"] == "gguf" and data["image_token_count"] > 0
+    proc = edge_mllm("info", str(bundle), cwd=tmp_path)
+    assert proc.returncode == 0 and "each matching the manifest's size and sha256" in proc.stdout, proc.stderr
+    assert_runtime_error(edge_mllm("export", str(bundle), "--format", "onnx", "-o", str(tmp_path / "again"),
+                                   cwd=tmp_path), "is an exported bundle, not a model")
+    weights = bundle / "model.gguf"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert_runtime_error(edge_mllm("info", str(bundle), cwd=tmp_path), "model.gguf is corrupt")
+    assert_runtime_error(edge_mllm("run", str(bundle), "-p", "hi", cwd=tmp_path), "model.gguf is corrupt")
 
 
 def test_missing_model_path(tmp_path):

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from edge_mllm.data.llava import DataError
 from edge_mllm.data.synth import write_split
 from edge_mllm.eval.metrics import is_correct, normalize_answer, pope_metrics, pope_yes, vqa_accuracy
 from edge_mllm.eval.runner import evaluate, load_eval_set
@@ -71,6 +72,13 @@ def test_answer_function_gets_the_question_and_image(test_split):
     assert len(seen) == 2
     assert all("<image>" not in q and q.endswith("Answer with a single word or phrase.") for q, _ in seen)
     assert all(image.is_file() for _, image in seen)
+
+
+def test_an_empty_question_set_is_an_error(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(DataError, match="holds no evaluation questions"):
+        load_eval_set(empty)
 
 
 def test_cli_eval_json_on_a_tiny_checkpoint(mobilevlm_v2, test_split):

@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import stat
 
 import pytest
 import torch
 from edge_mllm.export import FORMATS
-from edge_mllm.export.bundle import BACKENDS, MANIFEST, Backend, backend, export_bundle, register, sha256
+from edge_mllm.export.bundle import BACKENDS, MANIFEST, Backend, backend, export_bundle, register
 from safetensors.torch import save_file
 
 from edge_mllm.chat import ChatTemplate, user_message
 from edge_mllm.checkpoint import load_model
-from edge_mllm.errors import ConfigError, EdgeMLLMError, QuantError
+from edge_mllm.errors import CheckpointError, ConfigError, EdgeMLLMError, OutputError, QuantError
+from edge_mllm.fsutil import check_output_dir, sha256
+from edge_mllm.runtime import is_bundle
+from edge_mllm.runtime.bundle import read_manifest, verify_files
 
 
 class Interrupted(RuntimeError):
@@ -170,6 +175,74 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_bundle(tiny, tmp_pa
         weights_format.fail_after_first_file = False
     assert (out / MANIFEST).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_output_folder_holding_other_files_is_refused_and_kept(tiny, tmp_path):
+    """A user's folder, a file, a symlink or the input itself is never replaced; an empty folder and
+    an earlier bundle are."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("important")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    for out, fragment in ((mine, "holds other files"), (a_file, "not a folder"), (link, "not a folder"),
+                          (tmp_path / "notes.txt" / "sub", "cannot write")):
+        with pytest.raises(OutputError, match=fragment):
+            export_bundle(copy.deepcopy(tiny), "test-weights", out, progress=False)
+    assert (mine / "thesis.txt").read_text() == "important" and a_file.read_text() == "keep" and link.is_symlink()
+    with pytest.raises(OutputError, match="would overwrite the input"):
+        check_output_dir(tmp_path / "model", is_bundle, [tmp_path / "model"])
+    with pytest.raises(OutputError, match="would overwrite the input"):  # the input lies inside it
+        check_output_dir(tmp_path, is_bundle, [tmp_path / "data" / "train"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = export_bundle(copy.deepcopy(tiny), "test-weights", empty, progress=False)
+    assert is_bundle(out)
+    export_bundle(copy.deepcopy(tiny), "test-weights", empty, progress=False)  # an earlier bundle: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "link", "mine", "notes.txt"]
+
+
+def test_output_modes_follow_the_umask(tiny, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = export_bundle(copy.deepcopy(tiny), "test-weights", tmp_path / "b", progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not mkdtemp's private 0700
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.rglob("*") if f.is_file()} == {0o644}
+
+
+def test_bundle_files_are_checked_against_the_manifest(tiny, tmp_path):
+    out = export_bundle(copy.deepcopy(tiny), "test-weights", tmp_path / "b", progress=False)
+    manifest = read_manifest(out)
+    verify_files(out, manifest)
+    weights = out / manifest["files"][0]["path"]
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        verify_files(out, manifest)
+    weights.write_bytes(bytes(data[:-10]))
+    with pytest.raises(CheckpointError, match=f"{len(data) - 10} bytes, manifest.json says {len(data)}"):
+        verify_files(out, manifest)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        verify_files(out, manifest)
+    (out / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="malformed"):
+        read_manifest(out)
+
+
+def test_a_bundle_is_not_a_model_and_the_context_must_hold_an_image(tiny, tmp_path):
+    out = export_bundle(copy.deepcopy(tiny), "test-weights", tmp_path / "b", progress=False)
+    with pytest.raises(CheckpointError, match="is an exported bundle, not a model"):
+        load_model(out)
+    image_tokens = tiny.model.num_image_tokens
+    with pytest.raises(ConfigError, match=f"one image alone takes {image_tokens} positions"):
+        export_bundle(copy.deepcopy(tiny), "test-weights", tmp_path / "c", max_context=image_tokens, progress=False)
+    assert not (tmp_path / "c").exists()
 
 
 def test_backend_lookup_lists_formats():

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import with_middle_block
-from edge_mllm.export.bundle import MANIFEST, export_bundle, sha256
+from edge_mllm.export.bundle import MANIFEST, export_bundle
 from edge_mllm.export.gguf.bundle import MEDIA_MARKER, gguf_chat_template
 from edge_mllm.export.gguf.mmproj import llamacpp_image_embeddings, mmproj_tensor_name
 from gguf import GGUFReader
@@ -34,6 +34,7 @@ from edge_mllm.checkpoint import load_model
 from edge_mllm.checkpoint.base import LoadedModel
 from edge_mllm.config import MLLMConfig, ProjectorConfig, VisionConfig
 from edge_mllm.errors import ConfigError, QuantError
+from edge_mllm.fsutil import sha256
 from edge_mllm.generate import GenerationConfig, generate
 from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.pipeline import Pipeline

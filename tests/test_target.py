@@ -9,12 +9,12 @@ import dataclasses
 import json
 
 import pytest
-from edge_mllm.export.bundle import sha256
 
 from edge_mllm.checkpoint import load_model
 from edge_mllm.cli import main
 from edge_mllm.config import MLLMConfig
 from edge_mllm.errors import EdgeMLLMError
+from edge_mllm.fsutil import sha256
 from edge_mllm.sim.profiles import get_device
 from edge_mllm.sim.target import DEFAULT_SCHEME, EXECUTORCH_SCHEME, plan_target
 

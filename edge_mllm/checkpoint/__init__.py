@@ -15,6 +15,7 @@ from edge_mllm.checkpoint.gguf import find_gguf, load_gguf
 from edge_mllm.checkpoint.hf import is_hf_llama, is_llava_family, load_hf_llama, load_llava_family
 from edge_mllm.checkpoint.native import is_native, load_native, save_native
 from edge_mllm.errors import CheckpointError
+from edge_mllm.export import MANIFEST
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ LAYOUTS = (
 def detect_layout(path: Path) -> Layout:
     if not path.exists():
         raise CheckpointError(f"model not found: {path}")
+    if (path / MANIFEST).is_file():  # its model.gguf would load, without the vision tower in mmproj.gguf
+        raise CheckpointError(f"{path} is an exported bundle, not a model: `run`, `eval` and `bench` take it; "
+                              "export from the model it was made from")
     for layout in LAYOUTS:
         if layout.matches(path):
             return layout

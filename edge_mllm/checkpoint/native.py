@@ -26,7 +26,8 @@ def is_native(folder: Path) -> bool:
 
 
 def save_native(loaded: LoadedModel, folder: str | Path, extra_files: dict[str, str] | None = None) -> Path:
-    """Write ``loaded`` to ``folder`` atomically (an existing folder is replaced only on success).
+    """Write ``loaded`` to ``folder`` atomically (an earlier checkpoint there is replaced only on
+    success; any other non-empty folder is refused).
 
     A quantized model's weights are stored as their codes (see ``edge_mllm.quant.storage``).
     ``extra_files``: file name → text written alongside (a report, say), inside the same atomic write."""
@@ -45,7 +46,7 @@ def save_native(loaded: LoadedModel, folder: str | Path, extra_files: dict[str, 
             del state[name]
         state.update(loaded.quantization.state())
         config["quantization"] = loaded.quantization.layout()
-    with atomic_output_dir(folder) as tmp:
+    with atomic_output_dir(folder, is_native) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         loaded.tokenizer.save(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -270,13 +270,19 @@ def scene_records(scene: Scene, image: str, rng: np.random.Generator) -> dict[st
     return {CAPTIONS_FILE: captions, CONVERSATIONS_FILE: conversations, QUESTIONS_FILE: questions}
 
 
+def is_split(folder: Path) -> bool:
+    """Whether ``folder`` holds a split :func:`write_split` wrote (its three JSON files)."""
+    return all((folder / name).is_file() for name in (CAPTIONS_FILE, CONVERSATIONS_FILE, QUESTIONS_FILE))
+
+
 def write_split(out_dir: str | Path, split: str, seed: int, n: int, progress: bool = False) -> Path:
     """Render ``n`` scenes of ``split`` into ``out_dir/images`` and write the three JSON files
-    (LLaVA format). Atomic: ``out_dir`` appears complete or not at all."""
+    (LLaVA format). Atomic: ``out_dir`` appears complete or not at all; it may replace an earlier
+    split, never another folder with files in it."""
     if n < 1:
         raise ValueError("n must be at least 1")
     records: dict[str, list[dict]] = {CAPTIONS_FILE: [], CONVERSATIONS_FILE: [], QUESTIONS_FILE: []}
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, is_split) as tmp:
         (tmp / "images").mkdir()
         for index in tqdm(range(n), desc=f"synth {split}", unit="img", disable=not progress):
             rng = scene_rng(split, seed, index)

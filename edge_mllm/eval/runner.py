@@ -24,6 +24,8 @@ def load_eval_set(data: str | Path, limit: int | None = None) -> list[Conversati
     for c in conversations:
         if len(c.messages) != 2:
             raise DataError(f"evaluation record {c.id} must have exactly one question and one answer")
+    if not conversations:  # a report of nothing would read as a result
+        raise DataError(f"{path} holds no evaluation questions")
     return conversations[:limit] if limit else conversations
 
 

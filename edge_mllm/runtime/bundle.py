@@ -21,6 +21,7 @@ import torch
 from edge_mllm.chat import ChatTemplate, user_message
 from edge_mllm.errors import CheckpointError, ContextLengthError, EdgeMLLMError
 from edge_mllm.export import MANIFEST
+from edge_mllm.fsutil import sha256
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.pipeline import GenerationResult
 from edge_mllm.preprocess import NORMALIZED, ImageInput, ImageProcessor
@@ -34,11 +35,33 @@ def read_manifest(bundle_dir: str | Path) -> dict:
     """A bundle's ``manifest.json``, or a one-line error saying why the folder is not a bundle."""
     path = Path(bundle_dir) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{bundle_dir} is not an exported bundle: {MANIFEST} is missing") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", []), list):
+        raise CheckpointError(f"{path} is malformed: not a bundle manifest")
+    return manifest
+
+
+def verify_files(bundle_dir: Path, manifest: dict) -> None:
+    """Every file the manifest lists is there with its size and sha256 (as the Android app checks on
+    Load), so a missing, truncated or corrupt copy is named rather than failing in the runtime (or,
+    corrupt but complete, answering wrongly)."""
+    for entry in manifest.get("files", []):
+        try:
+            path, size, digest = bundle_dir / entry["path"], int(entry["size"]), str(entry["sha256"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{bundle_dir / MANIFEST} is malformed: bad files entry {entry!r}") from None
+        if not path.is_file():
+            raise CheckpointError(f"bundle file {path} is missing: copy the bundle again")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"bundle file {path} is {path.stat().st_size} bytes, {MANIFEST} says {size}: "
+                                  "truncated or replaced; copy the bundle again")
+        if sha256(path) != digest:
+            raise CheckpointError(f"bundle file {path} is corrupt (its sha256 differs from {MANIFEST}'s): "
+                                  "copy the bundle again")
 
 
 class BundleRuntime(ABC):
@@ -52,9 +75,13 @@ class BundleRuntime(ABC):
         fmt = self.manifest.get("format")
         if fmt not in self.formats:
             raise CheckpointError(f"{self.path} is a {fmt!r} bundle, not {' / '.join(self.formats)}")
-        self.stop_token_ids = tuple(self.manifest.get("special_tokens", {}).get("stop", ()))
-        self.context_length = int(self.manifest.get("max_seq_len") or 0)  # a format may cap it lower
-        self.image_token_count = int(self.manifest.get("image_token_count") or 0)
+        verify_files(self.path, self.manifest)
+        try:
+            self.stop_token_ids = tuple(int(t) for t in self.manifest.get("special_tokens", {}).get("stop", ()))
+            self.context_length = int(self.manifest.get("max_seq_len") or 0)  # a format may cap it lower
+            self.image_token_count = int(self.manifest.get("image_token_count") or 0)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.path / MANIFEST} is malformed: {exc}") from None
 
     # ------------------------------------------------------------------------------------------
     # text and images, the same for every format
@@ -151,9 +178,11 @@ class BundleRuntime(ABC):
         decoder = StreamDecoder(self.tokenizer) if stream else None
         prompt_len = len(token_ids) + token_ids.count(IMAGE_TOKEN_INDEX) * (self.image_token_count - 1)
         if self.context_length and prompt_len + max_new_tokens > self.context_length:  # before any work
+            own = int(self.manifest.get("max_seq_len") or 0)
+            capped = f" (this runtime's cap; the bundle's is {own})" if own > self.context_length else ""
             raise ContextLengthError(
                 f"prompt ({prompt_len} tokens, images included) + max_new_tokens ({max_new_tokens}) exceeds "
-                f"the bundle's context of {self.context_length} tokens")
+                f"the context of {self.context_length} tokens{capped}")
 
         t0 = time.perf_counter()
         image_embeds = None if pixels is None else self.encode_images(pixels)

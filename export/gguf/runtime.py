@@ -39,7 +39,9 @@ class EncodedImage:
 
 class LlamaCppRunner(BundleRuntime):
     """A GGUF bundle loaded in llama.cpp. ``kv_type``: the KV cache's ggml type (llama.cpp's default
-    F16; F32 for comparisons with PyTorch at fp32)."""
+    F16; F32 for comparisons with PyTorch at fp32). ``max_context``: llama.cpp's n_ctx, the KV cache
+    it allocates up front, at most the bundle's context (4096 by default, as llama.cpp's own tools
+    keep a moderate default rather than the model's longest)."""
 
     formats = ("gguf",)
 
