@@ -24,7 +24,7 @@ from edge_mllm.export.executorch.runtime import ExecuTorchRunner, multimodal_run
 from edge_mllm.quant.groupwise import quantize_rtn  # noqa: E402
 
 from edge_mllm.checkpoint import load_model  # noqa: E402
-from edge_mllm.errors import ConfigError, ContextLengthError, EdgeMLLMError, QuantError  # noqa: E402
+from edge_mllm.errors import ConfigError, ContextLengthError, EdgeMLLMError, OutputError, QuantError  # noqa: E402
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX  # noqa: E402
 from edge_mllm.pipeline import Pipeline  # noqa: E402
 
@@ -416,7 +416,7 @@ def test_bad_input_fails_fast_and_leaves_nothing(mobilevlm_v2, tmp_path, monkeyp
     with pytest.raises(QuantError):
         export_bundle(loaded, "executorch", tmp_path / "a", quant="rtn-w3-g32", progress=False)
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="cannot write in"):
         export_bundle(loaded, "executorch", tmp_path / "file" / "bundle", progress=False)
 
     def interrupted(*args, **kwargs):
