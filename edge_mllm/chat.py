@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge_mllm.errors import EdgeMLLMError
+from edge_mllm.errors import EdgeMLLMError, OptionError
 from edge_mllm.tokenizer import IMAGE_MARKER, Tokenizer
 
 VICUNA_V1_SYSTEM = (
@@ -67,3 +67,13 @@ def render_vicuna_v1(messages: list[dict[str, str]], add_generation_prompt: bool
 def user_message(prompt: str, num_images: int) -> dict[str, str]:
     """A user turn with the images first, as LLaVA/MobileVLM place them."""
     return {"role": "user", "content": f"{IMAGE_MARKER}\n" * num_images + prompt}
+
+
+def check_image_markers(prompt: str, num_images: int, raw: bool) -> None:
+    """Raise OptionError unless ``prompt`` marks the images as it should: a raw prompt has one
+    ``<image>`` per image; a chat prompt has none (the template places the images)."""
+    markers = prompt.count(IMAGE_MARKER)
+    if not raw and markers:
+        raise OptionError(f"the prompt contains {IMAGE_MARKER}: images are placed for you (raw prompts mark them)")
+    if raw and markers != num_images:
+        raise OptionError(f"the prompt has {markers} {IMAGE_MARKER} marker(s) but {num_images} image(s) were given")

@@ -132,12 +132,18 @@ def _bundle_info(path: str, as_json: bool) -> None:
 def run(model, prompt, images, max_new_tokens, temperature, top_p, seed, raw, as_json) -> None:
     """Answer a prompt (optionally about images) with MODEL, or with a bundle in its own runtime."""
     from edge_mllm import runtime
+    from edge_mllm.chat import check_image_markers
+    from edge_mllm.errors import OptionError
     from edge_mllm.preprocess import load_image
 
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (click keeps them as surrogates)
         raise click.BadParameter("is not valid UTF-8 text", param_hint="--prompt") from None
+    try:
+        check_image_markers(prompt, len(images), raw)
+    except OptionError as exc:
+        raise click.UsageError(str(exc)) from None
     bundle = runtime.is_bundle(model)
     if bundle and (temperature > 0 or top_p < 1 or seed is not None):
         raise click.UsageError("exported bundles generate greedily: --temperature/--top-p/--seed are for models")
@@ -179,16 +185,28 @@ def data() -> None:
 @click.option("-n", "count", default=500, show_default=True, type=click.IntRange(min=1), help="Number of scenes.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str),
               help="Output folder (an earlier split there is replaced).")
-def data_synth(split: str, seed: int, count: int, output: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print what was written (records per file, questions per "
+                                                      "type) as one JSON object.")
+def data_synth(split: str, seed: int, count: int, output: str, as_json: bool) -> None:
     """Render synthetic scenes with captions, VQA and POPE questions (LLaVA JSON format).
 
     Writes OUTPUT/images/*.png, captions.json (stage 1), conversations.json (stage 2, multi-turn) and
     questions.json (evaluation, one question per record with its type)."""
-    from edge_mllm.data.synth import is_split, write_split
+    from collections import Counter
+    from pathlib import Path
+
+    from edge_mllm.data.synth import QUESTIONS_FILE, SPLIT_FILES, is_split, write_split
 
     _check_output(output, is_split)
-    write_split(output, split, seed, count, progress=True)
-    click.echo(f"wrote {count} {split} scenes to {output}", err=True)
+    folder = write_split(output, split, seed, count, progress=not as_json)
+    if not as_json:
+        click.echo(f"wrote {count} {split} scenes to {output}", err=True)
+        return
+    records = {name: json.loads((Path(folder) / name).read_text()) for name in SPLIT_FILES}
+    by_type = Counter(record["question_type"] for record in records[QUESTIONS_FILE])
+    _emit_json({"output": output, "split": split, "seed": seed, "scenes": count,
+                "records": {name: len(recs) for name, recs in records.items()},
+                "questions_by_type": dict(sorted(by_type.items()))})
 
 
 def _training_data(data_path: str, stage: str, images: str | None):
@@ -573,10 +591,10 @@ def _get_backend(name: str):
 @cli.command("simulate")
 @click.argument("bundle", required=False, type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--config", "config_path", type=click.Path(exists=True, path_type=str),
-              help="A Hugging Face config.json (or its folder) instead of a bundle; needs --quant.")
+              help="A Hugging Face or edge-mllm config.json (or its folder) instead of a bundle.")
 @click.option("--quant", help="With --config: our scheme (e.g. awq-w4-g32), the backend's own type "
                               "(llama.cpp: q4_0, q4_k_m, q8_0, f16…; executorch: 8da4w[-gN]; onnx: ort-int4[-gN]) "
-                              "or 'none' for floats.")
+                              "or 'none' for floats. Default: a quantized edge-mllm model's own scheme.")
 @click.option("--device", required=True, callback=_sim_param(_get_device),
               help="Device profile (`edge-mllm devices` lists them; 'host' measures this machine).")
 @click.option("--backend", callback=_sim_param(_get_backend),
@@ -599,10 +617,10 @@ def simulate_command(bundle, config_path, quant, device, backend, threads, batch
     from edge_mllm.sim.formats import weight_plan
     from edge_mllm.sim.inputs import BackendMismatch, from_bundle
     from edge_mllm.sim.predict import Scenario, simulate
-    from edge_mllm.sim.shapes import load_hf_config
+    from edge_mllm.sim.shapes import load_config
 
     if (bundle is None) == (config_path is None):
-        raise click.UsageError("give a BUNDLE folder or --config HF_CONFIG_JSON (not both)")
+        raise click.UsageError("give a BUNDLE folder or --config CONFIG_JSON (not both)")
     if emulate and bundle is None:
         raise click.UsageError("--emulate runs a BUNDLE; --config has nothing to run")
     if bundle is not None:
@@ -613,10 +631,11 @@ def simulate_command(bundle, config_path, quant, device, backend, threads, batch
         except BackendMismatch as exc:
             raise click.BadParameter(str(exc), param_hint="'--backend'") from exc
     else:
+        runtime = backend or BACKENDS["llama.cpp"]
+        shape, own_scheme = load_config(config_path)
+        quant = quant or own_scheme
         if quant is None:
             raise click.UsageError("--config needs --quant (a scheme, a format type, or 'none')")
-        runtime = backend or BACKENDS["llama.cpp"]
-        shape = load_hf_config(config_path)
         try:
             plan = weight_plan(None if quant.lower() == "none" else quant, runtime.family, shape.tied_embeddings)
         except ConfigError as exc:
@@ -735,7 +754,7 @@ def _terminated(signum: int, _frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps errors to exit codes and one-line messages."""
-    from edge_mllm.errors import EdgeMLLMError
+    from edge_mllm.errors import EdgeMLLMError, OptionError
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
@@ -758,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         kind = "" if isinstance(exc, EdgeMLLMError) else f"{type(exc).__name__}: "
         message = " ".join(str(exc).split()) or type(exc).__name__
         click.echo(f"error: {kind}{message}", err=True)
-        return 1
+        return 2 if isinstance(exc, OptionError) else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Errors a user can act on. The CLI prints them as one line and exits 1."""
+"""Errors a user can act on. The CLI prints them as one line and exits 1 (2 for an OptionError)."""
 
 
 class EdgeMLLMError(Exception):
@@ -7,6 +7,11 @@ class EdgeMLLMError(Exception):
 
 class ConfigError(EdgeMLLMError):
     """A model configuration is invalid or unsupported."""
+
+
+class OptionError(ConfigError):
+    """An option that does not go with the model, bundle or prompt it was given (found only once that
+    input is read). The CLI reports it as a usage error: exit 2."""
 
 
 class CheckpointError(EdgeMLLMError):

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 
-from edge_mllm.chat import ChatTemplate, user_message
+from edge_mllm.chat import ChatTemplate, check_image_markers, user_message
 from edge_mllm.checkpoint import LoadedModel, load_model
 from edge_mllm.errors import EdgeMLLMError
 from edge_mllm.generate import GenerationConfig, check_context, generate
 from edge_mllm.model.fused_vision import FusedVisionEncoder
-from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.preprocess import ImageInput, ImageProcessor
-from edge_mllm.tokenizer import IMAGE_MARKER, StreamDecoder
+from edge_mllm.tokenizer import StreamDecoder
 
 
 @dataclass
@@ -73,10 +72,9 @@ class Pipeline:
 
     def render_prompt(self, prompt: str, num_images: int, raw: bool = False) -> str:
         """The text the tokenizer sees. ``raw`` skips the chat template; ``<image>`` marks images."""
+        check_image_markers(prompt, num_images, raw)
         if raw:
             return prompt
-        if IMAGE_MARKER in prompt:
-            raise EdgeMLLMError(f"the prompt contains {IMAGE_MARKER}: images are placed for you (or use --raw)")
         return self.chat_template.render([user_message(prompt, num_images)], self.tokenizer)
 
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
@@ -120,9 +118,6 @@ class Pipeline:
         ``stop_token_ids``: default the tokenizer's; ``()`` generates ``max_new_tokens``."""
         text = self.render_prompt(prompt, len(images), raw)
         token_ids = self.tokenizer.encode_with_images(text)
-        n_markers = token_ids.count(IMAGE_TOKEN_INDEX)
-        if n_markers != len(images):
-            raise EdgeMLLMError(f"the prompt has {n_markers} {IMAGE_MARKER} marker(s) but {len(images)} image(s)")
         stops = self.tokenizer.stop_token_ids() if stop_token_ids is None else tuple(stop_token_ids)
         config = GenerationConfig(max_new_tokens, temperature, top_p, seed, stops)
         prompt_len = self.model.prompt_length(token_ids)

@@ -27,7 +27,7 @@ from edge_mllm.quant.storage import QuantizedWeights
 from edge_mllm import __version__
 from edge_mllm.chat import ChatTemplate, user_message
 from edge_mllm.checkpoint.base import LoadedModel
-from edge_mllm.errors import ConfigError, EdgeMLLMError, QuantError
+from edge_mllm.errors import ConfigError, EdgeMLLMError, OptionError, QuantError
 from edge_mllm.fsutil import atomic_output_dir, sha256
 from edge_mllm.preprocess import NORMALIZED, RGB_UINT8
 from edge_mllm.runtime import is_bundle
@@ -176,12 +176,12 @@ def parse_quant(loaded: LoadedModel, target: Backend, quant: str | None) -> tupl
         return (None if loaded.quantization is None else QuantScheme.parse(loaded.quantization.scheme)), None
     if quant.lower() in target.native_quant:
         if loaded.quantization is not None:
-            raise ConfigError(f"the model is already quantized ({loaded.quantization.scheme}); "
+            raise OptionError(f"the model is already quantized ({loaded.quantization.scheme}); "
                               f"{quant} would quantize it again: export it without --quant")
         return None, quant.lower()
     scheme = QuantScheme.parse(quant)  # a QuantError lists the valid names
     if loaded.quantization is not None and loaded.quantization.scheme != scheme.name:
-        raise ConfigError(f"the model is already quantized ({loaded.quantization.scheme}); export it without --quant")
+        raise OptionError(f"the model is already quantized ({loaded.quantization.scheme}); export it without --quant")
     return scheme, None
 
 

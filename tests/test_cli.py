@@ -348,11 +348,13 @@ def test_raw_prompt_with_image_marker_streams(tmp_path, png):
     assert proc.stdout.endswith("\n")
 
 
-@pytest.mark.slow
-def test_raw_prompt_without_marker_but_an_image(tmp_path, png):
-    proc = edge_mllm("run", "--raw", "--image", str(png), "--prompt", "Describe the image.",
-                     "--max-new-tokens", "4", cwd=tmp_path, timeout=MODEL_TIMEOUT)
-    assert_runtime_error(proc, "<image>", "1 image")
+def test_image_markers_are_checked_before_loading(tmp_path, png):
+    # The model path does not exist: exit 2 (not "not found", exit 1) shows the prompt is checked first.
+    proc = edge_mllm("run", "no/such/model", "--raw", "--image", str(png), "--prompt", "Describe the image.",
+                     cwd=tmp_path)
+    assert_usage_error(proc, "0 <image> marker(s) but 1 image(s)")
+    proc = edge_mllm("run", "no/such/model", "--prompt", "<image> what is it?", cwd=tmp_path)
+    assert_usage_error(proc, "the prompt contains <image>")
 
 
 @pytest.mark.slow

@@ -577,6 +577,13 @@ def test_cli_quantize_writes_model_and_report(mobilevlm_v2, tmp_path):
     assert report["reference"]["vqa_accuracy"] is not None and "pope_f1_mean" in report["quantized"]
     assert json.loads((out / "quant_report.json").read_text())["size"] == report["size"]
     assert load_model(out).quantization.scheme == "gptq-w4-g32"
+    # the folder's config predicts with its own scheme; another quantization on export is a usage error
+    proc = _cli("simulate", "--config", str(out), "--device", "tensor-g3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["quantization"] == "gptq-w4-g32"
+    proc = _cli("export", str(out), "--format", "gguf", "--quant", "q8_0", "-o", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "already quantized (gptq-w4-g32)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_cli_quantize_bad_scheme_is_a_usage_error(mobilevlm_v2, tmp_path):

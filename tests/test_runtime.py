@@ -15,7 +15,7 @@ from edge_mllm.export.bundle import export_bundle
 from edge_mllm import runtime
 from edge_mllm.checkpoint import load_model
 from edge_mllm.cli import cli
-from edge_mllm.errors import CheckpointError, ContextLengthError, EdgeMLLMError
+from edge_mllm.errors import CheckpointError, ContextLengthError, EdgeMLLMError, OptionError
 from edge_mllm.pipeline import Pipeline
 
 PROMPT = "Describe the picture."
@@ -101,10 +101,12 @@ def test_bad_requests_fail_clearly(bundles, fmt, test_image):
     runner = open_bundle(bundles, fmt)
     with pytest.raises(ContextLengthError, match="context of"):
         runner.generate(PROMPT, [test_image], max_new_tokens=runner.context_length)
-    with pytest.raises(EdgeMLLMError, match="image placeholder"):
+    with pytest.raises(OptionError, match=r"1 <image> marker\(s\) but 0 image\(s\)"):
         runner.generate("<image>\nWhat?", [], raw=True, max_new_tokens=2)
-    with pytest.raises(EdgeMLLMError, match="<image>"):
+    with pytest.raises(OptionError, match="the prompt contains <image>"):
         runner.generate("<image> what?", [test_image], max_new_tokens=2)
+    with pytest.raises(OptionError, match=r"image placeholder\(s\) but 1 image"):
+        runner.generate([1, 2, 3], [test_image], max_new_tokens=2)
 
 
 def test_not_a_bundle_or_unknown_format(bundles, tmp_path):

@@ -23,6 +23,7 @@ from edge_mllm.data.synth import (
     CAPTIONS_FILE,
     COLS,
     CONVERSATIONS_FILE,
+    QUESTIONS_FILE,
     ROWS,
     render,
     sample_scene,
@@ -579,9 +580,12 @@ def test_cli_data_synth_and_train(mobilevlm_v2, tmp_path):
         return subprocess.run([sys.executable, "-m", "edge_mllm.cli", *args], capture_output=True, text=True,
                               timeout=300)
 
-    proc = cli("data", "synth", "--split", "train", "--seed", "3", "-n", "4", "-o", str(tmp_path / "data"))
+    proc = cli("data", "synth", "--split", "train", "--seed", "3", "-n", "4", "-o", str(tmp_path / "data"), "--json")
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "data" / CAPTIONS_FILE).is_file()
+    written = json.loads(proc.stdout)  # --json: one object on stdout, no progress bar on stderr
+    assert written["scenes"] == 4 and written["records"][CAPTIONS_FILE] == 4 and proc.stderr == ""
+    questions = json.loads((tmp_path / "data" / QUESTIONS_FILE).read_text())
+    assert written["records"][QUESTIONS_FILE] == len(questions) == sum(written["questions_by_type"].values())
     out = tmp_path / "aligned"
     proc = cli("train", str(mobilevlm_v2.path), "--stage", "pretrain", "--data", str(tmp_path / "data"),
                "-o", str(out), "--lr", "0.01", "--json")

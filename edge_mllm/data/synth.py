@@ -243,6 +243,7 @@ def pope_questions(scene: Scene, rng: np.random.Generator, settings: tuple[str, 
 CAPTIONS_FILE = "captions.json"  # stage 1: one caption conversation per image
 CONVERSATIONS_FILE = "conversations.json"  # stage 2: multi-turn VQA + POPE per image
 QUESTIONS_FILE = "questions.json"  # evaluation: one question per record, with its type
+SPLIT_FILES = (CAPTIONS_FILE, CONVERSATIONS_FILE, QUESTIONS_FILE)
 
 
 def _one_per_type(questions: list[QA], rng: np.random.Generator) -> list[QA]:
@@ -272,7 +273,7 @@ def scene_records(scene: Scene, image: str, rng: np.random.Generator) -> dict[st
 
 def is_split(folder: Path) -> bool:
     """Whether ``folder`` holds a split :func:`write_split` wrote (its three JSON files)."""
-    return all((folder / name).is_file() for name in (CAPTIONS_FILE, CONVERSATIONS_FILE, QUESTIONS_FILE))
+    return all((folder / name).is_file() for name in SPLIT_FILES)
 
 
 def write_split(out_dir: str | Path, split: str, seed: int, n: int, progress: bool = False) -> Path:
@@ -281,7 +282,7 @@ def write_split(out_dir: str | Path, split: str, seed: int, n: int, progress: bo
     split, never another folder with files in it."""
     if n < 1:
         raise ValueError("n must be at least 1")
-    records: dict[str, list[dict]] = {CAPTIONS_FILE: [], CONVERSATIONS_FILE: [], QUESTIONS_FILE: []}
+    records: dict[str, list[dict]] = {name: [] for name in SPLIT_FILES}
     with atomic_output_dir(out_dir, is_split) as tmp:
         (tmp / "images").mkdir()
         for index in tqdm(range(n), desc=f"synth {split}", unit="img", disable=not progress):

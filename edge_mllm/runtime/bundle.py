@@ -18,14 +18,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from edge_mllm.chat import ChatTemplate, user_message
-from edge_mllm.errors import CheckpointError, ContextLengthError, EdgeMLLMError
+from edge_mllm.chat import ChatTemplate, check_image_markers, user_message
+from edge_mllm.errors import CheckpointError, ContextLengthError, EdgeMLLMError, OptionError
 from edge_mllm.export import MANIFEST
 from edge_mllm.fsutil import sha256
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.pipeline import GenerationResult
 from edge_mllm.preprocess import NORMALIZED, ImageInput, ImageProcessor
-from edge_mllm.tokenizer import IMAGE_MARKER, StreamDecoder, Tokenizer
+from edge_mllm.tokenizer import StreamDecoder, Tokenizer
 
 # Images: files / PIL images / arrays, or pixels already normalised [N, 3, H, W].
 Images = Sequence[ImageInput] | np.ndarray | torch.Tensor
@@ -103,18 +103,16 @@ class BundleRuntime(ABC):
     def prompt_ids(self, prompt: str | Sequence[int], num_images: int, raw: bool = False) -> list[int]:
         """Token ids with one ``IMAGE_TOKEN_INDEX`` per image: ``prompt`` rendered with the bundle's chat
         template (unless ``raw``: ``<image>`` then marks images), or ids passed through."""
-        if not isinstance(prompt, str):
-            ids = list(prompt)
-        else:
+        if isinstance(prompt, str):
+            check_image_markers(prompt, num_images, raw)
             if not raw:
-                if IMAGE_MARKER in prompt:
-                    raise EdgeMLLMError(f"the prompt contains {IMAGE_MARKER}: images are placed for you (or use raw)")
                 template = ChatTemplate(self.manifest.get("chat_template", "tokenizer"))
                 prompt = template.render([user_message(prompt, num_images)], self.tokenizer)
-            ids = self.tokenizer.encode_with_images(prompt)
+            return self.tokenizer.encode_with_images(prompt)
+        ids = list(prompt)
         if ids.count(IMAGE_TOKEN_INDEX) != num_images:
-            raise EdgeMLLMError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} image placeholder(s) "
-                                f"but {num_images} image(s) were given")
+            raise OptionError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} image placeholder(s) "
+                              f"but {num_images} image(s) were given")
         return ids
 
     @cached_property

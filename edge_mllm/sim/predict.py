@@ -146,6 +146,8 @@ def simulate(shape: ModelShape, plan: WeightPlan, device: DeviceProfile, backend
     image_tokens = shape.vision.image_tokens if shape.vision is not None else 0
     n = scenario.prompt_tokens + images * image_tokens
     context = scenario.context or shape.max_context
+    if context > shape.max_context:
+        raise ConfigError(f"a {context}-position context is past {shape.name}'s {shape.max_context} positions")
     if n < 1:
         raise ConfigError("the prompt needs at least one token")
     if n >= context:

@@ -181,8 +181,9 @@ def shape_from_hf_config(cfg: dict[str, Any], name: str, folder: Path | None = N
     return shape_from_config(MLLMConfig(text=text_config_from_hf(text), vision=vision, projector=projector), name)
 
 
-def load_hf_config(path: str | Path) -> ModelShape:
-    """``config.json`` (or a folder holding one) → its shape."""
+def load_config(path: str | Path) -> tuple[ModelShape, str | None]:
+    """A Hugging Face ``config.json``, or an edge-mllm checkpoint's (or a folder holding either) → its
+    shape, and the scheme of the codes an edge-mllm checkpoint carries (None: floats, or a HF config)."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     try:
@@ -191,7 +192,15 @@ def load_hf_config(path: str | Path) -> ModelShape:
         raise ConfigError(f"no config file at {file}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{file} is not a JSON config: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{file} is not a JSON config (not an object)")
+    from edge_mllm.checkpoint.native import FORMAT_KEY  # brings torch, as the HF configs' readers do
+
+    name = file.parent.name or file.name
     try:
-        return shape_from_hf_config(cfg, file.parent.name or file.name, file.parent)
+        if FORMAT_KEY in cfg:
+            scheme = (cfg.get("quantization") or {}).get("scheme")
+            return shape_from_config(MLLMConfig.from_dict(cfg["model"]), name), scheme
+        return shape_from_hf_config(cfg, name, file.parent), None
     except KeyError as exc:
         raise ConfigError(f"{file} lacks the key {exc}") from exc
