@@ -7,11 +7,13 @@ traceback.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 
 import click
 
@@ -25,7 +27,18 @@ MODEL_ARG = click.argument("model", required=False, type=click.Path(path_type=st
 
 
 def _emit_json(obj: dict) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+    click.echo(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False))
+
+
+def _finite(obj):
+    """NaN and infinities as null: JSON has no such numbers (a run with no step left has no loss)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(value) for value in obj]
+    return obj
 
 
 def _check_output(output: str, replaceable, *inputs: str | None) -> None:
@@ -96,8 +109,6 @@ def info(model: str | None, as_json: bool) -> None:
 
 def _bundle_info(path: str, as_json: bool) -> None:
     """An exported bundle's manifest, after checking its files against it."""
-    from pathlib import Path
-
     from edge_mllm.runtime.bundle import read_manifest, verify_files
 
     manifest = read_manifest(path)
@@ -193,7 +204,6 @@ def data_synth(split: str, seed: int, count: int, output: str, as_json: bool) ->
     Writes OUTPUT/images/*.png, captions.json (stage 1), conversations.json (stage 2, multi-turn) and
     questions.json (evaluation, one question per record with its type)."""
     from collections import Counter
-    from pathlib import Path
 
     from edge_mllm.data.synth import QUESTIONS_FILE, SPLIT_FILES, is_split, write_split
 
@@ -209,9 +219,21 @@ def data_synth(split: str, seed: int, count: int, output: str, as_json: bool) ->
                 "questions_by_type": dict(sorted(by_type.items()))})
 
 
-def _training_data(data_path: str, stage: str, images: str | None):
-    from pathlib import Path
+def _training_state_dir(output: str) -> Path:
+    """OUTPUT.train, beside OUTPUT (also when OUTPUT ends with a slash), where the resumable state
+    goes; refused before any work if something else is there."""
+    from edge_mllm.train.trainer import CHECKPOINT_FILE
 
+    out = Path(output).resolve()
+    state = out.with_name(f"{out.name}.train")
+    if state.is_symlink() or (state.exists() and not state.is_dir()):
+        raise click.UsageError(f"{state} (where training keeps its resumable state) is not a folder: move it away")
+    if state.is_dir() and any(state.iterdir()) and not (state / CHECKPOINT_FILE).is_file():
+        raise click.UsageError(f"{state} (where training keeps its resumable state) holds other files: move it away")
+    return state
+
+
+def _training_data(data_path: str, stage: str, images: str | None):
     from edge_mllm.data.llava import load_conversations
     from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE
 
@@ -263,7 +285,6 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
           freeze_projector, image_norm_weight, single_turns, qat, qat_activations, max_len, seed, resume,
           as_json) -> None:
     """Train the connector (pretrain) or connector + LLM (instruct) on conversations."""
-    from pathlib import Path
 
     import torch
 
@@ -286,11 +307,12 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
     except EdgeMLLMError as exc:
         raise click.UsageError(str(exc)) from exc
     _check_output(output, is_native, model, data_path, images)
+    state_dir = _training_state_dir(output)
     conversations = _training_data(data_path, stage, images)
     loaded = load_model(model)
     torch.manual_seed(seed)
     trainer = Trainer(loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config)
-    stats = trainer.train(conversations, checkpoint_dir=Path(f"{output}.train"), resume=resume)
+    stats = trainer.train(conversations, checkpoint_dir=state_dir, resume=resume)
     merge_lora(loaded.model)
     save_native(loaded, output)
     stats["output"] = output
@@ -315,8 +337,9 @@ def train_default(output: str, seed: int, quick: bool, vision_from: str | None, 
     and eval.json."""
     from dataclasses import replace
 
-    from edge_mllm.train.recipe import RecipeConfig, run_recipe
+    from edge_mllm.train.recipe import RecipeConfig, is_recipe_output, run_recipe
 
+    _check_output(output, is_recipe_output)
     config = replace(RecipeConfig.quick() if quick else RecipeConfig(), seed=seed, vision_from=vision_from)
     summary = run_recipe(output, config)
     if as_json:
@@ -348,8 +371,6 @@ def train_default(output: str, seed: int, quick: bool, vision_from: str | None, 
 def distill(teacher, student_layers, data_path, images, output, temperature, alpha, hidden_weight, epochs,
             batch_size, lr, single_turns, seed, resume, as_json) -> None:
     """Distill TEACHER (default: the embedded model) into a student with fewer LLM layers."""
-    from pathlib import Path
-
     from edge_mllm.chat import ChatTemplate
     from edge_mllm.checkpoint import LoadedModel, load_model, save_native
     from edge_mllm.checkpoint.native import is_native
@@ -358,6 +379,7 @@ def distill(teacher, student_layers, data_path, images, output, temperature, alp
     from edge_mllm.train.trainer import TrainConfig
 
     _check_output(output, is_native, teacher, data_path, images)
+    state_dir = _training_state_dir(output)
     conversations = _training_data(data_path, "instruct", images)
     loaded = load_model(teacher)
     student = make_student(loaded.model, student_layers)
@@ -365,7 +387,7 @@ def distill(teacher, student_layers, data_path, images, output, temperature, alp
                          single_turns=single_turns, seed=seed)
     distiller = Distiller(student, loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config,
                           DistillConfig(temperature, alpha, hidden_weight))
-    stats = distiller.train(conversations, checkpoint_dir=Path(f"{output}.train"), resume=resume)
+    stats = distiller.train(conversations, checkpoint_dir=state_dir, resume=resume)
     save_native(LoadedModel(student, loaded.tokenizer, loaded.chat_template), output)
     stats.update(output=output, parameters=student.parameter_counts(),
                  teacher_parameters=loaded.model.parameter_counts())
@@ -405,7 +427,6 @@ def quantize(model, scheme, calib_path, output, report, eval_data, eval_scenes, 
     The folder holds the codes (loadable by every command) and quant_report.json."""
     import copy
     import tempfile
-    from pathlib import Path
 
     from edge_mllm.checkpoint import detect_layout, load_model, save_native
     from edge_mllm.checkpoint.native import is_native
@@ -730,6 +751,11 @@ def bench_command(bundles, threads, repeats, tokens, eval_data, eval_limit, no_r
     from edge_mllm.bench import BenchSettings, run_bench
     from edge_mllm.bench.report import markdown_table, plot
 
+    for path in (markdown_path, plot_path):  # checked before the runs, not after them
+        if path and not Path(path).resolve().parent.is_dir():
+            raise click.UsageError(f"{path}: its folder does not exist")
+    if eval_limit and not eval_data:
+        raise click.UsageError("--eval-limit limits --eval's questions: give --eval DATA too")
     settings = BenchSettings(list(bundles), threads=threads, repeats=repeats, tokens=tokens, eval_data=eval_data,
                              eval_limit=eval_limit, rss=not no_rss,
                              progress=None if as_json else (lambda msg: click.echo(msg, err=True)))

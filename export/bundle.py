@@ -146,7 +146,8 @@ def build_manifest(
         "prompt_template": prompt_template(loaded),
         "image_preprocessing": image_preprocessing(loaded, format_info.get("vision_input", NORMALIZED)),
         "image_token_count": loaded.model.num_image_tokens,
-        "max_seq_len": loaded.model.config.text.max_position_embeddings,
+        # the positions the bundle's runtime holds (ExecuTorch's static KV cache may be fewer than the model's)
+        "max_seq_len": format_info.get("max_seq_len", loaded.model.config.text.max_position_embeddings),
         "special_tokens": {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "stop": list(tok.stop_token_ids())},
         format_info.get("key", fmt): {k: v for k, v in format_info.items() if k not in ("key", "vision_input")},
     }

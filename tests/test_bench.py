@@ -110,6 +110,15 @@ def test_cli_json_markdown_and_errors(bundles, tmp_path, capsys, monkeypatch):
     with pytest.raises(CheckpointError, match="no such bundle"):
         run_bench(BenchSettings([str(tmp_path / "missing")]))
     assert main(["bench"]) == 2
+    # found before the runs, not after them: an output file's missing folder, a bad eval set
+    assert main(["bench", str(bundles["onnx"]), "--markdown", str(tmp_path / "no" / "such" / "b.md")]) == 2
+    assert "its folder does not exist" in capsys.readouterr().err
+    assert main(["bench", str(bundles["onnx"]), "--eval-limit", "3"]) == 2
+    assert "give --eval DATA too" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["bench", str(bundles["onnx"]), "--eval", str(tmp_path / "bad.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "bad.json" in err  # no "loading …" first
 
 
 def test_model_folders_run_in_pytorch_eager(llava):

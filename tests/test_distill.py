@@ -17,7 +17,7 @@ from edge_mllm.data.synth import CONVERSATIONS_FILE, write_split
 from edge_mllm.distill.distiller import DistillConfig, Distiller
 from edge_mllm.distill.losses import kd_kl
 from edge_mllm.distill.student import make_student, select_layers
-from edge_mllm.errors import ConfigError
+from edge_mllm.errors import OptionError
 from edge_mllm.train.examples import tokenize_conversation
 from edge_mllm.train.trainer import TrainConfig
 
@@ -35,8 +35,25 @@ def test_select_layers(n_teacher, n_student, expected):
 
 
 def test_select_layers_refuses_impossible_students():
-    with pytest.raises(ConfigError, match="1 to 4"):
+    with pytest.raises(OptionError, match="1 to 4"):  # the CLI's exit 2
         select_layers(4, 5)
+
+
+def test_resume_restores_the_hidden_projection_and_refuses_other_settings(mobilevlm_v2, conversations, tmp_path):
+    def distiller(hidden_weight: float) -> Distiller:
+        teacher = load_model(mobilevlm_v2.path)
+        config = TrainConfig(stage="instruct", epochs=1, batch_size=2, lr=1e-2, lora_rank=0, checkpoint_every=0)
+        return Distiller(make_student(teacher.model, 1), teacher.model, teacher.tokenizer,
+                         ChatTemplate(teacher.chat_template), config, DistillConfig(hidden_weight=hidden_weight))
+
+    trained = distiller(1.0)
+    trained.train(conversations, checkpoint_dir=tmp_path, progress=False)
+    assert not torch.equal(trained.projection.weight, torch.eye(*trained.projection.weight.shape))  # it learnt
+    resumed = distiller(1.0)
+    resumed.load_checkpoint(tmp_path)
+    assert torch.equal(resumed.projection.weight, trained.projection.weight)
+    with pytest.raises(OptionError, match="hidden_weight"):
+        distiller(0.5).load_checkpoint(tmp_path)
 
 
 def test_student_keeps_the_selected_blocks(mobilevlm_v2):
@@ -114,3 +131,7 @@ def test_cli_distill(mobilevlm_v2, conversations, tmp_path):
     student = load_model(tmp_path / "s")
     assert student.model.config.text.num_hidden_layers == 1
     assert "distillation" in student.model.config.notes
+    proc = subprocess.run([sys.executable, "-m", "edge_mllm.cli", "distill", str(mobilevlm_v2.path),
+                           "--student-layers", "9", "--data", str(data), "--images", "/", "-o", str(tmp_path / "t")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "1 to 2 layers" in proc.stderr and not (tmp_path / "t").exists()

@@ -96,6 +96,7 @@ def test_bundle_has_the_runner_methods_and_metadata(fp32_bundle):
     metadata = {name: runner.method(name).execute([]) for name in info["metadata_methods"]}
     text = loaded.model.config.text
     assert metadata["get_max_seq_len"] == [text.max_position_embeddings] == [info["max_seq_len"]]
+    assert manifest["max_seq_len"] == info["max_seq_len"]  # what info / simulate report: the .pte's KV cache
     assert metadata["get_max_context_len"] == [text.max_position_embeddings]
     assert metadata["get_eos_ids"] == list(loaded.tokenizer.stop_token_ids())
     assert metadata["get_bos_id"] == [loaded.tokenizer.bos_token_id]
@@ -439,13 +440,21 @@ def delegate_ids(out: Path, method: str) -> set[str]:
 @pytest.mark.slow
 def test_coreml_and_vulkan_lowering_succeeds(llava, tmp_path):
     pytest.importorskip("coremltools", reason="the Core ML target needs coremltools")
+    from PIL import Image
+
     loaded = load_model(llava.path)
     out = export_bundle(loaded, "executorch-coreml", tmp_path / "coreml", progress=False)
     assert "CoreMLBackend" in delegate_ids(out, "vision_encoder")
     assert "XnnpackBackend" in delegate_ids(out, "text_decoder")
+    runner = ExecuTorchRunner(out)  # the pip runtime has no Core ML: text runs, an image is a clear error
+    assert runner.generate("hi", max_new_tokens=2).token_ids
+    with pytest.raises(EdgeMLLMError, match="vision_encoder runs on CoreMLBackend, which the installed executorch"):
+        runner.generate("What is it?", [Image.new("RGB", (20, 20))], max_new_tokens=2)
     out = export_bundle(loaded, "executorch-vulkan", tmp_path / "vulkan", progress=False)
     assert "VulkanBackend" in delegate_ids(out, "vision_encoder")
     assert "VulkanBackend" in delegate_ids(out, "text_decoder")
+    with pytest.raises(EdgeMLLMError, match="text_decoder runs on VulkanBackend"):
+        ExecuTorchRunner(out).generate("hi", max_new_tokens=2)
 
 
 @pytest.mark.slow
@@ -499,6 +508,8 @@ def test_default_model_bundle_matches_pytorch(tmp_path):
     image = Image.new("RGB", (336, 336), (200, 30, 30))
     out = export_bundle(loaded, "executorch", tmp_path / "default", progress=False)
     runner = ExecuTorchRunner(out)
+    # the manifest states the .pte's KV cache (the model's 8192 positions are capped at 2048)
+    assert json.loads((out / MANIFEST).read_text())["max_seq_len"] == runner.max_seq_len == 2048
     ids = prompt_ids(pipe)
     ref = pipe.generate(QUESTION, [image], max_new_tokens=24)
     got = runner.generate(ids, [image], max_new_tokens=24)

@@ -31,7 +31,7 @@ from edge_mllm.data.synth import (
     write_split,
 )
 from edge_mllm.default import apply_trained
-from edge_mllm.errors import EdgeMLLMError
+from edge_mllm.errors import EdgeMLLMError, OptionError
 from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
@@ -312,7 +312,7 @@ def test_quantization_aware_factors_load_onto_the_grid_they_trained_on(mobilevlm
     ("settings", "message"),
     [({"lora_rank": 0}, "LoRA rank"), ({"freeze_llm": True}, "LoRA rank"), ({"stage": "pretrain"}, "instruct"),
      ({"qat": "gptq-w4-g32"}, "round-to-nearest"), ({"qat": "rtn-w4-g32-sq"}, "round-to-nearest"),
-     ({"qat": None, "qat_activations": True}, "give qat too")],
+     ({"qat": None, "qat_activations": True}, "give the grid too")],
 )
 def test_quantization_aware_training_settings_are_checked(settings, message):
     with pytest.raises(EdgeMLLMError, match=message):
@@ -446,8 +446,47 @@ def test_resume_from_another_setting_is_refused(mobilevlm_v2, synth_data, tmp_pa
         load_conversations(synth_data / CAPTIONS_FILE), checkpoint_dir=tmp_path, progress=False)
     other = load_model(mobilevlm_v2.path)
     trainer = Trainer(other.model, other.tokenizer, template, TrainConfig(stage="instruct", lora_rank=2))
-    with pytest.raises(EdgeMLLMError, match="different stage"):
+    with pytest.raises(OptionError, match="stage='pretrain' \\(now 'instruct'\\)"):
         trainer.load_checkpoint(tmp_path)
+    # the same stage with another seed would not be the run it claims to continue; more epochs are fine
+    other = load_model(mobilevlm_v2.path)
+    trainer = Trainer(other.model, other.tokenizer, template, TrainConfig(stage="pretrain", epochs=0.2, seed=1))
+    with pytest.raises(OptionError, match="seed=0 \\(now 1\\)"):
+        trainer.load_checkpoint(tmp_path)
+    other = load_model(mobilevlm_v2.path)
+    Trainer(other.model, other.tokenizer, template, TrainConfig(stage="pretrain", epochs=0.5)).load_checkpoint(tmp_path)
+
+
+def test_frozen_llm_stages_skip_text_only_conversations(mobilevlm_v2, synth_data):
+    loaded = load_model(mobilevlm_v2.path)
+    template = ChatTemplate(loaded.chat_template)
+    text_only = [conversation("Name a colour.", "Red."), conversation("And another?", "Blue.")]
+    captions = load_conversations(synth_data / CAPTIONS_FILE)  # 6, with images
+    trainer = Trainer(loaded.model, loaded.tokenizer, template, TrainConfig(stage="pretrain", batch_size=2))
+    # text rows are batched apart: an all-text batch has no gradient for the connector (it used to crash)
+    assert trainer.train(captions + text_only, progress=False)["steps"] == 3
+    with pytest.raises(EdgeMLLMError, match="no training data with images"):
+        trainer.train(text_only, progress=False)
+
+
+def test_rows_cut_before_their_answer_are_refused(mobilevlm_v2, synth_data):
+    loaded = load_model(mobilevlm_v2.path)
+    trainer = Trainer(loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template),
+                      TrainConfig(stage="pretrain", max_len=loaded.model.num_image_tokens))  # the image fills it
+    with pytest.raises(EdgeMLLMError, match="every answer starts past"):  # not a run of NaN losses
+        trainer.train(load_conversations(synth_data / CAPTIONS_FILE), progress=False)
+
+
+def test_training_the_llm_drops_the_weight_grid_claim(mobilevlm_v2, synth_data):
+    conversations = load_conversations(synth_data / CONVERSATIONS_FILE)
+    for config, grid in ((TrainConfig(stage="pretrain", epochs=0.2), "rtn-w4-g32-min"),  # LLM untouched
+                         (TrainConfig(stage="instruct", epochs=0.2, lora_rank=2), None),
+                         (TrainConfig(stage="instruct", epochs=0.2, lora_rank=2, qat="rtn-w4-g32"), "rtn-w4-g32")):
+        loaded = load_model(mobilevlm_v2.path)
+        loaded.model.config.weight_grid = "rtn-w4-g32-min"
+        Trainer(loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config).train(
+            conversations, progress=False)
+        assert loaded.model.config.weight_grid == grid, config
 
 
 def test_vision_pretraining_learns(tiny):
@@ -587,10 +626,20 @@ def test_cli_data_synth_and_train(mobilevlm_v2, tmp_path):
     questions = json.loads((tmp_path / "data" / QUESTIONS_FILE).read_text())
     assert written["records"][QUESTIONS_FILE] == len(questions) == sum(written["questions_by_type"].values())
     out = tmp_path / "aligned"
+    (tmp_path / "aligned.train").write_text("a user's file where the training state would go")
+    proc = cli("train", str(mobilevlm_v2.path), "--stage", "pretrain", "--data", str(tmp_path / "data"), "-o", str(out))
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr and not out.exists()  # before any work
+    (tmp_path / "aligned.train").unlink()
+    # a trailing slash: the state still goes beside the model (inside, it made the save refuse the folder)
     proc = cli("train", str(mobilevlm_v2.path), "--stage", "pretrain", "--data", str(tmp_path / "data"),
-               "-o", str(out), "--lr", "0.01", "--json")
+               "-o", f"{out}/", "--lr", "0.01", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["steps"] == 1
+    # resuming a finished run trains nothing: its loss is null, as JSON has no NaN
+    proc = cli("train", str(mobilevlm_v2.path), "--stage", "pretrain", "--data", str(tmp_path / "data"),
+               "-o", str(out), "--lr", "0.01", "--resume", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "NaN" not in proc.stdout and json.loads(proc.stdout)["final_loss"] is None
     trained, original = load_model(out), load_model(mobilevlm_v2.path)
     assert trained.model.config == original.model.config
     changed = [k for k, v in trained.model.state_dict().items() if not torch.equal(v, original.model.state_dict()[k])]
@@ -612,7 +661,7 @@ def test_cli_data_synth_and_train(mobilevlm_v2, tmp_path):
     assert proc.returncode == 2 and "round-to-nearest" in proc.stderr and "Traceback" not in proc.stderr
     proc = cli("train", str(mobilevlm_v2.path), "--stage", "instruct", "--data", str(tmp_path / "data"),
                "--qat-activations", "-o", str(tmp_path / "never"))
-    assert proc.returncode == 2 and "give qat too" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "--qat SCHEME" in proc.stderr and "Traceback" not in proc.stderr
     proc = cli("train", str(mobilevlm_v2.path), "--stage", "pretrain", "--data", str(tmp_path / "data"),
                "--freeze-projector", "-o", str(tmp_path / "never"))
     assert proc.returncode == 2 and "nothing to train" in proc.stderr and "Traceback" not in proc.stderr

@@ -73,6 +73,10 @@ def run_bench(settings: BenchSettings) -> dict:
 
     say = settings.progress or (lambda _msg: None)
     subjects = resolve_all(settings.paths)
+    if settings.eval_data:  # a bad eval set is an error before the timing runs, not after them
+        from edge_mllm.eval.runner import load_eval_set
+
+        load_eval_set(settings.eval_data, settings.eval_limit)
     threads = settings.threads or host_cores()
     host = host_profile()  # before any runtime process starts: its copy bandwidth is the roofline's
     workers: dict[str, RuntimeProcess] = {}

@@ -7,7 +7,7 @@ over the response tokens only, where h are the final-norm hidden states and P a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,17 @@ class Distiller(Trainer):
         if distill.hidden_weight > 0:
             self.optimizer.add_param_group({"params": list(self.projection.parameters()), "peak_lr": config.lr})
             self.params += list(self.projection.parameters())
+
+    def run_config(self) -> dict:
+        return super().run_config() | {"distill": asdict(self.distill)}
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {"projection.weight": self.projection.weight} if self.distill.hidden_weight > 0 else {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "projection.weight" in state:
+            with torch.no_grad():
+                self.projection.weight.copy_(state["projection.weight"])
 
     def batch_loss(self, batch: list[Example]) -> tuple[torch.Tensor, int]:
         student_embeds, teacher_embeds = [], []

@@ -10,14 +10,14 @@ import dataclasses
 
 from torch import nn
 
-from edge_mllm.errors import ConfigError
+from edge_mllm.errors import OptionError
 from edge_mllm.model.mllm import MultimodalLM
 
 
 def select_layers(num_teacher_layers: int, num_student_layers: int) -> list[int]:
     """Evenly spaced teacher block indices, always keeping the first and the last."""
     if not 1 <= num_student_layers <= num_teacher_layers:
-        raise ConfigError(f"a student needs 1 to {num_teacher_layers} layers (got {num_student_layers})")
+        raise OptionError(f"a student needs 1 to {num_teacher_layers} layers (got {num_student_layers})")
     if num_student_layers == 1:
         return [num_teacher_layers - 1]
     step = (num_teacher_layers - 1) / (num_student_layers - 1)

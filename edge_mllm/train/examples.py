@@ -34,6 +34,19 @@ class Example:
     branches: tuple[int, ...] = ()
 
 
+def learns_within(example: Example, image_tokens: int, max_len: int) -> bool:
+    """Whether any of ``example``'s labelled tokens lies within its first ``max_len`` positions (each
+    image taking ``image_tokens``): rows are cut there, and a row cut before its answer teaches nothing."""
+    position = 0
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        if position >= max_len:
+            return False
+        if label != IGNORE_INDEX:
+            return True
+        position += image_tokens if token == IMAGE_TOKEN_INDEX else 1
+    return False
+
+
 @dataclass
 class EmbeddedBatch:
     inputs: torch.Tensor  # [B, T, D] inputs_embeds, right-padded

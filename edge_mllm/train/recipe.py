@@ -36,6 +36,7 @@ from edge_mllm.data.llava import load_conversations, save_records, single_turns
 from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, write_split
 from edge_mllm.default import TRAINED_WEIGHTS_FILE, apply_trained, load_trained_vision, untrained_default
 from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
+from edge_mllm.fsutil import atomic_output_dir
 from edge_mllm.pipeline import Pipeline
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.train.grounding import ground_image_tokens, read_out
@@ -50,6 +51,8 @@ from edge_mllm.train.text_replay import (
 )
 from edge_mllm.train.trainer import TrainConfig, Trainer
 from edge_mllm.train.vision_pretrain import pretrain_vision
+
+TRAINING_FILE = "training.json"  # the run's summary: recipe, timings, metrics
 
 
 @dataclass
@@ -114,10 +117,20 @@ def trained_tensors(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
 
 
+def is_recipe_output(folder: Path) -> bool:
+    """An earlier run's output folder (which a new run may replace)."""
+    return (folder / TRAINING_FILE).is_file() and (folder / TRAINED_WEIGHTS_FILE).is_file()
+
+
 def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True) -> dict:
-    """Run every step; writes ``TRAINED_WEIGHTS_FILE``, ``training.json`` and ``eval.json`` to ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run every step; writes ``TRAINED_WEIGHTS_FILE``, ``training.json``, ``eval.json`` and the data it
+    made to ``out_dir``. Atomic: ``out_dir`` appears complete or not at all; it may replace an earlier
+    run's output, never another folder with files in it."""
+    with atomic_output_dir(out_dir, is_recipe_output) as out:
+        return _run_steps(out, config, progress)
+
+
+def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     timings: dict[str, float] = {}
@@ -212,5 +225,5 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
         "test": {"vqa": report["vqa"], "pope": report["pope"]},
         "weights_bytes": (out / TRAINED_WEIGHTS_FILE).stat().st_size,
     }
-    (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / TRAINING_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from edge_mllm.chat import ChatTemplate
 from edge_mllm.data.llava import Conversation, single_turns
-from edge_mllm.errors import EdgeMLLMError
+from edge_mllm.errors import EdgeMLLMError, OptionError
 from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.quant.scheme import QuantScheme
@@ -26,6 +26,7 @@ from edge_mllm.train.examples import (
     Example,
     embed_batch,
     image_norm_penalty,
+    learns_within,
     lm_loss,
     mean_word_norm,
     pack_shared_prefix,
@@ -72,11 +73,11 @@ class TrainConfig:
             raise EdgeMLLMError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
         if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
             raise EdgeMLLMError("epochs, batch_size and lr must be positive")
-        trains_llm = self.stage == "instruct" and not self.freeze_llm
-        if not (self.train_projector or self.train_vision or trains_llm):
+        if not (self.train_projector or self.train_vision or self.trains_llm):
             raise EdgeMLLMError("nothing to train: the stage freezes the connector, the vision encoder and the LLM")
         if self.qat_activations and self.qat is None:
-            raise EdgeMLLMError("activation-aware training rounds the inputs of the QAT grid's linears: give qat too")
+            raise EdgeMLLMError("activation-aware training (--qat-activations) rounds the inputs of the QAT grid's "
+                                "linears: give the grid too (--qat SCHEME)")
         if self.qat is not None:
             scheme = QuantScheme.parse(self.qat)
             if self.stage != "instruct" or self.freeze_llm or self.lora_rank < 1:
@@ -85,6 +86,16 @@ class TrainConfig:
                 raise EdgeMLLMError(f"quantization-aware LoRA needs a plain round-to-nearest grid (e.g. "
                                     f"rtn-w4-g32-min), not {scheme.name}: exporting with it must give back the "
                                     "trained weights")
+
+
+    @property
+    def trains_llm(self) -> bool:
+        """Whether the LLM's weights change (instruct without --freeze-llm: LoRA or all of them)."""
+        return self.stage == "instruct" and not self.freeze_llm
+
+
+# Options a resumed run may change: it may run longer, and save more or less often.
+RESUMABLE_CHANGES = frozenset({"epochs", "checkpoint_every"})
 
 
 def pick_device() -> torch.device:
@@ -98,7 +109,7 @@ def set_trainable(model: MultimodalLM, config: TrainConfig) -> list[torch.nn.Par
         model.mm_projector.requires_grad_(True)
     if config.train_vision and model.vision_tower is not None:
         model.vision_tower.requires_grad_(True)
-    if config.stage == "instruct" and not config.freeze_llm:
+    if config.trains_llm:
         if config.lora_rank > 0:
             grid_for = (quantization_grids(model.language_model, QuantScheme.parse(config.qat),
                                            model.config.text.num_hidden_layers) if config.qat else None)
@@ -220,9 +231,21 @@ class Trainer:
             [tokenize_conversation(t, self.tokenizer, self.template) for t in single_turns([c])], self.model,
             self.max_len)]
 
+    def run_config(self) -> dict:
+        """What a resumed run must match (see ``RESUMABLE_CHANGES``)."""
+        return asdict(self.config)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Trained tensors outside the model (none here; a distiller's projection)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`extra_state` gave."""
+
     def save_checkpoint(self, folder: Path) -> None:
         trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
-        state = {"step": self.step, "config": asdict(self.config), "params": trainable,
+        state = {"step": self.step, "config": self.run_config(), "params": trainable,
+                 "extra": {k: v.detach().cpu() for k, v in self.extra_state().items()},
                  "optimizer": self.optimizer.state_dict()}
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / (CHECKPOINT_FILE + ".tmp")
@@ -235,12 +258,20 @@ class Trainer:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except FileNotFoundError as exc:
             raise EdgeMLLMError(f"no checkpoint to resume from at {path}") from exc
+        saved, now = state.get("config", {}), self.run_config()
+        changed = sorted(k for k in saved.keys() | now.keys()
+                         if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        if changed:
+            was = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
+            raise OptionError(f"{path} was written by a run with {was}: resume with the same options (only the "
+                              "epochs may change), or train to a new output")
         named = dict(self.model.named_parameters())
         if set(state["params"]) != {n for n, p in named.items() if p.requires_grad}:
             raise EdgeMLLMError(f"{path} was written by a different stage or LoRA setting")
         with torch.no_grad():
             for name, tensor in state["params"].items():
                 named[name].copy_(tensor)
+        self.load_extra_state(state.get("extra", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
 
@@ -249,8 +280,17 @@ class Trainer:
         """Run the configured epochs; returns the mean loss of the last 10% of steps and throughput."""
         cfg = self.config
         examples = self.examples(conversations)
+        if not cfg.trains_llm:  # text-only rows reach no trained weight when the LLM is frozen
+            examples = [e for e in examples if e.image is not None]
+            if not examples and conversations:
+                raise EdgeMLLMError("no training data with images: this stage trains only the connector (and vision "
+                                    "encoder), which text-only conversations do not reach")
         if not examples:
             raise EdgeMLLMError("no training data")
+        examples = [e for e in examples if learns_within(e, self.model.num_image_tokens, self.max_len)]
+        if not examples:
+            raise EdgeMLLMError(f"no training data: every answer starts past the {self.max_len} positions a row may "
+                                f"take (--max-len; an image takes {self.model.num_image_tokens})")
         steps_per_epoch = len(epoch_batches(examples, cfg.batch_size, cfg.seed, 0))
         total = max(1, round(cfg.epochs * steps_per_epoch))
         warmup = max(1, round(cfg.warmup_ratio * total))
@@ -258,27 +298,29 @@ class Trainer:
             self.load_checkpoint(checkpoint_dir)
         self.model.train()
         losses, seen, t0 = [], 0, time.perf_counter()
-        bar = tqdm(total=total, initial=self.step, desc=cfg.stage, unit="step", disable=not progress)
-        while self.step < total:
-            epoch, offset = divmod(self.step, steps_per_epoch)
-            batch = [examples[i] for i in epoch_batches(examples, cfg.batch_size, cfg.seed, epoch)[offset]]
-            for group in self.optimizer.param_groups:
-                group["lr"] = cosine_lr(self.step, total, warmup, group["peak_lr"])
-            loss, _ = self.batch_loss(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-            self.optimizer.step()
-            self.step += 1
-            seen += sum(max(1, len(e.branches)) for e in batch)  # questions, when rows pack several
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", ex_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
-            bar.update(1)
-            if checkpoint_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save_checkpoint(checkpoint_dir)
-        bar.close()
+        # closed on an error too: an open bar redraws itself after the error line
+        with tqdm(total=total, initial=self.step, desc=cfg.stage, unit="step", disable=not progress) as bar:
+            while self.step < total:
+                epoch, offset = divmod(self.step, steps_per_epoch)
+                batch = [examples[i] for i in epoch_batches(examples, cfg.batch_size, cfg.seed, epoch)[offset]]
+                for group in self.optimizer.param_groups:
+                    group["lr"] = cosine_lr(self.step, total, warmup, group["peak_lr"])
+                loss, _ = self.batch_loss(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                self.optimizer.step()
+                self.step += 1
+                seen += sum(max(1, len(e.branches)) for e in batch)  # questions, when rows pack several
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", ex_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
+                bar.update(1)
+                if checkpoint_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint(checkpoint_dir)
         if checkpoint_dir is not None:
             self.save_checkpoint(checkpoint_dir)
+        if cfg.trains_llm:  # the merged decoder lies on the QAT grid, or on none
+            self.model.config.weight_grid = cfg.qat
         self.model.eval()
         tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
         elapsed = time.perf_counter() - t0

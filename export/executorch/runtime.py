@@ -61,8 +61,22 @@ class ExecuTorchRunner(BundleRuntime):
     def method(self, name: str):
         """A loaded method (loaded once: the decoder's KV cache lives in it)."""
         if name not in self._methods:
+            self._check_delegates(name)
             self._methods[name] = self.program.load_method(name)
         return self._methods[name]
+
+    def _check_delegates(self, name: str) -> None:
+        """A method lowered to a backend this runtime lacks (Core ML, Vulkan, QNN… on this host) fails to
+        load with a bare error code: name the backend and where it runs instead."""
+        from executorch.runtime import Runtime
+
+        info = self.manifest["executorch"]
+        here = set(Runtime.get().backend_registry.registered_backend_names)
+        missing = sorted(set(info.get("delegates", {}).get(name, {})) - here)
+        if missing:
+            raise EdgeMLLMError(f"{self.path}: its {name} runs on {', '.join(missing)}, which the installed executorch "
+                                f"runtime does not include (it has {', '.join(sorted(here))}); the bundle is for "
+                                f"{info.get('runtime', 'another runtime')}")
 
     def encode_image(self, image: ImageInput | torch.Tensor) -> torch.Tensor:
         """An image (any ``ImageInput``, or normalised pixels [3, S, S]) → embeddings [N, D]. The
