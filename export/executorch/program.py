@@ -8,6 +8,7 @@ at lowering.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,10 @@ from edge_mllm.checkpoint.base import LoadedModel
 
 from .modules import FusedRGBVisionEncoder, TextDecoder, TokenEmbedding, VisionEncoder, load_custom_ops
 from .quantize import VISION_INT8, NativeQuant, apply_codes, apply_native, dynamic_quantize_linears_, load_quantized_ops
+
+# Deprecation notices torch 2.13 raises from inside ExecuTorch's own ops and pytree code, dozens per
+# export (about 80 lines on the default model): meant for ExecuTorch's developers, not for a user.
+LIBRARY_NOTICES = ("_check_is_size will be removed", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 VISION_METHOD = "vision_encoder"
 EMBEDDING_METHOD = "token_embedding"
@@ -191,11 +196,14 @@ def build_program(
     specs = method_specs(vision, embedding, decoder, image_size, config.text.hidden_size, max_seq_len, image_dtype)
     steps.update()
     steps.set_postfix_str("torch.export")
-    programs = export_methods(specs, progress=False)
-    steps.update()
-    steps.set_postfix_str("lower")
-    metadata = runner_metadata(loaded, max_seq_len)
-    pte = lower_to_pte(programs, lambda name: partitioners(name, quantized or int8_vision), metadata)
+    with warnings.catch_warnings():
+        for notice in LIBRARY_NOTICES:
+            warnings.filterwarnings("ignore", message=notice, category=FutureWarning)
+        programs = export_methods(specs, progress=False)
+        steps.update()
+        steps.set_postfix_str("lower")
+        metadata = runner_metadata(loaded, max_seq_len)
+        pte = lower_to_pte(programs, lambda name: partitioners(name, quantized or int8_vision), metadata)
     steps.update(2)
     steps.close()
     return BuiltProgram(pte, max_seq_len, metadata, describe_methods(specs, model, max_seq_len), used)
