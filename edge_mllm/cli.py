@@ -220,16 +220,14 @@ def data_synth(split: str, seed: int, count: int, output: str, as_json: bool) ->
 
 
 def _training_state_dir(output: str) -> Path:
-    """OUTPUT.train, beside OUTPUT (also when OUTPUT ends with a slash), where the resumable state
-    goes; refused before any work if something else is there."""
+    """OUTPUT.train, beside OUTPUT (also when OUTPUT ends with a slash), where training keeps its
+    resumable state: checked before any work by the rule every output follows (an earlier state may
+    be there; a file, or a folder of other files, may not)."""
     from edge_mllm.train.trainer import CHECKPOINT_FILE
 
     out = Path(output).resolve()
     state = out.with_name(f"{out.name}.train")
-    if state.is_symlink() or (state.exists() and not state.is_dir()):
-        raise click.UsageError(f"{state} (where training keeps its resumable state) is not a folder: move it away")
-    if state.is_dir() and any(state.iterdir()) and not (state / CHECKPOINT_FILE).is_file():
-        raise click.UsageError(f"{state} (where training keeps its resumable state) holds other files: move it away")
+    _check_output(str(state), lambda folder: (folder / CHECKPOINT_FILE).is_file())
     return state
 
 

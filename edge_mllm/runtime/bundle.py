@@ -56,8 +56,9 @@ def verify_files(bundle_dir: Path, manifest: dict) -> None:
             raise CheckpointError(f"{bundle_dir / MANIFEST} is malformed: bad files entry {entry!r}") from None
         if not path.is_file():
             raise CheckpointError(f"bundle file {path} is missing: copy the bundle again")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"bundle file {path} is {path.stat().st_size} bytes, {MANIFEST} says {size}: "
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"bundle file {path} is {actual} bytes, {MANIFEST} says {size}: "
                                   "truncated or replaced; copy the bundle again")
         if sha256(path) != digest:
             raise CheckpointError(f"bundle file {path} is corrupt (its sha256 differs from {MANIFEST}'s): "
