@@ -690,9 +690,11 @@ def format_prediction(p) -> str:
     threads = f", {p.threads} threads" + (f" (prefill {p.batch_threads})" if p.batch_threads != p.threads else "") \
         if p.threads else ""
     m = p.memory
-    lines = [f"{p.model} ({p.quantization}) on {p.device} with {p.backend}{threads}"]
+    runtime = p.backend if p.decoder_backend == p.backend else f"{p.backend} (decoder on {p.decoder_backend})"
+    lines = [f"{p.model} ({p.quantization}) on {p.device} with {runtime}{threads}"]
     if p.vision_encode_s is not None:
-        lines.append(f"  vision encode  {p.vision_encode_s:.2f} s per image ({p.image_tokens} image tokens)")
+        took = f"{p.vision_encode_s:.2f} s" if p.vision_encode_s >= 1 else f"{p.vision_encode_s * 1e3:.1f} ms"
+        lines.append(f"  vision encode  {took} per image ({p.image_tokens} image tokens)")
     image = f" + {p.prefill_tokens - p.prompt_tokens} image" if p.images else ""
     lines += [
         f"  prefill        {p.prefill_tok_s:.1f} tok/s over {p.prefill_tokens} tokens ({p.prompt_tokens} text{image})",

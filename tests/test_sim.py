@@ -106,6 +106,38 @@ def test_vision_encode_adds_to_ttft_and_image_tokens_to_prefill():
     assert p.ttft_s == pytest.approx(2 * p.vision_encode_s + p.prefill_tokens / p.prefill_tok_s)
 
 
+def test_core_ml_runs_vision_on_the_neural_engine_and_the_decoder_on_xnnpack():
+    config = MLLMConfig(text=TextConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4),
+                        vision=VisionConfig(image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024,
+                                            num_hidden_layers=6, num_attention_heads=4),
+                        projector=ProjectorConfig(type="ldpv2"))
+    shape = shape_from_config(config, "tiny", max_context=512)
+    plan = weight_plan("8da4w", "executorch", shape.tied_embeddings)
+    a17 = get_device("apple-a17-pro")
+    scenario = Scenario(prompt_tokens=20, threads=2)
+    coreml = simulate(shape, plan, a17, BACKENDS["executorch-coreml"], scenario)
+    xnnpack = simulate(shape, plan, a17, BACKENDS["executorch-xnnpack"], scenario)
+    assert (coreml.backend, coreml.decoder_backend, coreml.threads) == ("executorch-coreml", "executorch-xnnpack", 2)
+    # the decoder is XNNPACK's either way: same decode, same KV cache
+    assert coreml.decode_tok_s == pytest.approx(xnnpack.decode_tok_s)
+    assert coreml.memory.kv_cache_mib == pytest.approx(xnnpack.memory.kv_cache_mib)
+    # vision: fp16 on the Neural Engine (35 TOPS int8 → 17.5 TFLOPS fp16, an estimate) at the assumed factor,
+    # its weights converted to fp16
+    ane = 17.5e12 * BACKENDS["executorch-coreml"].compute
+    assert coreml.vision_encode_s == pytest.approx(max(shape.vision.flops / ane,
+                                                       shape.vision.params * 2 / (a17.peak_gbs * 1e9 * 0.53)))
+    assert coreml.attainable_compute_gops["vision fp16"] == pytest.approx(ane / 1e9)
+    assert coreml.vision_encode_s < xnnpack.vision_encode_s
+    assert xnnpack.memory.weights_mib - coreml.memory.weights_mib == pytest.approx(shape.vision.params * 2 / MIB)
+    said = " ".join(coreml.notes)
+    assert "vision encoder in fp16 on the Apple Neural Engine (16-core), prefill and decode on executorch-xnnpack" \
+        in said
+    assert "fp16 peak is an estimate" in said
+    with pytest.raises(ConfigError, match="--threads must be 1..6"):
+        simulate(shape, plan, a17, BACKENDS["executorch-coreml"], Scenario(threads=7))
+
+
 def test_mobilevlm_shape_matches_published_parameter_counts():
     config = MLLMConfig(text=TextConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                                         num_hidden_layers=24, num_attention_heads=16),

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from edge_mllm.errors import ConfigError
+from edge_mllm.sim.formats import F16, WeightFormat
 from edge_mllm.sim.profiles import Accelerator, DeviceProfile
 
 
@@ -50,6 +51,22 @@ class Backend:
     vendors: tuple[str, ...] = ()  # devices it runs on (empty: any device with the unit)
     arch: str = "arm64"  # the CPU architecture the factors above describe
     x86_64: Efficiency | None = None  # CPU backends: the factors of its x86-64 kernels
+    # A delegate that takes only the vision encoder: the backend its decoder methods run on (Core ML:
+    # coremltools cannot take the decoder's dynamic shapes, export/executorch/targets.py).
+    decoder: str | None = None
+    # Accelerators: what the delegate computes float weights in (the compile spec's precision).
+    float_precision: str | None = None
+
+    def decoder_backend(self) -> Backend:
+        """The backend that runs the decoder: this one, unless it delegates only the vision encoder."""
+        return BACKENDS[self.decoder] if self.decoder else self
+
+    def vision_format(self, stored: WeightFormat) -> WeightFormat:
+        """The vision weights as this backend holds and computes them: float weights in the delegate's
+        ``float_precision`` (Core ML converts them to fp16), integer codes as stored."""
+        if self.float_precision == "fp16" and stored.compute == "fp32":
+            return F16
+        return stored
 
     def on(self, device: DeviceProfile) -> Backend:
         """This backend with the factors of ``device``'s CPU architecture (accelerator backends: as is;
@@ -112,12 +129,13 @@ BACKENDS: dict[str, Backend] = {
                 # bandwidth: the fit's 0.197 × 1.10, since MatMulNBits' scales are now counted as the fp32
                 # they are (5.0 bits per weight, not 4.5; sim/formats.py): the same fitted decode speed
                 x86_64=Efficiency(compute=0.352, bandwidth=0.217, overhead_mib=0, calibration=_HOST_RUN)),
-        Backend("executorch-coreml", "npu", "executorch", compute=0.19, bandwidth=0.53, kv_bytes=2,
+        # the vision encoder on the Neural Engine; the decoder, its KV cache included, on XNNPACK
+        Backend("executorch-coreml", "npu", "executorch", compute=0.19, bandwidth=0.53, kv_bytes=4,
                 overhead_mib=700, calibration=_UNCALIBRATED.format("executorch-xnnpack"), assumed=_BOTH,
-                vendors=("apple",)),
+                vendors=("apple",), decoder="executorch-xnnpack", float_precision="fp16"),
         Backend("executorch-qnn", "npu", "executorch", compute=0.19, bandwidth=0.53, kv_bytes=2,
                 overhead_mib=700, calibration=_UNCALIBRATED.format("executorch-xnnpack"), assumed=_BOTH,
-                vendors=("qualcomm",)),
+                vendors=("qualcomm",), float_precision="fp16"),
     )
 }
 # What runs a bundle by default: its export format → backend.

@@ -9,7 +9,9 @@ Every phase takes the longer of its compute time and its memory time:
   recurrent state) / attainable bandwidth, unless its FLOPs take longer on the threads given;
 - TTFT: vision encodes + prefill.
 
-Attainable = device peak x the backend's efficiency factor (:mod:`edge_mllm.sim.backends`). Peak
+Attainable = device peak x the backend's efficiency factor (:mod:`edge_mllm.sim.backends`). A backend
+that delegates only the vision encoder (Core ML) is two rooflines: the vision encode on its accelerator,
+prefill and decode on its decoder's backend (XNNPACK on the CPU). Peak
 memory = weights + KV cache at the context length + the larger of the vision / prefill activations +
 the backend's runtime overhead; it fits when it is within the device's per-app budget.
 """
@@ -62,6 +64,7 @@ class Prediction:
     quantization: str
     device: str
     backend: str
+    decoder_backend: str  # the backend that runs prefill and decode (``backend`` unless it delegates only vision)
     threads: int | None
     batch_threads: int | None
     prompt_tokens: int
@@ -136,8 +139,10 @@ def simulate(shape: ModelShape, plan: WeightPlan, device: DeviceProfile, backend
     """Predict vision-encode time, prefill and decode speed, TTFT and peak memory (with ``backend``'s
     efficiency factors for ``device``'s CPU architecture)."""
     backend = backend.on(device)
-    roof = _Roofline(device, backend)
-    cpu = backend.unit == "cpu"
+    llm_backend = backend.decoder_backend().on(device)
+    vision_roof = _Roofline(device, backend)
+    roof = vision_roof if llm_backend is backend else _Roofline(device, llm_backend)
+    cpu = llm_backend.unit == "cpu"
     threads = (scenario.threads or device.big_cores) if cpu else None
     batch_threads = (scenario.batch_threads or threads) if cpu else None
     if cpu:
@@ -160,17 +165,18 @@ def simulate(shape: ModelShape, plan: WeightPlan, device: DeviceProfile, backend
     state = shape.recurrent_state_values * STATE_BYTES
     precision = plan.blocks.compute
 
+    vision_format = backend.vision_format(plan.vision)
     vision_s = None
     if images:
         v = shape.vision
-        vision_s, _ = roof.seconds(v.flops, v.params * plan.vision.bytes_per_weight, plan.vision.compute,
-                                   batch_threads)
+        vision_s, _ = vision_roof.seconds(v.flops, v.params * vision_format.bytes_per_weight, vision_format.compute,
+                                          batch_threads)
     prefill_flops = n * shape.llm_flops_per_token + shape.attention_flops_per_pair * n * (n + 1) / 2 + head_flops
     prefill_bytes = math.ceil(n / scenario.ubatch) * (blocks + 2 * state) + head_read
     prefill_s, _ = roof.seconds(prefill_flops, prefill_bytes, precision, batch_threads)
 
     # decode right after the prompt: the next token attends to n cached positions
-    kv_read = shape.kv_values_per_token * n * backend.kv_bytes
+    kv_read = shape.kv_values_per_token * n * llm_backend.kv_bytes
     decode_flops = shape.llm_flops_per_token + head_flops + shape.attention_flops_per_pair * n
     decode_s, bound = roof.seconds(decode_flops, blocks + head_read + kv_read + 2 * state, precision, threads)
 
@@ -178,30 +184,43 @@ def simulate(shape: ModelShape, plan: WeightPlan, device: DeviceProfile, backend
     if plan.lm_head is not None:
         weights += shape.embedding_params * plan.lm_head.bytes_per_weight
     if shape.vision is not None:
-        weights += shape.vision.params * plan.vision.bytes_per_weight
-    kv_cache = shape.kv_values_per_token * context * backend.kv_bytes + state
+        weights += shape.vision.params * vision_format.bytes_per_weight
+    kv_cache = shape.kv_values_per_token * context * llm_backend.kv_bytes + state
     activations = _activation_bytes(shape, n, context, scenario.ubatch)
     overhead = backend.overhead_mib * MIB
     peak = weights + kv_cache + activations + overhead
     budget = device.app_budget_gb * 1e9
 
     notes = []
-    if backend.assumed:
-        notes.append(f"{backend.name}: {' and '.join(backend.assumed)} efficiency assumed ({backend.calibration})")
+    if llm_backend is not backend:
+        acc = backend.accelerator(device)
+        notes.append(f"{backend.name}: the vision encoder in {vision_format.compute} on the {acc.name}, prefill and "
+                     f"decode on {llm_backend.name} ({llm_backend.unit.upper()})")
+    for b in dict.fromkeys((backend, llm_backend)):
+        if b.assumed:
+            notes.append(f"{b.name}: {' and '.join(b.assumed)} efficiency assumed ({b.calibration})")
     if device.key == "host":
         notes.append("host: CPU peak derived from its clock and vector width (FMA pipes assumed); its memory "
                      "peak is the measured copy rate, an attained number; the efficiency factors are the "
                      f"{backend.arch} set ({backend.calibration})")
     if device.data["memory"]["peak_gbs"].get("estimate"):
         notes.append(f"{device.key}: peak memory bandwidth is an estimate (see `edge-mllm devices --json`)")
-    precisions = {precision, plan.vision.compute} if images else {precision}
+    if images and vision_roof is not roof:
+        if vision_format.compute in backend.accelerator(device).estimated:
+            notes.append(f"{device.key}: the {backend.unit.upper()}'s {vision_format.compute} peak is an estimate "
+                         "(see `edge-mllm devices --json`)")
+    compute = {p: roof.compute(p, batch_threads) / 1e9 for p in sorted({precision})}
+    if images:
+        key = vision_format.compute if vision_roof is roof else f"vision {vision_format.compute}"
+        compute[key] = vision_roof.compute(vision_format.compute, batch_threads) / 1e9
     return Prediction(
         model=shape.name, quantization=plan.label, device=device.key, backend=backend.name,
-        threads=threads, batch_threads=batch_threads, prompt_tokens=scenario.prompt_tokens, images=images,
+        decoder_backend=llm_backend.name, threads=threads, batch_threads=batch_threads,
+        prompt_tokens=scenario.prompt_tokens, images=images,
         image_tokens=image_tokens, context=context, vision_encode_s=vision_s, prefill_tokens=n,
         prefill_tok_s=n / prefill_s, ttft_s=images * (vision_s or 0.0) + prefill_s, decode_tok_s=1 / decode_s,
         decode_bound=bound, attainable_bandwidth_gbs=roof.bandwidth / 1e9,
-        attainable_compute_gops={p: roof.compute(p, batch_threads) / 1e9 for p in sorted(precisions)},
+        attainable_compute_gops=compute,
         memory=Memory(weights_mib=weights / MIB, kv_cache_mib=kv_cache / MIB, activations_mib=activations / MIB,
                       overhead_mib=backend.overhead_mib, peak_mib=peak / MIB, budget_mib=budget / MIB,
                       fits=peak <= budget),

@@ -65,6 +65,7 @@ class Accelerator:
     name: str
     peaks_tops: dict[str, float] = field(default_factory=dict)
     cuda: bool = False
+    estimated: frozenset[str] = frozenset()  # precisions whose peak is an estimate, not a published number
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ def _accelerator(data: dict[str, Any] | None) -> Accelerator | None:
         return None
     keys = {"fp32": "fp32_tflops", "fp16": "fp16_tflops", "int8": "int8_tops"}
     peaks = {precision: float(_value(data[key])) for precision, key in keys.items() if key in data}
-    return Accelerator(name=data["name"], peaks_tops=peaks, cuda=bool(data.get("cuda", False)))
+    estimated = frozenset(precision for precision, key in keys.items() if data.get(key, {}).get("estimate"))
+    return Accelerator(name=data["name"], peaks_tops=peaks, cuda=bool(data.get("cuda", False)), estimated=estimated)
 
 
 def profile_from_data(key: str, data: dict[str, Any], core_types: dict[str, Any]) -> DeviceProfile:

@@ -122,7 +122,7 @@ def predict_for(config: MLLMConfig, name: str, fmt: str, quant: str | None, devi
     runtime = backend_for_format(fmt)
     shape = shape_from_config(config, name, max_context=context)
     plan = weight_plan(quant, runtime.family, shape.tied_embeddings)
-    threads = threads if runtime.unit == "cpu" else None
+    threads = threads if runtime.decoder_backend().unit == "cpu" else None
     return simulate(shape, plan, device, runtime, Scenario(prompt_tokens=PROMPT_TOKENS, images=1, threads=threads,
                                                            context=context))
 
