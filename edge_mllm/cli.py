@@ -750,7 +750,11 @@ def bench_command(bundles, threads, repeats, tokens, eval_data, eval_limit, no_r
     and to the host's memory-bandwidth roofline."""
     from edge_mllm.bench import BenchSettings, run_bench
     from edge_mllm.bench.report import markdown_table, plot
+    from edge_mllm.bench.suite import host_cores
 
+    if threads and threads > host_cores():  # allowed: oversubscription can be what is being measured
+        click.echo(f"warning: --threads {threads} is more than this host's {host_cores()} cores: the runtimes' "
+                   "threads will share them, and the timings measure that contention", err=True)
     for path in (markdown_path, plot_path):  # checked before the runs, not after them
         if path and not Path(path).resolve().parent.is_dir():
             raise click.UsageError(f"{path}: its folder does not exist")

@@ -119,6 +119,9 @@ def test_cli_json_markdown_and_errors(bundles, tmp_path, capsys, monkeypatch):
     assert main(["bench", str(bundles["onnx"]), "--eval", str(tmp_path / "bad.json")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "bad.json" in err  # no "loading …" first
+    # more threads than cores: measured (oversubscription can be the point), but said
+    assert main(["bench", str(tmp_path / "missing"), "--threads", "4096"]) == 1
+    assert capsys.readouterr().err.startswith("warning: --threads 4096 is more than this host's")
 
 
 def test_model_folders_run_in_pytorch_eager(llava):

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from edge_mllm.data.llava import Conversation, DataError, load_conversations, make_record, save_records, single_turns
 from edge_mllm.data.synth import (
@@ -109,7 +110,7 @@ def test_written_files_are_llava_format(tmp_path):
 
 
 def test_loader_accepts_text_only_and_adds_the_image_marker(tmp_path):
-    (tmp_path / "cat.png").write_bytes(b"not read by the loader")
+    Image.new("RGB", (2, 2)).save(tmp_path / "cat.png")
     records = [
         {"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
         {"id": "i", "image": "cat.png",
@@ -160,6 +161,19 @@ def test_loader_errors_are_clear(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(DataError, match=message):
         load_conversations(path)
+
+
+def test_loader_finds_every_unreadable_image_before_any_work(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    (tmp_path / "notes.png").write_text("not pixels")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    turns = [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}]
+    records = [{"image": name, "conversations": turns} for name in ("ok.png", "notes.png", "ok.png", "empty.jpg")]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"2 image\(s\) listed in .*data.json cannot be read, e.g. .*notes.png: not an"):
+        load_conversations(tmp_path / "data.json")
+    (tmp_path / "data.json").write_text(json.dumps(records[:1]))
+    assert load_conversations(tmp_path / "data.json")[0].image == tmp_path / "ok.png"
 
 
 def test_loader_missing_file(tmp_path):

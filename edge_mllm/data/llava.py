@@ -82,10 +82,29 @@ def load_conversations(json_path: str | Path, image_folder: str | Path | None = 
         raise DataError(f"{json_path}: expected a JSON list of conversation records")
     folder = Path(image_folder) if image_folder is not None else json_path.parent
     conversations = [_parse(r, i, folder, json_path) for i, r in enumerate(records)]
-    missing = [str(c.image) for c in conversations if c.image is not None and not c.image.is_file()]
+    images = list(dict.fromkeys(c.image for c in conversations if c.image is not None))
+    missing = [str(image) for image in images if not image.is_file()]
     if missing:
         raise DataError(f"{len(missing)} image(s) listed in {json_path} are missing, e.g. {missing[0]}")
+    unreadable = {str(image): why for image in images if (why := _unreadable(image))}
+    if unreadable:
+        first = next(iter(unreadable.items()))
+        raise DataError(f"{len(unreadable)} image(s) listed in {json_path} cannot be read, e.g. {first[0]}: {first[1]}")
     return conversations
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` is not an image PIL can open, from its header alone (a fast check of every image
+    before a long run; a file cut short after its header still fails where it is decoded), or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            return None
+    except UnidentifiedImageError:
+        return "not an image file (unrecognised format)"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return str(exc)
 
 
 def single_turns(conversations: list[Conversation]) -> list[Conversation]:
