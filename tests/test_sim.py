@@ -48,6 +48,16 @@ def toy_shape(block: int = 100_000_000, vocab: int = 1000, hidden: int = 1000, k
 TOY_PLAN = WeightPlan("4-bit", INT8_4BIT, INT8_4BIT, None, F32)
 
 
+def tiny_mllm_config(image_size: int = 56, width: int = 64, ffn: int = 128, layers: int = 2) -> MLLMConfig:
+    """A 2-layer LLaMA behind a CLIP tower (14 px patches) and LDPv2."""
+    return MLLMConfig(text=TextConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4),
+                      vision=VisionConfig(image_size=image_size, patch_size=14, hidden_size=width,
+                                          intermediate_size=ffn,
+                                          num_hidden_layers=layers, num_attention_heads=4),
+                      projector=ProjectorConfig(type="ldpv2"))
+
+
 def test_decode_is_bandwidth_bound_bytes_over_attainable_bandwidth():
     # 1e8 block weights + 1e6 LM-head weights at 4 bits = 50.5 MB per token; 10 GB/s x 0.5 = 5 GB/s
     # → 99.0 tok/s. Compute would allow 128e9 x 0.5 / 2.02e8 FLOPs = 317 tok/s on 4 threads.
@@ -94,11 +104,7 @@ def test_memory_fit_sums_weights_kv_activations_and_overhead():
 
 
 def test_vision_encode_adds_to_ttft_and_image_tokens_to_prefill():
-    config = MLLMConfig(text=TextConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                        num_attention_heads=4),
-                        vision=VisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
-                                            num_hidden_layers=2, num_attention_heads=4),
-                        projector=ProjectorConfig(type="ldpv2"))
+    config = tiny_mllm_config()
     shape = shape_from_config(config, "tiny")
     assert shape.vision.image_tokens == 4  # a 4x4 grid pooled 2x2
     p = simulate(shape, TOY_PLAN, toy_device(), TOY_BACKEND, Scenario(prompt_tokens=10, images=2))
@@ -107,11 +113,7 @@ def test_vision_encode_adds_to_ttft_and_image_tokens_to_prefill():
 
 
 def test_core_ml_runs_vision_on_the_neural_engine_and_the_decoder_on_xnnpack():
-    config = MLLMConfig(text=TextConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                        num_attention_heads=4),
-                        vision=VisionConfig(image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024,
-                                            num_hidden_layers=6, num_attention_heads=4),
-                        projector=ProjectorConfig(type="ldpv2"))
+    config = tiny_mllm_config(image_size=336, width=256, ffn=1024, layers=6)
     shape = shape_from_config(config, "tiny", max_context=512)
     plan = weight_plan("8da4w", "executorch", shape.tied_embeddings)
     a17 = get_device("apple-a17-pro")
@@ -336,11 +338,7 @@ def test_cli_simulate_config_json(tmp_path):
 
 
 def test_cli_simulate_bundle(tmp_path):
-    config = MLLMConfig(text=TextConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                        num_attention_heads=4),
-                        vision=VisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
-                                            num_hidden_layers=2, num_attention_heads=4),
-                        projector=ProjectorConfig(type="ldpv2"))
+    config = tiny_mllm_config()
     manifest = {"format": "executorch", "quantization": "8da4w", "model": config.to_dict(), "max_seq_len": 256}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     proc = edge_mllm("simulate", str(tmp_path), "--device", "apple-a17-pro", "--prompt-tokens", "20")

@@ -81,10 +81,14 @@ def runner_metadata(loaded: LoadedModel, max_seq_len: int) -> dict[str, object]:
     return meta
 
 
-def export_methods(specs: dict[str, MethodSpec], progress: bool) -> dict[str, ExportedProgram]:
-    """``torch.export`` each method (non-strict, as ExecuTorch's LLM export does)."""
+def export_methods(specs: dict[str, MethodSpec], progress: bool,
+                   step: Callable[[str], None] | None = None) -> dict[str, ExportedProgram]:
+    """``torch.export`` each method (non-strict, as ExecuTorch's LLM export does). ``step(name)`` is
+    called before each method (a caller's own progress bar)."""
     programs = {}
     for name, spec in tqdm(sorted(specs.items()), desc="torch.export", disable=not progress):
+        if step is not None:
+            step(f"torch.export {name}")
         with torch.no_grad():
             programs[name] = torch.export.export(
                 spec.module.eval(), spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, strict=False
@@ -96,12 +100,16 @@ def lower_to_pte(
     programs: dict[str, ExportedProgram],
     partitioners: Callable[[str], list],
     constant_methods: dict[str, object],
+    step: Callable[[str], None] | None = None,
 ) -> bytes:
-    """Edge dialect + delegation + ExecuTorch program, serialized."""
+    """Edge dialect + delegation + ExecuTorch program, serialized. ``step(stage)`` is called before
+    each of the two stages (delegation, which packs the weights, takes most of the time)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+    if step is not None:
+        step("lower (edge dialect, delegation)")
     edge = to_edge_transform_and_lower(
         programs,
         partitioner={name: partitioners(name) for name in programs},
@@ -110,6 +118,8 @@ def lower_to_pte(
         # ExecuTorch's own LLM exports do
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
     )
+    if step is not None:
+        step("memory planning, serialize")
     program = edge.to_executorch(
         ExecutorchBackendConfig(
             extract_delegate_segments=True,
@@ -176,8 +186,14 @@ def build_program(
     load_quantized_ops()
     model = loaded.model.eval()
     config = model.config
-    steps = tqdm(total=4, desc="executorch export", disable=not progress)
+    # stages: source transform, torch.export of each method (2 or 3), delegation, serialization
+    steps = tqdm(total=5 + config.has_vision, desc="executorch export", disable=not progress)
     steps.set_postfix_str("source transform")
+
+    def step(stage: str) -> None:  # the stage shown is done
+        steps.update()
+        steps.set_postfix_str(stage)
+
     vision = None
     if config.has_vision:
         vision = FusedRGBVisionEncoder(model) if fuse_vision else VisionEncoder(model)
@@ -194,17 +210,13 @@ def build_program(
     image_size = config.vision.image_size if vision is not None else 0
     image_dtype = torch.uint8 if fuse_vision else torch.float32
     specs = method_specs(vision, embedding, decoder, image_size, config.text.hidden_size, max_seq_len, image_dtype)
-    steps.update()
-    steps.set_postfix_str("torch.export")
     with warnings.catch_warnings():
         for notice in LIBRARY_NOTICES:
             warnings.filterwarnings("ignore", message=notice, category=FutureWarning)
-        programs = export_methods(specs, progress=False)
-        steps.update()
-        steps.set_postfix_str("lower")
+        programs = export_methods(specs, progress=False, step=step)
         metadata = runner_metadata(loaded, max_seq_len)
-        pte = lower_to_pte(programs, lambda name: partitioners(name, quantized or int8_vision), metadata)
-    steps.update(2)
+        pte = lower_to_pte(programs, lambda name: partitioners(name, quantized or int8_vision), metadata, step)
+    steps.update()
     steps.close()
     return BuiltProgram(pte, max_seq_len, metadata, describe_methods(specs, model, max_seq_len), used)
 
