@@ -209,7 +209,7 @@ def simulate(shape: ModelShape, plan: WeightPlan, device: DeviceProfile, backend
         if vision_format.compute in backend.accelerator(device).estimated:
             notes.append(f"{device.key}: the {backend.unit.upper()}'s {vision_format.compute} peak is an estimate "
                          "(see `edge-mllm devices --json`)")
-    compute = {p: roof.compute(p, batch_threads) / 1e9 for p in sorted({precision})}
+    compute = {precision: roof.compute(precision, batch_threads) / 1e9}
     if images:
         key = vision_format.compute if vision_roof is roof else f"vision {vision_format.compute}"
         compute[key] = vision_roof.compute(vision_format.compute, batch_threads) / 1e9
