@@ -7,16 +7,18 @@ Any image from 1×1 up is accepted, from a path, bytes, PIL image or numpy array
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edge_mllm.errors import ImageError
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
+EXIF_ORIENTATION = 0x0112  # camera rotation tag: 1 upright, 3/6/8 rotated, 2/4/5/7 mirrored
 
 # What a vision graph takes (an exported bundle's ``image_preprocessing.vision_input``), [N, 3, S, S]:
 NORMALIZED = "normalized_float32"  # (x / 255 − mean) / std: the reference (unfused) encoder
@@ -37,10 +39,18 @@ def _from_array(array: np.ndarray) -> Image.Image:
 
 
 def _open(source: str | Path | bytes) -> Image.Image:
+    """Decode a file or bytes, upright: a camera's EXIF orientation is applied (phone photos are stored
+    sideways with a rotate tag), as transformers' ``load_image`` does."""
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        image.load()
+        with warnings.catch_warnings():
+            # images past PIL's warning size (89 M pixels) but under its error size are fine: they are
+            # resized; the error size still refuses decompression bombs (below)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            image.load()
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            ImageOps.exif_transpose(image, in_place=True)
         return image
     except FileNotFoundError as exc:
         raise ImageError(f"image not found: {name}") from exc
@@ -72,9 +82,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(image: ImageInput) -> Image.Image:
-    """Read an image from a path, bytes, PIL image or numpy array, as RGB."""
+    """Read an image from a path, bytes, PIL image or numpy array, as RGB, upright (EXIF orientation
+    applied, as transformers' ``load_image``; a PIL image given is not modified)."""
     if isinstance(image, Image.Image):
-        pil = image
+        pil = ImageOps.exif_transpose(image) if image.getexif().get(EXIF_ORIENTATION, 1) != 1 else image
     elif isinstance(image, np.ndarray):
         pil = _from_array(image)
     elif isinstance(image, (str, Path, bytes)):

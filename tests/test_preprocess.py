@@ -405,6 +405,33 @@ def test_decompression_bomb_is_an_image_error():
         load_image(_png_header_only(40000, 40000))
 
 
+def test_images_between_pils_warning_and_error_sizes_decode_quietly(recwarn):
+    # 10000 x 9000 px: past Pillow's DecompressionBombWarning size, under its error size
+    buffer = io.BytesIO()
+    Image.new("L", (10000, 9000), 7).save(buffer, format="PNG")
+    assert load_image(buffer.getvalue()).size == (10000, 9000)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored landscape with "rotate 90° clockwise" (Orientation 6) is read upright,
+    as transformers' load_image reads it, from a path, bytes or an opened PIL image (left as it is)."""
+    from transformers.image_utils import load_image as hf_load_image
+
+    stored = Image.new("RGB", (100, 50), (0, 0, 0))
+    stored.paste((255, 0, 0), (0, 0, 10, 10))  # a red mark at the stored image's top left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.jpg"
+    stored.save(path, exif=exif, quality=95)
+    ours = load_image(path)
+    assert ours.size == (50, 100) == hf_load_image(str(path)).size
+    assert ours.getpixel((45, 5))[0] > 200  # the mark, turned to the top right
+    assert np.array_equal(np.asarray(load_image(path.read_bytes())), np.asarray(ours))
+    opened = Image.open(path)
+    assert load_image(opened).size == (50, 100) and opened.size == (100, 50)
+
+
 def test_errors_are_edge_mllm_errors():
     from edge_mllm.errors import EdgeMLLMError
 
