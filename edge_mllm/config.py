@@ -19,6 +19,15 @@ PROJECTOR_TYPES = ("mlp2x_gelu", "ldp", "ldpv2", "query")
 ASPECT_MODES = ("pad", "crop")
 
 
+def check_sizes(config: object, where: str, names: tuple[str, ...]) -> None:
+    """Raise unless each named field of ``config`` is a whole number ≥ 1 (configs read from JSON can
+    hold 22.5, "2048", null, true or -1, which would otherwise fail later as arithmetic errors)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where} {name} must be a positive integer, not {value!r}")
+
+
 @dataclass
 class VisionConfig:
     """A CLIP-style ViT (CLIPVisionConfig names) plus which layer's features feed the connector."""
@@ -40,6 +49,8 @@ class VisionConfig:
     image_std: tuple[float, ...] = CLIP_STD
 
     def __post_init__(self) -> None:
+        check_sizes(self, "vision", ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
+                                     "num_hidden_layers", "num_attention_heads"))
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
         if self.image_size % self.patch_size:
@@ -106,6 +117,10 @@ class TextConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        check_sizes(self, "LLM", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
+        if self.head_dim is not None:
+            check_sizes(self, "LLM", ("head_dim",))
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError("hidden_size must be divisible by num_attention_heads")

@@ -50,6 +50,17 @@ def test_ldp_rejects_odd_grid():
     build_projector(ProjectorConfig("mlp2x_gelu"), odd, 64)  # fine for a per-token MLP
 
 
+@pytest.mark.parametrize("bad", [22.5, "2048", None, True, 0, -2048, float("nan")])
+def test_config_sizes_must_be_positive_integers(bad):
+    """JSON configs can hold any of these; each is refused by name, not met later as arithmetic."""
+    with pytest.raises(ConfigError, match=rf"LLM hidden_size must be a positive integer, not {bad!r}"):
+        TextConfig(hidden_size=bad, num_attention_heads=4)
+    with pytest.raises(ConfigError, match=r"vision patch_size must be a positive integer"):
+        VisionConfig(patch_size=bad)
+    with pytest.raises(ConfigError, match=r"LLM head_dim must be a positive integer"):
+        TextConfig(head_dim=bad if bad is not None else -1)
+
+
 def test_query_connector_attends_to_position():
     """Learned queries must see where features are, not only what they are (2-D sin-cos positions)."""
     torch.manual_seed(0)
