@@ -112,9 +112,16 @@ def test_bad_requests_fail_clearly(bundles, fmt, test_image):
 def test_not_a_bundle_or_unknown_format(bundles, tmp_path):
     from edge_mllm.export.onnx.runtime import OnnxRunner
 
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "tflite"}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "tflite", "files": [], "model": {}}))
     with pytest.raises(CheckpointError, match="unknown bundle format 'tflite'"):
         runtime.load(tmp_path)
+    # a manifest missing what every bundle has, or its format's own section
+    manifest = json.loads((bundles["gguf"] / "manifest.json").read_text())
+    for key, message in (("files", "'files' missing"), ("model", "'model' missing"),
+                         ("gguf", "its 'gguf' section is missing")):
+        (tmp_path / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != key}))
+        with pytest.raises(CheckpointError, match=message):
+            runtime.load(tmp_path)
     with pytest.raises(CheckpointError, match="is a 'gguf' bundle"):
         OnnxRunner(bundles["gguf"])
     (tmp_path / "manifest.json").write_text("{not json")

@@ -40,8 +40,13 @@ def read_manifest(bundle_dir: str | Path) -> dict:
         raise CheckpointError(f"{bundle_dir} is not an exported bundle: {MANIFEST} is missing") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is unreadable: {exc}") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", []), list):
+    if not isinstance(manifest, dict):
         raise CheckpointError(f"{path} is malformed: not a bundle manifest")
+    # what every exporter writes and every reader needs: the file list is checked before any load
+    needed = {"format": str, "files": list, "model": dict}
+    wrong = [key for key, kind in needed.items() if not isinstance(manifest.get(key), kind)]
+    if wrong:
+        raise CheckpointError(f"{path} is malformed: {', '.join(repr(k) for k in wrong)} missing or of the wrong type")
     return manifest
 
 
@@ -76,6 +81,9 @@ class BundleRuntime(ABC):
         fmt = self.manifest.get("format")
         if fmt not in self.formats:
             raise CheckpointError(f"{self.path} is a {fmt!r} bundle, not {' / '.join(self.formats)}")
+        section = fmt.split("-")[0]  # the format's own settings (executorch-coreml's are under executorch)
+        if not isinstance(self.manifest.get(section), dict):
+            raise CheckpointError(f"{self.path / MANIFEST} is malformed: its {section!r} section is missing")
         verify_files(self.path, self.manifest)
         try:
             self.stop_token_ids = tuple(int(t) for t in self.manifest.get("special_tokens", {}).get("stop", ()))
