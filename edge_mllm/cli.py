@@ -659,6 +659,8 @@ def simulate_command(bundle, config_path, quant, device, backend, threads, batch
             plan = weight_plan(None if quant.lower() == "none" else quant, runtime.family, shape.tied_embeddings)
         except ConfigError as exc:
             raise click.BadParameter(str(exc), param_hint="'--quant'") from exc
+    if images and shape.vision is None:
+        raise click.BadParameter(f"{shape.name} has no vision encoder: it takes no images", param_hint="'--images'")
     scenario = Scenario(prompt_tokens=prompt_tokens, images=1 if images is None else images, threads=threads,
                         batch_threads=batch_threads, context=context)
     try:

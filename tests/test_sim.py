@@ -361,6 +361,8 @@ def test_cli_usage_errors_list_valid_names(tmp_path):
     assert proc.returncode == 2 and "q4_k_m" in proc.stderr
     proc = edge_mllm("simulate", "--device", "tensor-g3")
     assert proc.returncode == 2 and "BUNDLE" in proc.stderr
+    proc = edge_mllm("simulate", "--config", str(tmp_path), "--quant", "q4_0", "--device", "tensor-g3", "--images", "2")
+    assert proc.returncode == 2 and "has no vision encoder: it takes no images" in proc.stderr
     proc = edge_mllm("simulate", "--config", str(tmp_path), "--quant", "q4_0", "--device", "tensor-g3",
                      "--context", "40000")
     assert proc.returncode == 2 and "past" in proc.stderr and "32768 positions" in proc.stderr
