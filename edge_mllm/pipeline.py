@@ -83,7 +83,9 @@ class Pipeline:
         if not images:
             return None
         if self.image_processor is None:
-            raise EdgeMLLMError("this model has no vision encoder: it cannot take images")
+            why = self.model.config.notes.get("mmproj")
+            raise EdgeMLLMError("this model has no vision encoder: it cannot take images"
+                                + (f" ({why})" if why else ""))
         key = _file_key(images)
         if key is not None and self._image_cache is not None and self._image_cache[0] == key:
             return self._image_cache[1]

@@ -14,7 +14,8 @@ from conftest import build_llama
 from edge_mllm.checkpoint import load_model
 from edge_mllm.checkpoint.gguf import load_gguf
 from edge_mllm.default import smollm2_gguf_path
-from edge_mllm.errors import CheckpointError
+from edge_mllm.errors import CheckpointError, EdgeMLLMError
+from edge_mllm.pipeline import Pipeline
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -118,7 +119,12 @@ def test_folder_with_one_gguf_loads(tiny_gguf, tmp_path):
     path, _ = tiny_gguf
     (tmp_path / "model.gguf").write_bytes(path.read_bytes())
     (tmp_path / "mmproj-model-f16.gguf").write_bytes(b"GGUF")  # mmproj files are not the LLM
-    assert load_model(tmp_path).model.config.text.num_hidden_layers == 2
+    loaded = load_model(tmp_path)
+    assert loaded.model.config.text.num_hidden_layers == 2
+    # ... and a user who expects it to see is told why it does not
+    assert "mmproj*.gguf beside it is not read" in loaded.model.config.notes["mmproj"]
+    with pytest.raises(EdgeMLLMError, match="no vision encoder: it cannot take images .the mmproj"):
+        Pipeline(loaded).encode_images([np.zeros((8, 8, 3), np.uint8)])
 
 
 def test_garbage_gguf(tmp_path):

@@ -25,9 +25,20 @@ class Layout:
     load: Callable[[Path], LoadedModel]
 
 
+def _load_gguf_folder(path: Path) -> LoadedModel:
+    """A llama GGUF (or the folder holding one); a llama.cpp ``mmproj`` beside it is not a vision tower
+    our model reads, which the config's notes say (``info``, and the error for an image)."""
+    loaded = load_gguf(find_gguf(path))
+    if path.is_dir() and any(path.glob("mmproj*.gguf")):
+        loaded.model.config.notes["mmproj"] = (
+            "the mmproj*.gguf beside it is not read: it runs in llama.cpp, as part of an exported GGUF bundle "
+            "(a folder with its manifest.json)")
+    return loaded
+
+
 LAYOUTS = (
     Layout("edge-mllm", is_native, load_native),
-    Layout("gguf", lambda p: find_gguf(p) is not None, lambda p: load_gguf(find_gguf(p))),
+    Layout("gguf", lambda p: find_gguf(p) is not None, _load_gguf_folder),
     Layout("llava/mobilevlm", is_llava_family, load_llava_family),
     Layout("hf-llama", is_hf_llama, load_hf_llama),
 )
