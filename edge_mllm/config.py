@@ -119,12 +119,12 @@ class TextConfig:
             self.num_key_value_heads = self.num_attention_heads
         check_sizes(self, "LLM", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
-        if self.head_dim is not None:
-            check_sizes(self, "LLM", ("head_dim",))
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError("hidden_size must be divisible by num_attention_heads")
             self.head_dim = self.hidden_size // self.num_attention_heads
+        else:
+            check_sizes(self, "LLM", ("head_dim",))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
 

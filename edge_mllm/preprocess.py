@@ -38,6 +38,27 @@ def _from_array(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)))
 
 
+def _decode_failure(exc: BaseException) -> str:
+    """Why PIL or the OS could not read an image, in one phrase (the errors ``_open`` and
+    ``image_problem`` catch)."""
+    if isinstance(exc, FileNotFoundError):
+        return "image not found"
+    if isinstance(exc, IsADirectoryError):
+        return "image path is a directory"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file (unrecognised format)"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"image is too large to decode safely ({exc})"
+    return f"cannot decode image ({exc})"
+
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _rotated(image: Image.Image) -> bool:
+    return image.getexif().get(EXIF_ORIENTATION, 1) != 1
+
+
 def _open(source: str | Path | bytes) -> Image.Image:
     """Decode a file or bytes, upright: a camera's EXIF orientation is applied (phone photos are stored
     sideways with a rotate tag), as transformers' ``load_image`` does."""
@@ -45,23 +66,26 @@ def _open(source: str | Path | bytes) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # images past PIL's warning size (89 M pixels) but under its error size are fine: they are
-            # resized; the error size still refuses decompression bombs (below)
+            # resized; the error size still refuses decompression bombs
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
             image.load()
-        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        if _rotated(image):
             ImageOps.exif_transpose(image, in_place=True)
         return image
-    except FileNotFoundError as exc:
-        raise ImageError(f"image not found: {name}") from exc
-    except IsADirectoryError as exc:
-        raise ImageError(f"image path is a directory: {name}") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageError(f"not an image file (unrecognised format): {name}") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"image is too large to decode safely: {name} ({exc})") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot decode image {name}: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"{_decode_failure(exc)}: {name}") from exc
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not an image this module can read, from its header alone (fast enough to check
+    every image of a data set before a long run; a file cut short after its header still fails where
+    it is decoded), or None."""
+    try:
+        with Image.open(path):
+            return None
+    except _DECODE_ERRORS as exc:
+        return _decode_failure(exc)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -85,7 +109,7 @@ def load_image(image: ImageInput) -> Image.Image:
     """Read an image from a path, bytes, PIL image or numpy array, as RGB, upright (EXIF orientation
     applied, as transformers' ``load_image``; a PIL image given is not modified)."""
     if isinstance(image, Image.Image):
-        pil = ImageOps.exif_transpose(image) if image.getexif().get(EXIF_ORIENTATION, 1) != 1 else image
+        pil = ImageOps.exif_transpose(image) if _rotated(image) else image
     elif isinstance(image, np.ndarray):
         pil = _from_array(image)
     elif isinstance(image, (str, Path, bytes)):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_mllm.errors import EdgeMLLMError
+from edge_mllm.preprocess import image_problem
 from edge_mllm.tokenizer import IMAGE_MARKER
 
 ROLES = {"human": "user", "gpt": "assistant"}
@@ -86,25 +87,11 @@ def load_conversations(json_path: str | Path, image_folder: str | Path | None = 
     missing = [str(image) for image in images if not image.is_file()]
     if missing:
         raise DataError(f"{len(missing)} image(s) listed in {json_path} are missing, e.g. {missing[0]}")
-    unreadable = {str(image): why for image in images if (why := _unreadable(image))}
+    unreadable = {str(image): why for image in images if (why := image_problem(image))}
     if unreadable:
         first = next(iter(unreadable.items()))
         raise DataError(f"{len(unreadable)} image(s) listed in {json_path} cannot be read, e.g. {first[0]}: {first[1]}")
     return conversations
-
-
-def _unreadable(path: Path) -> str | None:
-    """Why ``path`` is not an image PIL can open, from its header alone (a fast check of every image
-    before a long run; a file cut short after its header still fails where it is decoded), or None."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path):
-            return None
-    except UnidentifiedImageError:
-        return "not an image file (unrecognised format)"
-    except (OSError, SyntaxError, ValueError) as exc:
-        return str(exc)
 
 
 def single_turns(conversations: list[Conversation]) -> list[Conversation]:
