@@ -48,6 +48,10 @@ class Backend(ABC):
     # a format without one says why here (None: it has one).
     int8_vision: bool = False
     int8_vision_unsupported: ClassVar[str | None] = "this format has no int8 vision option"
+    # Write option: 4-bit linears read their inputs as two int8 digits (about 15 bits) where the
+    # format's GEMMs round activations to int8; a format without that says why here.
+    two_digit_activations: bool = False
+    two_digit_unsupported: ClassVar[str | None] = "its 4-bit GEMMs do not round activations to int8 per token"
     # Write option: the calibration inputs the quantization was computed on (None: it needed none), for
     # a format that calibrates something of its own, so one export builds them once.
     calibration: Sequence[torch.Tensor] | None = None
@@ -153,14 +157,18 @@ def build_manifest(
     }
 
 
-def check_options(fmt: str | None, quant: str | None, int8_vision: bool = False) -> None:
+def check_options(fmt: str | None, quant: str | None, int8_vision: bool = False,
+                  two_digit_activations: bool = False) -> None:
     """Raise ConfigError / QuantError for export options no model could satisfy: an unknown format, a
     ``quant`` that is neither one of our schemes nor a native type of ``fmt`` (of any format when
-    ``fmt`` is None, i.e. still to be picked), int8 vision in a format without it. It needs no model,
+    ``fmt`` is None, i.e. still to be picked), int8 vision or two-digit activations in a format without
+    them. It needs no model,
     so the CLI runs it before loading one and reports these as usage errors."""
     targets = [backend(fmt)] if fmt is not None else [backend(name) for name in FORMATS]
     if int8_vision and fmt is not None and targets[0].int8_vision_unsupported:
         raise ConfigError(f"int8 vision weights in {fmt} bundles: {targets[0].int8_vision_unsupported}")
+    if two_digit_activations and fmt is not None and targets[0].two_digit_unsupported:
+        raise ConfigError(f"two-digit activations in {fmt} bundles: {targets[0].two_digit_unsupported}")
     native = sorted({name for t in targets for name in t.native_quant})
     if quant is None or quant.lower() in native:
         return
@@ -235,7 +243,7 @@ def context_capped(loaded: LoadedModel, max_context: int | None) -> Iterator[Non
 def export_bundle(
     loaded: LoadedModel, fmt: str, out_dir: str | Path, *, quant: str | None = None, progress: bool = True,
     fuse_vision: bool = True, int8_vision: bool = False, max_context: int | None = None,
-    manifest_extra: dict | None = None,
+    manifest_extra: dict | None = None, two_digit_activations: bool = False,
 ) -> Path:
     """Export ``loaded`` as a ``fmt`` bundle at ``out_dir`` (replaced only on success).
 
@@ -243,14 +251,17 @@ def export_bundle(
     None (floats, or a quantized model's own codes). ``fuse_vision``: the vision part as the fused graph
     (``Backend.fuse_vision``); False keeps the reference one, which reads normalised pixels.
     ``int8_vision``: the vision tower's matrices as int8 (``Backend.int8_vision``).
-    ``max_context``: cap the bundle's context (prompt + image tokens + answer) below the model's
-    (:func:`context_capped`). ``manifest_extra``: more top-level manifest keys (e.g. ``target``)."""
-    check_options(fmt, quant, int8_vision)
+    ``two_digit_activations``: 4-bit linears read their inputs as two int8 digits
+    (``Backend.two_digit_activations``). ``max_context``: cap the bundle's context (prompt + image
+    tokens + answer) below the model's (:func:`context_capped`). ``manifest_extra``: more top-level
+    manifest keys (e.g. ``target``)."""
+    check_options(fmt, quant, int8_vision, two_digit_activations)
     target = backend(fmt)
     target.fuse_vision = fuse_vision
     if int8_vision and not loaded.model.config.has_vision:
         raise ConfigError("int8 vision weights: the model has no vision encoder")
     target.int8_vision = int8_vision
+    target.two_digit_activations = two_digit_activations
     scheme, native = parse_quant(loaded, target, quant)
     with context_capped(loaded, max_context):
         target.check(loaded, scheme, native)

@@ -140,8 +140,11 @@ def test_usage_errors_exit_2(tmp_path, args, fragment):
         (["--format", "onnx", "--quant", "gptq-w3-g32"], "3-bit weights are not supported"),
         (["--target", "tensor-g3", "--quant", "zzz"], "a format's own types"),
         (["--format", "executorch-vulkan", "--int8-vision"], "int8 vision weights in executorch-vulkan bundles"),
+        (["--format", "gguf", "--two-digit-activations"], "two-digit activations in gguf bundles"),
+        (["--format", "executorch-coreml", "--two-digit-activations"], "use --format executorch"),
     ],
-    ids=["gguf-unknown-quant", "quant-of-another-format", "bad-scheme", "target-unknown-quant", "et-int8-vision"],
+    ids=["gguf-unknown-quant", "quant-of-another-format", "bad-scheme", "target-unknown-quant", "et-int8-vision",
+         "gguf-two-digits", "coreml-two-digits"],
 )
 def test_export_option_errors_exit_2_before_loading(tmp_path, args, fragment):
     # The model path does not exist: exit 2 (not "not found", exit 1) shows the options are checked first.

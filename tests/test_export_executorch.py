@@ -20,7 +20,13 @@ pytest.importorskip("executorch.runtime", reason="executorch is not installed")
 from edge_mllm.export.bundle import MANIFEST, backend, export_bundle  # noqa: E402
 from edge_mllm.export.executorch import program as et_program  # noqa: E402
 from edge_mllm.export.executorch.bundle import ExecuTorchBackend  # noqa: E402
-from edge_mllm.export.executorch.quantize import CodesLinear, input_outliers, xnnpack_int4  # noqa: E402
+from edge_mllm.export.executorch.quantize import (  # noqa: E402
+    CodesLinear,
+    input_outliers,
+    input_peaks,
+    two_digit_steps,
+    xnnpack_int4,
+)
 from edge_mllm.export.executorch.runtime import ExecuTorchRunner, multimodal_runner  # noqa: E402
 from edge_mllm.quant.groupwise import quantize_rtn  # noqa: E402
 
@@ -271,11 +277,50 @@ def test_outlier_channels_skip_the_int8_rounding_and_keep_the_weights():
     assert torch.equal(rebuilt, qt.dequantize())
 
 
+def test_two_digit_activations_keep_about_15_bits_in_executorch():
+    """Each input as two int8 digits (a fixed-step high digit, the per-token remainder ×128): in
+    ExecuTorch's XNNPACK GEMM the linear's output error falls far below one int8 rounding's, the GEMM
+    reads the codes twice (scales × step, × step / 128) and nothing runs outside the delegate."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.runtime import Runtime
+    from torch.export import Dim
+
+    g = torch.Generator().manual_seed(0)
+    qt = quantize_rtn(torch.randn(48, 96, generator=g), 4, 32, False, float_min=True)
+    linear = torch.nn.Linear(96, 48, bias=False)
+    x = torch.randn(1, 9, 96, generator=g)
+    x[..., 40] *= 300  # one outlier channel, computed in fp32 beside the GEMM
+    # the weights as XNNPACK holds them (group scales in bf16; the outlier's column exact, beside the
+    # GEMM), so that only the activations' rounding differs
+    weight, offsets = xnnpack_int4(qt)
+    scales = weight.scale.to(torch.bfloat16).float().repeat_interleave(32, dim=1)
+    held = weight.qdata.float() * scales + offsets.repeat_interleave(32, dim=1)
+    held[:, 40] = qt.dequantize()[:, 40]
+    exact = x @ held.T
+    outliers = {"l": torch.tensor([40])}
+    step = two_digit_steps({"l": x.abs().reshape(-1, 96).amax(0)}, outliers)["l"]
+    assert step == 2.0 ** round(torch.log2(torch.tensor(step)).item())  # a power of two
+    error = {}
+    for name, high_step in (("int8", None), ("two digits", step)):
+        codes = CodesLinear(linear, qt, outliers["l"], high_step)
+        program = torch.export.export(codes.eval(), (x,), dynamic_shapes=({1: Dim("t", min=1, max=64)},),
+                                      strict=False)
+        pte = et_program.lower_to_pte({"forward": program}, lambda _: [XnnpackPartitioner()], {})
+        assert et_program.non_delegated_ops(pte) == {"forward": []}
+        method = Runtime.get().load_program(pte).load_method("forward")
+        error[name] = float((method.execute([x])[0] - exact).norm() / exact.norm())
+    assert error["two digits"] < 0.05 * error["int8"], error
+    q, scale = codes.linear.weight.qdata, codes.linear.weight.scale
+    assert torch.equal(q[:, :96], q[:, 128:]) and not q[:, 96:128].any()
+    assert torch.equal(scale[:, :3], scale[:, 4:] * 128)
+    assert torch.equal(scale[:, :3] / step, xnnpack_int4(qt)[0].scale)
+
+
 def test_input_outliers_finds_the_large_channels(llama_folder):
     loaded = load_model(llama_folder[0])
     _with_activation_outliers(loaded)
     lm = loaded.model.language_model
-    found = input_outliers(lm, [lm.embed(torch.tensor([[1, 5, 9, 14, 3, 7]]))], count=3)
+    found = input_outliers(input_peaks(lm, [lm.embed(torch.tensor([[1, 5, 9, 14, 3, 7]]))]), count=3)
     names = {name.removeprefix("model.") for name, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
     assert set(found) == names
     for name, channels in found.items():
@@ -297,8 +342,11 @@ def test_outlier_channels_come_from_the_quantizations_calibration_when_there_is_
     target = backend("executorch")
     target.calibration = [lm.embed(torch.tensor([[1, 5, 9, 14, 3, 7]]))]
     monkeypatch.setattr(calibration, "calibration_set", lambda *a, **k: pytest.fail("built a second set"))
-    found, expected = target.activation_outliers(loaded, weights), input_outliers(lm, target.calibration)
+    target.two_digit_activations = True
+    (found, steps), peaks = target.activation_plan(loaded, weights), input_peaks(lm, target.calibration)
+    expected = input_outliers(peaks)
     assert found.keys() == expected.keys() and all(torch.equal(found[k], expected[k]) for k in found)
+    assert steps == two_digit_steps(peaks, expected)
 
 
 def test_4bit_bundle_agrees_with_the_quantized_pytorch_model(q4_bundle):
@@ -362,19 +410,23 @@ def test_outlier_channels_and_smoothquant_bring_executorch_8da4w_closer_to_pytor
     """8da4w rounds each token's activations to int8; outlier channels set the step. Keeping each
     linear's largest input channels out of the rounding (the default), or ``-sq`` codes (scales migrated
     into the weights before rounding), must each leave the bundle closer to the PyTorch model carrying
-    the same codes than plain codes rounded whole."""
+    the same codes than plain codes rounded whole; two-digit activations closer still."""
     errors = {}
-    for name, scheme, channels in (("int8", "rtn-w4-g32", 0), ("sq", "rtn-w4-g32-sq", 0),
-                                   ("outliers fp32", "rtn-w4-g32", 4)):
+    for name, scheme, channels, two_digits in (("int8", "rtn-w4-g32", 0, False), ("sq", "rtn-w4-g32-sq", 0, False),
+                                               ("outliers fp32", "rtn-w4-g32", 4, False),
+                                               ("two digits", "rtn-w4-g32", 4, True)):
         monkeypatch.setattr(ExecuTorchBackend, "outlier_channels", channels)
         loaded = load_model(llama_folder[0])
         _with_activation_outliers(loaded)
-        out = export_bundle(loaded, "executorch", tmp_path / name, quant=scheme, progress=False)
+        out = export_bundle(loaded, "executorch", tmp_path / name, quant=scheme, progress=False,
+                            two_digit_activations=two_digits)
         errors[name] = _runtime_error(loaded, out)
-        info = json.loads((out / MANIFEST).read_text())["executorch"]["quantization"]
-        assert ("int8_activations" in info) == bool(channels)
+        info = json.loads((out / MANIFEST).read_text())["executorch"]
+        assert ("int8_activations" in info["quantization"]) == bool(channels)
+        assert info["two_digit_activations"] is two_digits
     assert errors["sq"] < 0.5 * errors["int8"], errors
     assert errors["outliers fp32"] < 0.5 * errors["int8"], errors
+    assert errors["two digits"] < 0.5 * errors["outliers fp32"], errors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,6 +469,10 @@ def test_bad_input_fails_fast_and_leaves_nothing(mobilevlm_v2, tmp_path, monkeyp
         export_bundle(loaded, "executorch", tmp_path / "a", quant="8da3w", progress=False)
     with pytest.raises(QuantError):
         export_bundle(loaded, "executorch", tmp_path / "a", quant="rtn-w3-g32", progress=False)
+    for quant, why in ((None, "no 4-bit linears"), ("rtn-w8-g32", "no 4-bit linears"), ("8da4w", "torchao's own")):
+        with pytest.raises(ConfigError, match=f"two-digit activations are for our 4-bit codes.*{why}"):
+            export_bundle(loaded, "executorch", tmp_path / "a", quant=quant, two_digit_activations=True,
+                          progress=False)
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(OutputError, match="cannot write in"):
         export_bundle(loaded, "executorch", tmp_path / "file" / "bundle", progress=False)

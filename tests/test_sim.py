@@ -17,7 +17,7 @@ import pytest
 from edge_mllm.config import MLLMConfig, ProjectorConfig, TextConfig, VisionConfig
 from edge_mllm.errors import ConfigError
 from edge_mllm.sim.backends import BACKENDS, Backend, Efficiency, get_backend
-from edge_mllm.sim.formats import F32, WeightFormat, WeightPlan, weight_plan
+from edge_mllm.sim.formats import F32, WeightFormat, WeightPlan, bundle_weight_plan, weight_plan
 from edge_mllm.sim.predict import MIB, Scenario, simulate
 from edge_mllm.sim.profiles import ISA, Cluster, DeviceProfile, device_names, get_device, load_data
 from edge_mllm.sim.shapes import ModelShape, shape_from_config, shape_from_hf_config
@@ -177,6 +177,20 @@ def test_mixed_schemes_keep_edge_blocks_and_embedding_at_8_bits():
     assert plan.edge_blocks.bits == plan.embedding.bits == plan.lm_head.bits == pytest.approx(8.5)
     assert weight_plan(None, "gguf", tied=True).blocks.compute == "fp16"
     assert weight_plan(None, "executorch", tied=True).vision is F32
+
+
+def test_two_digit_activations_read_the_4bit_weights_twice():
+    """An ExecuTorch bundle with two-digit activations holds each 4-bit GEMM's codes twice (high and
+    low digit): its decoder blocks and LM head read twice the bytes; 8-bit parts and other formats do not."""
+    one = bundle_weight_plan({"quantization": "rtn-w4-g32-mixed", "executorch": {}}, "executorch", tied=True)
+    two = bundle_weight_plan({"quantization": "rtn-w4-g32-mixed", "executorch": {"two_digit_activations": True}},
+                             "executorch", tied=True)
+    assert two.blocks.bits == 2 * one.blocks.bits and "two-digit" in two.blocks.name
+    assert two.edge_blocks == one.edge_blocks and two.lm_head.bits == one.embedding.bits  # the 8-bit parts
+    four = weight_plan("rtn-w4-g32", "executorch", tied=True, two_digit_activations=True)
+    assert four.lm_head.bits == 2 * weight_plan("rtn-w4-g32", "executorch", tied=True).embedding.bits
+    assert weight_plan("rtn-w4-g32", "gguf", tied=True, two_digit_activations=True) == weight_plan(
+        "rtn-w4-g32", "gguf", tied=True)
 
 
 def test_every_profile_loads_and_every_number_has_a_source():

@@ -114,6 +114,15 @@ def test_context_halves_until_the_memory_fits(config):
         plan_target(tiny, config, "m", available=no_sdk)
 
 
+def test_two_digit_activations_are_predicted_slower_and_larger(config):
+    from edge_mllm.sim.target import predict_for
+
+    device = get_device("tensor-g3")
+    one, two = (predict_for(config, "m", "executorch", DEFAULT_SCHEME, device, 4, 256, two_digit_activations=digits)
+                for digits in (False, True))
+    assert two.decode_tok_s < one.decode_tok_s and two.memory.peak_mib > one.memory.peak_mib
+
+
 def test_cli_export_target_records_the_plan_and_prints_the_prediction(llava, tmp_path, capsys):
     out = tmp_path / "sd8g3"
     code = main(["export", str(llava.path), "--target", "snapdragon-8-gen-3", "--format", "gguf", "-o", str(out)])
@@ -181,9 +190,10 @@ def test_cli_export_max_context_caps_the_bundle_not_the_model(llava, tmp_path, c
 def test_cli_export_target_phone_gets_smoothed_codes_in_executorch(llava, tmp_path, capsys):
     pytest.importorskip("executorch.runtime", reason="executorch is not installed")
     out = tmp_path / "tensor"
-    assert main(["export", str(llava.path), "--target", "tensor-g3", "-o", str(out)]) == 0
+    assert main(["export", str(llava.path), "--target", "tensor-g3", "--two-digit-activations", "-o", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "executorch" and manifest["quantization"] == EXECUTORCH_SCHEME
+    assert manifest["executorch"]["two_digit_activations"] is True
     assert manifest["executorch"]["quantization"]["source"] == EXECUTORCH_SCHEME
     assert "SmoothQuant" in manifest["target"]["reasons"]["quant"]
     assert f"quant        {EXECUTORCH_SCHEME}: our 4-bit codes" in capsys.readouterr().out

@@ -11,7 +11,7 @@ mean decode position of the benchmark's request."""
 from __future__ import annotations
 
 from edge_mllm.bench.subjects import Subject
-from edge_mllm.sim.formats import weight_plan
+from edge_mllm.sim.formats import bundle_weight_plan, weight_plan
 from edge_mllm.sim.predict import decode_weight_bytes
 from edge_mllm.sim.shapes import ModelShape, shape_from_config, shape_from_manifest
 
@@ -24,7 +24,7 @@ def _shape_plan_kv(subject: Subject, config=None) -> tuple[ModelShape, object, i
 
         backend = backend_for_format(subject.format)
         shape = shape_from_manifest(subject.manifest, subject.name)
-        return shape, weight_plan(subject.quantization, backend.family, shape.tied_embeddings), backend.kv_bytes
+        return shape, bundle_weight_plan(subject.manifest, backend.family, shape.tied_embeddings), backend.kv_bytes
     # eager runs the model's fp32 values (a quantized folder's codes are dequantized when loaded)
     shape = shape_from_config(config, subject.name)
     return shape, weight_plan(None, "executorch", shape.tied_embeddings), EAGER_KV_BYTES

@@ -9,7 +9,7 @@ tower. The simulator needs bytes (memory, decode traffic) and the precision the 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edge_mllm.errors import ConfigError
 
@@ -73,13 +73,14 @@ class WeightPlan:
     edge_blocks: WeightFormat | None = None
 
 
-def weight_plan(quant: str | None, family: str, tied: bool) -> WeightPlan:
+def weight_plan(quant: str | None, family: str, tied: bool, two_digit_activations: bool = False) -> WeightPlan:
     """The weight plan of a ``family`` bundle (``gguf``, ``executorch`` or ``onnx``) exported with
     ``quant``: one of our schemes (``awq-w4-g32``…), the family's own type, or None (floats).
 
     Follows what ``edge-mllm export`` writes (export/*/bundle.py): GGUF keeps the mmproj in F16 next to
     a quantized LLM (F32 next to F32); ExecuTorch and ONNX keep the vision tower in fp32; our schemes
-    store the vision tower as 8-bit codes, which only the GGUF mmproj runs as integers."""
+    store the vision tower as 8-bit codes, which only the GGUF mmproj runs as integers.
+    ``two_digit_activations``: an ExecuTorch bundle of our 4-bit codes exported with them."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown bundle family {family!r} (choose from {', '.join(FAMILIES)})")
     label = quant or "float"
@@ -104,8 +105,9 @@ def weight_plan(quant: str | None, family: str, tied: bool) -> WeightPlan:
         eight = _grouped(f"{scheme.name} (8-bit part)", 8, scheme.group_size, scale_bits)
         sensitive = eight if scheme.mixed else fmt
         vision = WeightFormat("8-bit codes", 8.5, "int8") if family == "gguf" else F32
-        return WeightPlan(scheme.name, fmt, sensitive, None if tied else sensitive, vision,
+        plan = WeightPlan(scheme.name, fmt, sensitive, None if tied else sensitive, vision,
                           edge_blocks=eight if scheme.mixed else None)
+        return _read_twice(plan) if two_digit_activations and family == "executorch" else plan
     if family == "gguf" and name in GGUF_TYPES:
         fmt = GGUF_TYPES[name]
         return WeightPlan(name, fmt, fmt, None if tied else fmt, F32 if fmt is F32 else F16)
@@ -128,3 +130,21 @@ def quant_help(family: str) -> str:
     """The quantization labels ``family`` accepts, for error messages."""
     native = {"gguf": ", ".join(GGUF_TYPES), "executorch": "8da4w[-gN], 8da8w", "onnx": "ort-int4[-gN]"}[family]
     return f"use one of our schemes (METHOD-wBITS-gGROUP[-asym][-mixed], e.g. awq-w4-g32) or {native}"
+
+
+
+def bundle_weight_plan(manifest: dict, family: str, tied: bool) -> WeightPlan:
+    """The weight plan of an exported bundle, from its manifest (its quantization label, and whether
+    an ExecuTorch bundle's 4-bit linears take two-digit activations)."""
+    two_digits = bool(manifest.get("executorch", {}).get("two_digit_activations"))
+    return weight_plan(manifest.get("quantization"), family, tied, two_digits)
+
+
+def _read_twice(plan: WeightPlan) -> WeightPlan:
+    """ExecuTorch's two-digit activations (``export/executorch/quantize.py``): each 4-bit GEMM holds its
+    codes twice, for the high and the low digit, so the decoder blocks and the LM head (its own copy)
+    read twice the bytes where they are 4-bit."""
+    def twice(fmt: WeightFormat) -> WeightFormat:
+        return replace(fmt, name=f"{fmt.name} (two-digit activations)", bits=2 * fmt.bits) if fmt.bits < 8 else fmt
+
+    return replace(plan, blocks=twice(plan.blocks), lm_head=twice(plan.lm_head or plan.embedding))

@@ -8,7 +8,7 @@ from pathlib import Path
 from edge_mllm.errors import ConfigError
 from edge_mllm.export import MANIFEST
 from edge_mllm.sim.backends import Backend, backend_for_format, get_backend
-from edge_mllm.sim.formats import WeightPlan, weight_plan
+from edge_mllm.sim.formats import WeightPlan, bundle_weight_plan
 from edge_mllm.sim.shapes import ModelShape, shape_from_manifest
 
 
@@ -34,5 +34,5 @@ def from_bundle(path: str | Path, backend: str | None = None) -> tuple[ModelShap
     if runtime.family != family:
         raise BackendMismatch(f"{runtime.name} runs {runtime.family} bundles, not this {fmt} bundle")
     shape = shape_from_manifest(manifest, path.resolve().name)
-    return shape, weight_plan(manifest.get("quantization"), runtime.family, shape.tied_embeddings), runtime
+    return shape, bundle_weight_plan(manifest, runtime.family, shape.tied_embeddings), runtime
 

@@ -116,19 +116,19 @@ def _threads(device: DeviceProfile) -> int:
 
 
 def predict_for(config: MLLMConfig, name: str, fmt: str, quant: str | None, device: DeviceProfile,
-                threads: int, context: int) -> Prediction:
+                threads: int, context: int, two_digit_activations: bool = False) -> Prediction:
     """The simulator's prediction for ``config`` exported as ``fmt`` / ``quant`` (a 64-token prompt and
     one image if the model sees) on ``device``."""
     runtime = backend_for_format(fmt)
     shape = shape_from_config(config, name, max_context=context)
-    plan = weight_plan(quant, runtime.family, shape.tied_embeddings)
+    plan = weight_plan(quant, runtime.family, shape.tied_embeddings, two_digit_activations)
     threads = threads if runtime.decoder_backend().unit == "cpu" else None
     return simulate(shape, plan, device, runtime, Scenario(prompt_tokens=PROMPT_TOKENS, images=1, threads=threads,
                                                            context=context))
 
 
 def _max_context(config: MLLMConfig, name: str, fmt: str, quant: str | None, device: DeviceProfile,
-                 threads: int) -> tuple[int, str]:
+                 threads: int, two_digit_activations: bool = False) -> tuple[int, str]:
     image_tokens = 0
     if config.vision is not None:
         image_tokens = shape_from_config(config, name).vision.image_tokens
@@ -139,9 +139,10 @@ def _max_context(config: MLLMConfig, name: str, fmt: str, quant: str | None, dev
            f"capped at {PHONE_CONTEXT} of the model's {model_ctx}: the KV cache is preallocated")
     while True:
         try:
-            memory = predict_for(config, name, fmt, quant, device, threads, context).memory
+            memory = predict_for(config, name, fmt, quant, device, threads, context, two_digit_activations).memory
         except ConfigError:  # the NPU backends cannot be simulated on every device: size for XNNPACK
-            memory = predict_for(config, name, "executorch", quant, device, threads, context).memory
+            memory = predict_for(config, name, "executorch", quant, device, threads, context,
+                                 two_digit_activations).memory
         if memory.fits:
             return context, (f"{why}; predicted peak {memory.peak_mib:.0f} MiB within the "
                              f"{memory.budget_mib:.0f} MiB app budget")
@@ -154,9 +155,10 @@ def _max_context(config: MLLMConfig, name: str, fmt: str, quant: str | None, dev
 
 def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantized: str | None = None,
                 fmt: str | None = None, quant: str | None = None, max_context: int | None = None,
-                available=delegate_missing) -> TargetPlan:
+                available=delegate_missing, two_digit_activations: bool = False) -> TargetPlan:
     """The export settings for ``device``. ``quantized``: the model's own scheme, if it has codes;
-    ``fmt`` / ``quant`` / ``max_context``: the user's explicit choices, which win. ``available``:
+    ``fmt`` / ``quant`` / ``max_context``: the user's explicit choices, which win (the context is sized
+    for ``two_digit_activations`` weights when asked). ``available``:
     ``fmt`` → why it cannot be exported here, or None (tests replace it)."""
     picked_quant = quant is None and quantized is None and config.weight_grid is None
     on_grid = quant is None and quantized is None and config.weight_grid is not None
@@ -197,7 +199,8 @@ def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantiz
     reasons["threads"] = ("this host's cores" if device.key == HOST else
                           f"the big cores ({threads} of {device.cores}; runtimes avoid the efficiency cores)")
     if max_context is None:
-        context, reasons["max_context"] = _max_context(config, name, fmt, quant or quantized, device, threads)
+        context, reasons["max_context"] = _max_context(config, name, fmt, quant or quantized, device, threads,
+                                                       two_digit_activations)
     else:
         context = min(max_context, config.text.max_position_embeddings)
         reasons["max_context"] = "given (--max-context)"
@@ -207,7 +210,8 @@ def plan_target(device: DeviceProfile, config: MLLMConfig, name: str, *, quantiz
 
 def export_for_target(loaded, device: DeviceProfile, out_dir, *, fmt: str | None = None, quant: str | None = None,
                       max_context: int | None = None, progress: bool = True, fuse_vision: bool = True,
-                      int8_vision: bool = False) -> tuple[TargetPlan, dict, Prediction | None, str | None]:
+                      int8_vision: bool = False, two_digit_activations: bool = False,
+                      ) -> tuple[TargetPlan, dict, Prediction | None, str | None]:
     """Plan for ``device``, export ``loaded`` (an edge-mllm ``LoadedModel``) with the plan's format,
     quantization and context, and record the plan and the prediction in the bundle's
     ``manifest.json`` under ``target``. → (plan, manifest, prediction, why there is no prediction)."""
@@ -219,16 +223,18 @@ def export_for_target(loaded, device: DeviceProfile, out_dir, *, fmt: str | None
     config = loaded.model.config
     name = os.path.basename(os.path.normpath(str(out_dir)))
     own = loaded.quantization.scheme if loaded.quantization is not None else None
-    plan = plan_target(device, config, name, quantized=own, fmt=fmt, quant=quant, max_context=max_context)
+    plan = plan_target(device, config, name, quantized=own, fmt=fmt, quant=quant, max_context=max_context,
+                       two_digit_activations=two_digit_activations)
     prediction, unpredicted = None, None
     try:
         prediction = predict_for(config, name, plan.format, plan.quant or own, device, plan.threads,
-                                 plan.max_context)
+                                 plan.max_context, two_digit_activations)
     except ConfigError as exc:
         unpredicted = str(exc)
     target = plan.to_dict() | {"prediction": _summary(prediction) if prediction else unpredicted}
     out = export_bundle(loaded, plan.format, out_dir, quant=plan.quant, progress=progress, fuse_vision=fuse_vision,
-                        int8_vision=int8_vision, max_context=plan.max_context, manifest_extra={"target": target})
+                        int8_vision=int8_vision, max_context=plan.max_context, manifest_extra={"target": target},
+                        two_digit_activations=two_digit_activations)
     return plan, json.loads((out / MANIFEST).read_text()), prediction, unpredicted
 
 

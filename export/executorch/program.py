@@ -171,6 +171,7 @@ def build_program(
     fuse_vision: bool = True,
     int8_vision: bool = False,
     outliers: dict[str, torch.Tensor] | None = None,
+    high_steps: dict[str, float] | None = None,
 ) -> BuiltProgram:
     """``loaded`` → a serialized multimodal ExecuTorch program.
 
@@ -180,7 +181,8 @@ def build_program(
     reference ``VisionEncoder`` (normalised pixels in). ``int8_vision``: its linears as int8 weights per
     output channel with int8 dynamic activations (``VISION_INT8``, XNNPACK's ``qd8-f32-qc8w`` GEMMs).
     ``outliers``: per decoder linear, the input channels our 4-bit codes multiply in fp32
-    (``quantize.input_outliers``).
+    (``quantize.input_outliers``); ``high_steps``: per decoder linear, the high digit's step of its
+    two-digit activations (``quantize.two_digit_steps``; None: XNNPACK's int8 rounding).
     """
     load_custom_ops()
     load_quantized_ops()
@@ -203,7 +205,8 @@ def build_program(
     decoder = TextDecoder(model.language_model, max_seq_len)
     used: list[str] = []
     if weights is not None:
-        used = apply_codes(decoder, embedding, weights, prefix="language_model.", outliers=outliers)
+        used = apply_codes(decoder, embedding, weights, prefix="language_model.", outliers=outliers,
+                           high_steps=high_steps)
     elif native is not None:
         apply_native(decoder, embedding, native)
     quantized = weights is not None or native is not None

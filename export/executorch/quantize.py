@@ -16,7 +16,9 @@ Most of the activation error comes from a few input channels: SmolLM2-class mode
 activations" (a handful of channels 100–3000× the median, down_proj inputs above all), which set each
 token's int8 range and flatten the rest. ``input_outliers`` finds each linear's largest input channels
 on calibration data; ``CodesLinear`` masks them out of the int8 GEMM and multiplies them in fp32 by
-their exact weight columns (LLM.int8()'s decomposition, with XNNPACK GEMMs only).
+their exact weight columns (LLM.int8()'s decomposition, with XNNPACK GEMMs only). What is left of the
+int8 rounding, spread over every channel, goes with two-digit activations (``CodesLinear``'s
+``high_step``), at the price of reading the codes twice.
 
 The token embedding becomes ExecuTorch's ``quantized_decomposed::embedding_{4bit,byte}.dtype`` lookup
 (the ops behind ``EmbeddingQuantHandler``, kernels in the runtime's quantized library), again from
@@ -28,11 +30,13 @@ configs ExecuTorch's Llama export uses (``hqq_scale_only`` scales) on the float 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from edge_mllm.quant.groupwise import QuantizedTensor
 from edge_mllm.quant.storage import QuantizedWeights
 from torch import nn
@@ -122,17 +126,25 @@ class CodesLinear(nn.Module):
     symbolic shape XNNPACK cannot take) put CPU ops between delegates: 2.7× the partitions. Linears that
     read the same input (q/k/v, gate/up) get the same outlier channels, so the program stores their 0/1
     matrix once. Measured on SmolLM2-135M's first 6 layers without outliers: decode about 30% slower
-    than torchao's own ``8da4w`` (the price of keeping the codes exact), size +10%."""
+    than torchao's own ``8da4w`` (the price of keeping the codes exact), size +10%.
 
-    def __init__(self, linear: nn.Linear, qt: QuantizedTensor, outliers: torch.Tensor | None = None):
+    ``high_step`` (two-digit activations): the GEMM reads each input value ``x`` as two int8 digits,
+    ``x ≈ step · (high + low / 128)``: ``high = round(x / step)`` on a fixed step (calibrated per linear:
+    ``two_digit_steps``) and the remainder ``low`` scaled up 128×, side by side along the reduction
+    dimension against the codes twice (the low copy's group scales divided by 128: exact, a power of
+    two). XNNPACK picks each token's int8 grid from the row's minimum and maximum, so two anchor inputs
+    (127 and −128, in a group of zero weights) pin it to step 1, on which ``high`` is exact and ``low``
+    (|low| ≤ 64) is rounded to 1/128 of a high step: about 15 bits instead of 8. It costs the GEMM its
+    reduction length twice over (and a few element-wise ops), all inside XNNPACK's delegate; a value
+    past the calibrated range only widens that token's grid (the int8 rounding again, for that token).
+    """
+
+    def __init__(self, linear: nn.Linear, qt: QuantizedTensor, outliers: torch.Tensor | None = None,
+                 high_step: float | None = None):
         super().__init__()
         if tuple(qt.shape) != tuple(linear.weight.shape):
             raise QuantError(f"codes of shape {list(qt.shape)} do not fit a linear of {list(linear.weight.shape)}")
         weight, offsets = xnnpack_int4(qt)
-        self.linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        self.linear.weight = nn.Parameter(weight, requires_grad=False)
-        if linear.bias is not None:
-            self.linear.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         picks, columns, keep = [], [], None
         if offsets is not None:
             picks.append(torch.eye(offsets.shape[1]).repeat_interleave(qt.group_size, dim=1))
@@ -144,6 +156,20 @@ class CodesLinear(nn.Module):
             # the 4-bit GEMM's part of those columns (scale × code); their offsets stay in the group sums
             columns.append(weight.dequantize()[:, outliers])
         self.register_buffer("int8_channels", keep)
+        to_high = rounding = anchors = None
+        if high_step is not None:
+            weight = two_digit_weight(weight, high_step)
+            to_high = (torch.ones(linear.in_features) if keep is None else keep) / high_step
+            rounding = torch.full((linear.in_features,), 0.5)  # floor(u + ½): XNNPACK has no round
+            anchors = torch.zeros(linear.in_features + qt.group_size)
+            anchors[-2:] = torch.tensor([127.0, -128.0])
+        self.register_buffer("to_high", to_high)
+        self.register_buffer("rounding", rounding)
+        self.register_buffer("anchors", anchors)
+        self.linear = nn.Linear(weight.shape[1], linear.out_features, bias=linear.bias is not None)
+        self.linear.weight = nn.Parameter(weight, requires_grad=False)
+        if linear.bias is not None:
+            self.linear.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.side_inputs = self.side_weights = None
         if picks:
             pick = torch.cat(picks)
@@ -153,10 +179,39 @@ class CodesLinear(nn.Module):
             self.side_weights.weight = nn.Parameter(torch.cat(columns, dim=1), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x if self.int8_channels is None else x * self.int8_channels)
+        if self.to_high is not None:
+            u = x * self.to_high
+            high = torch.clamp(torch.floor(u + self.rounding), -128, 127)
+            pad = self.anchors.shape[0] - u.shape[-1]
+            y = self.linear(torch.cat([F.pad(high, (0, pad)) + self.anchors, (u - high) * LOW_DIGIT], dim=-1))
+        else:
+            y = self.linear(x if self.int8_channels is None else x * self.int8_channels)
         if self.side_weights is None:
             return y
         return y + self.side_weights(self.side_inputs(x))
+
+
+# The low digit's weight: |u − round(u)| ≤ ½ becomes |low| ≤ 64, inside the int8 grid the anchors pin.
+LOW_DIGIT = 128.0
+# The high digit's fixed step covers this multiple of the calibration set's largest (non-outlier) input.
+HIGH_DIGIT_HEADROOM = 4.0
+
+
+def two_digit_weight(weight: torch.Tensor, high_step: float) -> torch.Tensor:
+    """``xnnpack_int4``'s weight [N, K] as [N, K + group + K]: the codes for the high digit (scales ×
+    ``high_step``), a group of zero codes for the anchors, the codes again for the low digit (scales ×
+    ``high_step`` / 128). ``high_step`` is a power of two, so the scales stay exact in bf16."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    q, scale = weight.qdata, weight.scale
+    n, group = q.shape[0], weight.block_size[1]
+    qdata = torch.cat([q, torch.zeros(n, group, dtype=q.dtype), q], dim=1)
+    scale = torch.cat([scale * high_step, torch.full((n, 1), 2.0**-100), scale * (high_step / LOW_DIGIT)], dim=1)
+    return IntxUnpackedToInt8Tensor(
+        qdata=qdata, scale=scale, zero_point=torch.zeros(scale.shape, dtype=torch.int8),
+        target_dtype=weight.target_dtype, block_size=weight.block_size, dtype=torch.float32,
+        activation_quantization=weight.activation_quantization,
+    )
 
 
 # Input channels per linear kept out of the int8 activations (``input_outliers``). On the default
@@ -169,11 +224,10 @@ OUTLIER_CHANNELS = 4
 
 
 @torch.no_grad()
-def input_outliers(lm: nn.Module, calibration: Sequence[torch.Tensor], count: int = OUTLIER_CHANNELS
-                   ) -> dict[str, torch.Tensor]:
-    """The ``count`` input channels of largest magnitude over ``calibration`` (inputs_embeds
-    [1, T, D]) of each linear of ``lm`` (a ``LlamaForCausalLM``), named as in ``TextDecoder``
-    (``layers.N.mlp.down_proj``, ``lm_head``), sorted."""
+def input_peaks(lm: nn.Module, calibration: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each input channel's largest magnitude [K] over ``calibration`` (inputs_embeds [1, T, D]) for
+    each linear of ``lm`` (a ``LlamaForCausalLM``), named as in ``TextDecoder`` (``layers.N.mlp.down_proj``,
+    ``lm_head``)."""
     peaks: dict[str, torch.Tensor] = {}
 
     def record(name: str):
@@ -190,7 +244,25 @@ def input_outliers(lm: nn.Module, calibration: Sequence[torch.Tensor], count: in
     finally:
         for hook in hooks:
             hook.remove()
+    return peaks
+
+
+def input_outliers(peaks: dict[str, torch.Tensor], count: int = OUTLIER_CHANNELS) -> dict[str, torch.Tensor]:
+    """Each linear's ``count`` input channels of largest magnitude (``peaks``: ``input_peaks``), sorted."""
     return {name: peak.topk(min(count, len(peak))).indices.sort().values for name, peak in peaks.items()}
+
+
+def two_digit_steps(peaks: dict[str, torch.Tensor], outliers: dict[str, torch.Tensor] | None) -> dict[str, float]:
+    """Per linear, the high digit's step (``CodesLinear``): the power of two whose 127 steps cover
+    ``HIGH_DIGIT_HEADROOM`` × the largest input on calibration data, outlier channels aside."""
+    steps = {}
+    for name, peak in peaks.items():
+        rest = peak.clone()
+        if outliers and name in outliers:
+            rest[outliers[name]] = 0
+        top = float(rest.max()) * HIGH_DIGIT_HEADROOM
+        steps[name] = 2.0 ** math.ceil(math.log2(top / 127)) if top > 0 else 1.0
+    return steps
 
 
 class QuantizedEmbedding(nn.Module):
@@ -243,13 +315,15 @@ def load_quantized_ops() -> None:
 
 
 def apply_codes(decoder: nn.Module, embedding: nn.Module, weights: QuantizedWeights, prefix: str,
-                outliers: dict[str, torch.Tensor] | None = None) -> list[str]:
+                outliers: dict[str, torch.Tensor] | None = None, high_steps: dict[str, float] | None = None
+                ) -> list[str]:
     """Give the decoder's linears and the token embedding our codes; returns the parameter names used.
 
     ``decoder`` is a ``modules.TextDecoder`` (its linears keep the LLM's module names under ``layers.``
     and ``lm_head``), ``embedding`` a ``modules.TokenEmbedding``; ``prefix`` is the LLM's parameter
     prefix (``language_model.``). 4-bit linears become ``CodesLinear``, with their ``outliers`` (by
-    linear name, from ``input_outliers``) kept out of the int8 activations. XNNPACK has no group-wise 8-bit
+    linear name, from ``input_outliers``) kept out of the int8 activations and, with ``high_steps``
+    (``two_digit_steps``), their other inputs as two int8 digits. XNNPACK has no group-wise 8-bit
     GEMM, so 8-bit linears (``-mixed`` schemes, ``w8``) keep their dequantized values in fp32: the same
     weights, at 4 bytes each. The embedding takes 4- and 8-bit codes.
     """
@@ -265,7 +339,8 @@ def apply_codes(decoder: nn.Module, embedding: nn.Module, weights: QuantizedWeig
         if qt is None or qt.bits != 4:
             continue
         parent_name, _, attr = name.rpartition(".")
-        setattr(decoder.get_submodule(parent_name), attr, CodesLinear(module, qt, (outliers or {}).get(name)))
+        setattr(decoder.get_submodule(parent_name), attr, CodesLinear(module, qt, (outliers or {}).get(name),
+                                                                  (high_steps or {}).get(name)))
         used.append(key)
     qt = weights.tensors.get(tied)
     if qt is not None:
