@@ -8,8 +8,9 @@ accuracy — with llama.cpp running the GGUF of the same weights as the anchor f
 
 Rows: PyTorch eager (the reference), then per format the float export and 4-bit. "4-bit" is our
 ``--scheme`` codes in every format (ExecuTorch 8da4w linears, ONNX MatMulNBits, GGUF Q4_0/Q4_1), so
-the formats compute the same weights; native rows (torchao 8da4w, llama.cpp Q4_K_M) are each
-format's own quantizer. Every bundle runs in its own process (runtimes sharing a process slow each
+the formats compute the same weights (``executorch-4bit-2digit``: the same with
+``--two-digit-activations``); native rows (torchao 8da4w, llama.cpp Q4_K_M) are each format's own
+quantizer. Every bundle runs in its own process (runtimes sharing a process slow each
 other: edge_mllm/bench/worker.py); eager rows run in this one. Speed runs alternate between rows,
 repeated, and report medians, so machine noise hits every row alike; ratios are to llama.cpp on the
 same weights (float rows: the F16 GGUF; 4-bit rows: the GGUF of the same codes). Each speed run is
@@ -51,6 +52,7 @@ class Row:
     fmt: str | None  # None: PyTorch eager
     quant: str | None  # "codes": our --scheme's codes; else the format's own type (None: float)
     anchor: str  # the llama.cpp row with the same weights
+    two_digit: bool = False  # ExecuTorch: --two-digit-activations
 
 
 ROWS = (
@@ -61,6 +63,7 @@ ROWS = (
     Row("pytorch-4bit", None, "codes", "gguf-4bit"),
     Row("gguf-4bit", "gguf", "codes", "gguf-4bit"),
     Row("executorch-4bit", "executorch", "codes", "gguf-4bit"),
+    Row("executorch-4bit-2digit", "executorch", "codes", "gguf-4bit", two_digit=True),
     Row("onnx-4bit", "onnx", "codes", "gguf-4bit"),
     Row("executorch-8da4w", "executorch", "8da4w", "gguf-4bit"),
     Row("gguf-q4_k_m", "gguf", "q4_k_m", "gguf-4bit"),
@@ -80,7 +83,8 @@ def build(row: Row, model: LoadedModel, quantized: LoadedModel, root: Path, thre
         return (lambda fn, *args: fn(pipeline, *args)), 0.0, None
     t0 = time.perf_counter()
     out = export_bundle(copy.deepcopy(source), row.fmt, root / row.name,
-                        quant=None if row.quant == "codes" else row.quant, progress=False)
+                        quant=None if row.quant == "codes" else row.quant, progress=False,
+                        two_digit_activations=row.two_digit)
     seconds = time.perf_counter() - t0
     worker = stack.enter_context(RuntimeProcess(str(out), threads, row.name))
     return worker.call, seconds, bundle_size(out)
