@@ -121,6 +121,7 @@ def test_two_digit_activations_are_predicted_slower_and_larger(config):
     one, two = (predict_for(config, "m", "executorch", DEFAULT_SCHEME, device, 4, 256, two_digit_activations=digits)
                 for digits in (False, True))
     assert two.decode_tok_s < one.decode_tok_s and two.memory.peak_mib > one.memory.peak_mib
+    assert two.prefill_tok_s < one.prefill_tok_s  # the GEMMs' reduction is twice as long
 
 
 def test_cli_export_target_records_the_plan_and_prints_the_prediction(llava, tmp_path, capsys):

@@ -71,6 +71,8 @@ class WeightPlan:
     lm_head: WeightFormat | None
     vision: WeightFormat
     edge_blocks: WeightFormat | None = None
+    # How many times the LLM's matmuls multiply each weight (two-digit activations: 2, see _read_twice)
+    llm_flops_factor: int = 1
 
 
 def weight_plan(quant: str | None, family: str, tied: bool, two_digit_activations: bool = False) -> WeightPlan:
@@ -143,8 +145,9 @@ def bundle_weight_plan(manifest: dict, family: str, tied: bool) -> WeightPlan:
 def _read_twice(plan: WeightPlan) -> WeightPlan:
     """ExecuTorch's two-digit activations (``export/executorch/quantize.py``): each 4-bit GEMM holds its
     codes twice, for the high and the low digit, so the decoder blocks and the LM head (its own copy)
-    read twice the bytes where they are 4-bit."""
+    read twice the bytes where they are 4-bit, and the LLM's matmuls do twice the work (the 8-bit parts
+    of ``-mixed`` schemes, which do not, are counted twice too: a small overestimate)."""
     def twice(fmt: WeightFormat) -> WeightFormat:
         return replace(fmt, name=f"{fmt.name} (two-digit activations)", bits=2 * fmt.bits) if fmt.bits < 8 else fmt
 
-    return replace(plan, blocks=twice(plan.blocks), lm_head=twice(plan.lm_head or plan.embedding))
+    return replace(plan, blocks=twice(plan.blocks), lm_head=twice(plan.lm_head or plan.embedding), llm_flops_factor=2)

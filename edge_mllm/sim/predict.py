@@ -161,7 +161,8 @@ def simulate(shape: ModelShape, plan: WeightPlan, device: DeviceProfile, backend
 
     blocks = _block_bytes(shape, plan)
     head_read = shape.embedding_params * (plan.lm_head or plan.embedding).bytes_per_weight
-    head_flops = 2 * shape.embedding_params
+    head_flops = 2 * shape.embedding_params * plan.llm_flops_factor
+    llm_flops = shape.llm_flops_per_token * plan.llm_flops_factor
     state = shape.recurrent_state_values * STATE_BYTES
     precision = plan.blocks.compute
 
@@ -171,13 +172,13 @@ def simulate(shape: ModelShape, plan: WeightPlan, device: DeviceProfile, backend
         v = shape.vision
         vision_s, _ = vision_roof.seconds(v.flops, v.params * vision_format.bytes_per_weight, vision_format.compute,
                                           batch_threads)
-    prefill_flops = n * shape.llm_flops_per_token + shape.attention_flops_per_pair * n * (n + 1) / 2 + head_flops
+    prefill_flops = n * llm_flops + shape.attention_flops_per_pair * n * (n + 1) / 2 + head_flops
     prefill_bytes = math.ceil(n / scenario.ubatch) * (blocks + 2 * state) + head_read
     prefill_s, _ = roof.seconds(prefill_flops, prefill_bytes, precision, batch_threads)
 
     # decode right after the prompt: the next token attends to n cached positions
     kv_read = shape.kv_values_per_token * n * llm_backend.kv_bytes
-    decode_flops = shape.llm_flops_per_token + head_flops + shape.attention_flops_per_pair * n
+    decode_flops = llm_flops + head_flops + shape.attention_flops_per_pair * n
     decode_s, bound = roof.seconds(decode_flops, blocks + head_read + kv_read + 2 * state, precision, threads)
 
     weights = blocks + shape.embedding_params * plan.embedding.bytes_per_weight
