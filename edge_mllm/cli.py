@@ -483,7 +483,7 @@ def quantize(model, scheme, calib_path, output, report, eval_data, eval_scenes, 
               help="Cap the bundle's context (prompt + image tokens + answer) below the model's: a smaller "
                    "preallocated KV cache. Default: the model's (ExecuTorch: at most 2048), or --target's pick.")
 @click.option("--two-digit-activations", "two_digit", is_flag=True,
-              help="executorch, our 4-bit codes: each linear reads its input as two int8 digits (about 15 "
+              help="executorch, our 4-bit codes: each linear reads its input as two int8 digits (about 12 "
                    "bits) instead of XNNPACK's one per token, for PyTorch's answers; the weights are held "
                    "twice (about 1.5x the size, decode about 0.75x).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")

@@ -48,7 +48,7 @@ class Backend(ABC):
     # a format without one says why here (None: it has one).
     int8_vision: bool = False
     int8_vision_unsupported: ClassVar[str | None] = "this format has no int8 vision option"
-    # Write option: 4-bit linears read their inputs as two int8 digits (about 15 bits) where the
+    # Write option: 4-bit linears read their inputs as two int8 digits (about 12 bits) where the
     # format's GEMMs round activations to int8; a format without that says why here.
     two_digit_activations: bool = False
     two_digit_unsupported: ClassVar[str | None] = "its 4-bit GEMMs do not round activations to int8 per token"

@@ -153,7 +153,7 @@ def describe_quantization(weights: QuantizedWeights | None, native_quant: str | 
                                              "calibration data, multiplied in fp32 by their exact weights")
         if two_digit:
             described["int8_activations"] = ("two int8 digits per input (a fixed-step high digit and the per-token "
-                                             "remainder, about 15 bits)" + (f"; {described['int8_activations']}"
+                                             "remainder, about 12 bits)" + (f"; {described['int8_activations']}"
                                                                            if outliers else ""))
     if int8_vision:
         described["vision"] = ("linears: int8 weights per output channel (hqq scales) with int8 dynamic "

@@ -134,7 +134,8 @@ class CodesLinear(nn.Module):
     dimension against the codes twice (the low copy's group scales divided by 128: exact, a power of
     two). XNNPACK picks each token's int8 grid from the row's minimum and maximum, so two anchor inputs
     (127 and −128, in a group of zero weights) pin it to step 1, on which ``high`` is exact and ``low``
-    (|low| ≤ 64) is rounded to 1/128 of a high step: about 15 bits instead of 8. It costs the GEMM its
+    (|low| ≤ 64) is rounded to 1/128 of a high step, at most 1/16 of the calibrated peak: about 12
+    bits of that range instead of 8 of each token's. It costs the GEMM its
     reduction length twice over (and a few element-wise ops), all inside XNNPACK's delegate; a value
     past the calibrated range only widens that token's grid (the int8 rounding again, for that token).
     """
