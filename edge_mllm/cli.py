@@ -247,6 +247,14 @@ SINGLE_TURNS = click.option(
          "one packed row; --batch-size then counts such rows).")
 
 
+def precision_option(default: str):
+    """``--precision`` for the commands that train (``train.precision``)."""
+    return click.option(
+        "--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=default, show_default=True,
+        help="bf16: mixed precision (bfloat16 matmuls, fp32 weights and optimizer); auto: bf16 where the CPU "
+             "(AVX512-BF16, AMX) or GPU multiplies bfloat16 natively.")
+
+
 @cli.command()
 @MODEL_ARG
 @click.option("--stage", type=click.Choice(["pretrain", "instruct"]), required=True,
@@ -276,11 +284,12 @@ SINGLE_TURNS = click.option(
               help="With --qat: also round the linears' inputs to int8 per token, as ExecuTorch's 8da4w linears "
                    "(XNNPACK) do, so that ExecuTorch changes fewer answers (TRAINING.md, run 14).")
 @click.option("--max-len", default=512, show_default=True, type=click.IntRange(min=8))
+@precision_option("fp32")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/ (optimizer, step).")
 @click.option("--json", "as_json", is_flag=True)
 def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_rank, freeze_llm, train_vision,
-          freeze_projector, image_norm_weight, single_turns, qat, qat_activations, max_len, seed, resume,
+          freeze_projector, image_norm_weight, single_turns, qat, qat_activations, max_len, precision, seed, resume,
           as_json) -> None:
     """Train the connector (pretrain) or connector + LLM (instruct) on conversations."""
 
@@ -301,7 +310,7 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
                              train_vision=train_vision, train_projector=not freeze_projector,
                              image_norm_weight=image_norm_weight, single_turns=single_turns, qat=qat,
                              qat_activations=qat_activations,
-                             max_len=max_len, seed=seed, **lora)
+                             max_len=max_len, precision=precision, seed=seed, **lora)
     except EdgeMLLMError as exc:
         raise click.UsageError(str(exc)) from exc
     _check_output(output, is_native, model, data_path, images)
@@ -327,8 +336,9 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
 @click.option("--vision-from", type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="Take the vision tower and projector of an earlier run's default_vision.safetensors and skip "
                    "vision pretraining and grounding (to try LLM-stage changes in a third of the time).")
+@precision_option("auto")
 @click.option("--json", "as_json", is_flag=True)
-def train_default(output: str, seed: int, quick: bool, vision_from: str | None, as_json: bool) -> None:
+def train_default(output: str, seed: int, quick: bool, vision_from: str | None, precision: str, as_json: bool) -> None:
     """Train the embedded default's vision tower and projector on synthetic data (TRAINING.md).
 
     Writes OUTPUT/default_vision.safetensors (copy it to edge_mllm/weights/ to ship it), training.json
@@ -338,7 +348,8 @@ def train_default(output: str, seed: int, quick: bool, vision_from: str | None, 
     from edge_mllm.train.recipe import RecipeConfig, is_recipe_output, run_recipe
 
     _check_output(output, is_recipe_output)
-    config = replace(RecipeConfig.quick() if quick else RecipeConfig(), seed=seed, vision_from=vision_from)
+    config = replace(RecipeConfig.quick() if quick else RecipeConfig(), seed=seed, vision_from=vision_from,
+                     precision=precision)
     summary = run_recipe(output, config)
     if as_json:
         _emit_json(summary)
@@ -363,11 +374,12 @@ def train_default(output: str, seed: int, quick: bool, vision_from: str | None, 
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @SINGLE_TURNS
+@precision_option("fp32")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/.")
 @click.option("--json", "as_json", is_flag=True)
 def distill(teacher, student_layers, data_path, images, output, temperature, alpha, hidden_weight, epochs,
-            batch_size, lr, single_turns, seed, resume, as_json) -> None:
+            batch_size, lr, single_turns, precision, seed, resume, as_json) -> None:
     """Distill TEACHER (default: the embedded model) into a student with fewer LLM layers."""
     from edge_mllm.chat import ChatTemplate
     from edge_mllm.checkpoint import LoadedModel, load_model, save_native
@@ -382,7 +394,7 @@ def distill(teacher, student_layers, data_path, images, output, temperature, alp
     loaded = load_model(teacher)
     student = make_student(loaded.model, student_layers)
     config = TrainConfig(stage="instruct", epochs=epochs, batch_size=batch_size, lr=lr, lora_rank=0,
-                         single_turns=single_turns, seed=seed)
+                         single_turns=single_turns, precision=precision, seed=seed)
     distiller = Distiller(student, loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config,
                           DistillConfig(temperature, alpha, hidden_weight))
     stats = distiller.train(conversations, checkpoint_dir=state_dir, resume=resume)

@@ -46,6 +46,7 @@ from edge_mllm.train.lora import (
     per_token_int8,
     snap,
 )
+from edge_mllm.train.precision import autocast, resolve_precision
 from edge_mllm.train.recipe import trained_tensors
 from edge_mllm.train.trainer import TrainConfig, Trainer, epoch_batches
 from edge_mllm.train.vision_pretrain import disc_pool, final_metrics, object_discs, pretrain_vision
@@ -246,6 +247,56 @@ def test_quantization_aware_lora_gradients_are_the_straight_through_ones():
     (torch.nn.functional.linear(x, weight, lora.base.bias) * upstream).sum().backward()
     for got, want in zip(fast, (x.grad, lora.lora_A.grad, lora.lora_B.grad), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_quantization_aware_lora_picks_grid_points_in_fp32_under_bf16_autocast():
+    # Under mixed precision the low-rank update B·A would be a bfloat16 matmul; the grid point each
+    # merged weight lands on must still be the one the fp32 merge after training picks.
+    torch.manual_seed(0)
+    grid = TensorPlan(4, 32, False, "rtn", float_min=True)
+    lora = LoRALinear(torch.nn.Linear(512, 512), rank=8, alpha=16, grid=grid)
+    torch.nn.init.normal_(lora.lora_B, std=0.05)
+    x = torch.randn(3, 512)
+    with torch.no_grad():
+        fp32_grid = snap(lora.base.weight + lora.delta(), grid)
+        with autocast("bf16", torch.device("cpu")):
+            assert lora.delta().dtype == torch.bfloat16  # what the fix guards against
+            got = lora(x)
+            want = torch.nn.functional.linear(x, fp32_grid, lora.base.bias)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_bf16_training_runs_the_steps_in_bfloat16_and_keeps_fp32_weights(tiny, synth_data):
+    torch.manual_seed(0)
+    trainer = Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template),
+                      TrainConfig(stage="instruct", epochs=5, batch_size=2, lr=3e-3, lora_rank=4, warmup_ratio=0,
+                                  precision="bf16"))
+    conversations = load_conversations(synth_data / CONVERSATIONS_FILE)[:2]
+    batch = trainer.examples(conversations)
+    with torch.no_grad():
+        before = float(trainer.batch_loss(batch)[0])
+    dtypes = []
+    hook = tiny.model.language_model.lm_head.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    stats = trainer.train(conversations, progress=False)
+    hook.remove()
+    with torch.no_grad():
+        after = float(trainer.batch_loss(batch)[0])
+    assert stats["precision"] == "bf16" and stats["steps"] == 5
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # the steps' matmuls ran in bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.params)  # weights (and so Adam's state) in fp32
+    assert after < before * 0.9, (before, after)
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, want in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_precision("auto", cpu) == want
+        assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(EdgeMLLMError, match="unknown precision"):
+        TrainConfig(precision="fp16")
 
 
 def test_activation_aware_lora_rounds_its_inputs_as_xnnpack_does():
@@ -667,9 +718,12 @@ def test_cli_data_synth_and_train(mobilevlm_v2, tmp_path):
     assert proc.returncode == 2 and "nothing to train" in proc.stderr and "Traceback" not in proc.stderr
     # One question per example: the tiny model's 256 positions split each conversation into several rows.
     proc = cli("train", str(mobilevlm_v2.path), "--stage", "instruct", "--data", str(tmp_path / "data"),
-               "--single-turns", "--batch-size", "1", "--lora-rank", "4", "-o", str(tmp_path / "single"), "--json")
+               "--single-turns", "--batch-size", "1", "--lora-rank", "4", "--precision", "bf16", "-o",
+               str(tmp_path / "single"), "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["steps"] > len(load_conversations(tmp_path / "data" / CONVERSATIONS_FILE))
+    stats = json.loads(proc.stdout)
+    assert stats["steps"] > len(load_conversations(tmp_path / "data" / CONVERSATIONS_FILE))
+    assert stats["precision"] == "bf16"
     # Quantization-aware LoRA (here with its inputs rounded as ExecuTorch's 8da4w does): the saved model is
     # on the grid, so quantizing it with the scheme changes nothing.
     out = tmp_path / "qat"

@@ -65,7 +65,9 @@ class LoRALinear(nn.Module):
         # unrounded merged weight would get. Written with the low-rank branch on a detached input
         # (it adds exactly zero to the output) so A and B get their gradients through rank-r
         # products, never through a full-size weight gradient.
-        with torch.no_grad():
+        # The grid point each weight lands on is chosen in fp32 under mixed precision too, as the merge
+        # after training chooses it (train.precision).
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             snapped = snap(self.base.weight + self.delta().to(self.base.weight.dtype), self.grid)
         branch = (x.detach() @ self.lora_A.t() @ self.lora_B.t()) * self.scale
         inputs = x if self.activations is None else self.activations(x)

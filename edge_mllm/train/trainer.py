@@ -33,6 +33,7 @@ from edge_mllm.train.examples import (
     tokenize_conversation,
 )
 from edge_mllm.train.lora import apply_lora, quantization_grids
+from edge_mllm.train.precision import PRECISIONS, autocast, resolve_precision
 
 STAGES = ("pretrain", "instruct")
 CHECKPOINT_FILE = "trainer_state.pt"
@@ -65,6 +66,9 @@ class TrainConfig:
     single_turns: bool = False
     max_len: int = 512
     grad_clip: float = 1.0
+    # fp32, bf16 (autocast: bfloat16 matmuls, fp32 weights and optimizer) or auto (bf16 where the device
+    # multiplies it natively: train.precision)
+    precision: str = "fp32"
     seed: int = 0
     checkpoint_every: int = 200  # steps; 0: only at the end
 
@@ -75,6 +79,8 @@ class TrainConfig:
             raise EdgeMLLMError("epochs, batch_size and lr must be positive")
         if not (self.train_projector or self.train_vision or self.trains_llm):
             raise EdgeMLLMError("nothing to train: the stage freezes the connector, the vision encoder and the LLM")
+        if self.precision not in PRECISIONS:
+            raise EdgeMLLMError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.qat_activations and self.qat is None:
             raise EdgeMLLMError("activation-aware training (--qat-activations) rounds the inputs of the QAT grid's "
                                 "linears: give the grid too (--qat SCHEME)")
@@ -148,6 +154,7 @@ class Trainer:
     def __init__(self, model: MultimodalLM, tokenizer: Tokenizer, template: ChatTemplate, config: TrainConfig):
         self.model, self.config = model, config
         self.device = pick_device()
+        self.precision = resolve_precision(config.precision, self.device)  # fp32 or bf16 here
         torch.manual_seed(config.seed)  # LoRA's init: the same seed gives the same run
         self.params = set_trainable(model, config)
         if not self.params:
@@ -277,7 +284,8 @@ class Trainer:
 
     def train(self, conversations: list[Conversation], checkpoint_dir: Path | None = None,
               resume: bool = False, progress: bool = True) -> dict[str, float]:
-        """Run the configured epochs; returns the mean loss of the last 10% of steps and throughput."""
+        """Run the configured epochs; returns the mean loss of the last 10% of steps, throughput and the
+        precision the steps ran in."""
         cfg = self.config
         examples = self.examples(conversations)
         if not cfg.trains_llm:  # text-only rows reach no trained weight when the LLM is frozen
@@ -305,7 +313,8 @@ class Trainer:
                 batch = [examples[i] for i in epoch_batches(examples, cfg.batch_size, cfg.seed, epoch)[offset]]
                 for group in self.optimizer.param_groups:
                     group["lr"] = cosine_lr(self.step, total, warmup, group["peak_lr"])
-                loss, _ = self.batch_loss(batch)
+                with autocast(self.precision, self.device):
+                    loss, _ = self.batch_loss(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -325,4 +334,4 @@ class Trainer:
         tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
         elapsed = time.perf_counter() - t0
         return {"final_loss": sum(tail) / len(tail), "steps": self.step, "examples_per_s": seen / max(elapsed, 1e-9),
-                "seconds": elapsed}
+                "seconds": elapsed, "precision": self.precision}
