@@ -178,9 +178,11 @@ def run(model, prompt, images, max_new_tokens, temperature, top_p, seed, raw, as
         return
     click.echo()
     t = result.timings
+    rate = t["decode_tokens_per_s"]  # None: the answer was one token, so no decode step was timed
+    decode = "no decode step" if rate is None else f"decode {rate:.1f} tok/s"
     click.echo(
         f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} generated; "
-        f"TTFT {t['time_to_first_token_s'] * 1000:.0f} ms, decode {t['decode_tokens_per_s']:.1f} tok/s]",
+        f"TTFT {t['time_to_first_token_s'] * 1000:.0f} ms, {decode}]",
         err=True,
     )
 
@@ -246,13 +248,10 @@ SINGLE_TURNS = click.option(
     help="Learn each question on its own, as evaluation asks it (the questions about one image share its prompt in "
          "one packed row; --batch-size then counts such rows).")
 
-
-def precision_option(default: str):
-    """``--precision`` for the commands that train (``train.precision``)."""
-    return click.option(
-        "--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=default, show_default=True,
-        help="bf16: mixed precision (bfloat16 matmuls, fp32 weights and optimizer); auto: bf16 where the CPU "
-             "(AVX512-BF16, AMX) or GPU multiplies bfloat16 natively.")
+PRECISION = click.option(
+    "--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
+    help="bf16: mixed precision (bfloat16 matmuls, fp32 weights and optimizer; 0.6x the time of a stage-2 step "
+         "on an AVX512-BF16 CPU); auto: bf16 where the CPU (AVX512-BF16, AMX) or GPU multiplies bfloat16 natively.")
 
 
 @cli.command()
@@ -284,7 +283,7 @@ def precision_option(default: str):
               help="With --qat: also round the linears' inputs to int8 per token, as ExecuTorch's 8da4w linears "
                    "(XNNPACK) do, so that ExecuTorch changes fewer answers (TRAINING.md, run 14).")
 @click.option("--max-len", default=512, show_default=True, type=click.IntRange(min=8))
-@precision_option("fp32")
+@PRECISION
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/ (optimizer, step).")
 @click.option("--json", "as_json", is_flag=True)
@@ -336,7 +335,7 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
 @click.option("--vision-from", type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="Take the vision tower and projector of an earlier run's default_vision.safetensors and skip "
                    "vision pretraining and grounding (to try LLM-stage changes in a third of the time).")
-@precision_option("auto")
+@PRECISION
 @click.option("--json", "as_json", is_flag=True)
 def train_default(output: str, seed: int, quick: bool, vision_from: str | None, precision: str, as_json: bool) -> None:
     """Train the embedded default's vision tower and projector on synthetic data (TRAINING.md).
@@ -374,7 +373,7 @@ def train_default(output: str, seed: int, quick: bool, vision_from: str | None, 
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @SINGLE_TURNS
-@precision_option("fp32")
+@PRECISION
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/.")
 @click.option("--json", "as_json", is_flag=True)
@@ -802,6 +801,10 @@ def _terminated(signum: int, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps errors to exit codes and one-line messages."""
     from edge_mllm.errors import EdgeMLLMError, OptionError
@@ -815,8 +818,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:  # usage errors
-        exc.show()
+    except click.UsageError as exc:  # one line, as every other error, with where to look
+        where = exc.ctx.command_path if exc.ctx is not None else "edge-mllm"
+        click.echo(f"error: {_one_line(exc.format_message())} (see '{where} --help')", err=True)
+        return exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"error: {_one_line(exc.format_message())}", err=True)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
@@ -825,8 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         kind = "" if isinstance(exc, EdgeMLLMError) else f"{type(exc).__name__}: "
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        click.echo(f"error: {kind}{message}", err=True)
+        click.echo(f"error: {kind}{_one_line(str(exc)) or type(exc).__name__}", err=True)
         return 2 if isinstance(exc, OptionError) else 1
 
 

@@ -102,6 +102,6 @@ def generate(
         "prefill_s": t_first - t0,
         "decode_s": t_end - t_first,
         "prefill_tokens_per_s": prompt_len / max(t_first - t0, 1e-9),
-        "decode_tokens_per_s": decode_steps / (t_end - t_first) if decode_steps else 0.0,
+        "decode_tokens_per_s": decode_steps / (t_end - t_first) if decode_steps else None,  # one token: none
     }
     return GeneratedTokens(tokens, finish, timings)

@@ -54,7 +54,8 @@ def assert_runtime_error(proc: subprocess.CompletedProcess, *fragments: str) -> 
 def assert_usage_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
-    assert "Usage:" in proc.stderr and "Error:" in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr  # one line
+    assert "--help' for help" not in proc.stderr and "--help')" in proc.stderr, proc.stderr  # where to look
     for fragment in fragments:
         assert fragment in proc.stderr, (fragment, proc.stderr)
 
@@ -324,6 +325,14 @@ def test_run_with_image_json(tmp_path, png):
     data = parse_json(proc)
     check_run_json(data, 4)
     assert data["prompt_tokens"] > 144  # the 144 image tokens plus the templated text
+
+
+@pytest.mark.slow
+def test_run_of_one_token_times_no_decode_step(tmp_path):
+    proc = edge_mllm("run", "--prompt", "What is the capital of France?", "--max-new-tokens", "1", cwd=tmp_path,
+                     timeout=MODEL_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 generated" in proc.stderr and "no decode step" in proc.stderr and "0.0 tok/s" not in proc.stderr
 
 
 @pytest.mark.slow

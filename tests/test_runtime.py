@@ -65,6 +65,8 @@ def test_text_prompt_gives_pytorchs_answer(model, bundles, fmt):
     assert got.token_ids == expected.token_ids and got.text == expected.text
     assert (got.prompt_tokens, got.finish_reason) == (expected.prompt_tokens, expected.finish_reason)
     assert got.timings["decode_tokens_per_s"] > 0 and got.timings["prefill_tokens_per_s"] > 0
+    one = open_bundle(bundles, fmt).generate(PROMPT, max_new_tokens=1)
+    assert len(one.token_ids) == 1 and one.timings["decode_tokens_per_s"] is None  # no decode step to time
 
 
 @pytest.mark.parametrize("fmt", ["executorch", "onnx",

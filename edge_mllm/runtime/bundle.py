@@ -216,6 +216,6 @@ class BundleRuntime(ABC):
             "decode_s": t_end - t_first,
             "time_to_first_token_s": t_first - t0,
             "prefill_tokens_per_s": prompt_len / max(t_first - t_vision, 1e-9),
-            "decode_tokens_per_s": steps / (t_end - t_first) if steps else 0.0,
+            "decode_tokens_per_s": steps / (t_end - t_first) if steps else None,  # one token: no decode step
         }
         return GenerationResult(self.tokenizer.decode(tokens), tokens, prompt_len, finish, timings)
