@@ -76,7 +76,11 @@ def check_run_json(data: dict, max_new_tokens: int) -> None:
     assert 1 <= len(data["token_ids"]) <= max_new_tokens
     assert isinstance(data["prompt_tokens"], int) and data["prompt_tokens"] > 0
     assert isinstance(data["timings"], dict) and data["timings"]
-    assert all(isinstance(v, (int, float)) and v >= 0 for v in data["timings"].values())
+    timings = dict(data["timings"])
+    decode_rate = timings.pop("decode_tokens_per_s")
+    assert all(isinstance(v, (int, float)) and v >= 0 for v in timings.values())
+    # a one-token answer has no decode step to time: null, not a made-up 0
+    assert decode_rate is None if len(data["token_ids"]) == 1 else decode_rate > 0
 
 
 @pytest.fixture
@@ -353,8 +357,8 @@ def test_raw_prompt_with_image_marker_streams(tmp_path, png):
                      "--max-new-tokens", "4", cwd=tmp_path, timeout=MODEL_TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    stats = re.fullmatch(r"\[(\d+) prompt tokens, (\d+) generated; TTFT \d+ ms, decode [\d.]+ tok/s\]\n",
-                         proc.stderr)
+    stats = re.fullmatch(r"\[(\d+) prompt tokens, (\d+) generated; TTFT \d+ ms, "
+                         r"(decode [\d.]+ tok/s|no decode step)\]\n", proc.stderr)
     assert stats, proc.stderr
     assert int(stats.group(1)) > 144
     assert 1 <= int(stats.group(2)) <= 4
