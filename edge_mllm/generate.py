@@ -33,7 +33,7 @@ class GenerationConfig:
 class GeneratedTokens:
     token_ids: list[int]
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float | None] = field(default_factory=dict)  # decode_tokens_per_s: None for one token
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

@@ -30,7 +30,7 @@ class GenerationResult:
     token_ids: list[int]
     prompt_tokens: int  # LLM positions of the prompt, image tokens included
     finish_reason: str
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float | None] = field(default_factory=dict)  # decode_tokens_per_s: None for one token
 
 
 def _file_key(images: Sequence[ImageInput]) -> tuple | None:
