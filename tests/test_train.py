@@ -47,7 +47,7 @@ from edge_mllm.train.lora import (
     snap,
 )
 from edge_mllm.train.precision import autocast, resolve_precision
-from edge_mllm.train.recipe import trained_tensors
+from edge_mllm.train.recipe import RecipeConfig, trained_tensors
 from edge_mllm.train.trainer import TrainConfig, Trainer, epoch_batches
 from edge_mllm.train.vision_pretrain import disc_pool, final_metrics, object_discs, pretrain_vision
 
@@ -297,6 +297,8 @@ def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it_natively(monkey
         assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(EdgeMLLMError, match="unknown precision"):
         TrainConfig(precision="fp16")
+    with pytest.raises(EdgeMLLMError, match="unknown precision"):  # before the recipe's first step
+        RecipeConfig(precision="fp16")
 
 
 def test_activation_aware_lora_rounds_its_inputs_as_xnnpack_does():

@@ -35,12 +35,14 @@ from edge_mllm.chat import ChatTemplate
 from edge_mllm.data.llava import load_conversations, save_records, single_turns
 from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, write_split
 from edge_mllm.default import TRAINED_WEIGHTS_FILE, apply_trained, load_trained_vision, untrained_default
+from edge_mllm.errors import OptionError
 from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
 from edge_mllm.fsutil import atomic_output_dir
 from edge_mllm.pipeline import Pipeline
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.train.grounding import ground_image_tokens, read_out
 from edge_mllm.train.lora import lora_factors
+from edge_mllm.train.precision import PRECISIONS
 from edge_mllm.train.text_replay import (
     TEXT_FILE,
     answer_with,
@@ -106,6 +108,11 @@ class RecipeConfig:
     # A recipe file whose vision tower and projector are used as they are, in place of steps 2-3 (to
     # try stage-2 changes without re-training the eyes; stage 2 keeps them frozen by default)
     vision_from: str | None = None
+
+    def __post_init__(self) -> None:
+        # Checked here, not only by stage 2's TrainConfig, which is built after half an hour of steps 2-3.
+        if self.precision not in PRECISIONS:
+            raise OptionError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
 
     @classmethod
     def quick(cls) -> RecipeConfig:
