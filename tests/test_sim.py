@@ -152,6 +152,19 @@ def test_mobilevlm_shape_matches_published_parameter_counts():
     assert shape.vision.image_tokens == 144
 
 
+def test_llava_config_without_vision_config_gets_transformers_default_tower():
+    from transformers import LlavaConfig
+
+    text = {"model_type": "llama", "vocab_size": 32064, "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 4}
+    implicit = shape_from_hf_config({"model_type": "llava", "text_config": text}, "llava")
+    explicit = shape_from_hf_config(
+        {"model_type": "llava", "text_config": text, "vision_config": LlavaConfig().vision_config.to_dict()}, "llava")
+    assert implicit.vision is not None
+    assert implicit.vision == explicit.vision
+    assert implicit.vision.image_tokens == (336 // 14) ** 2
+
+
 def test_hybrid_config_only_full_attention_layers_cache_keys_and_values():
     cfg = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
            "head_dim": 16, "vocab_size": 100, "layer_types": ["linear_attention"] * 3 + ["full_attention"],

@@ -158,6 +158,7 @@ def shape_from_hf_config(cfg: dict[str, Any], name: str, folder: Path | None = N
         return _hybrid_shape(text, name)
     # The checkpoint readers bring torch along: import them only for configs that need them.
     from edge_mllm.checkpoint.hf import (
+        KNOWN_VISION_TOWERS,
         PROJECTOR_NAMES,
         resolve_vision_tower,
         text_config_from_hf,
@@ -174,9 +175,11 @@ def shape_from_hf_config(cfg: dict[str, Any], name: str, folder: Path | None = N
         if kind not in PROJECTOR_NAMES:
             raise ConfigError(f"unsupported mm_projector_type {kind!r} (supported: {', '.join(PROJECTOR_NAMES)})")
         projector = ProjectorConfig(type=PROJECTOR_NAMES[kind])
-    elif "vision_config" in cfg:
+    elif "vision_config" in cfg or cfg.get("model_type") == "llava":
+        # transformers' LlavaConfig builds CLIP ViT-L/14-336 when the config leaves vision_config out
+        vision_cfg = cfg.get("vision_config") or KNOWN_VISION_TOWERS["openai/clip-vit-large-patch14-336"]
         layer = cfg.get("vision_feature_layer", -2)
-        vision = vision_config_from_hf(cfg["vision_config"], layer if isinstance(layer, int) else layer[-1])
+        vision = vision_config_from_hf(vision_cfg, layer if isinstance(layer, int) else layer[-1])
         projector = ProjectorConfig(type="mlp2x_gelu")
     return shape_from_config(MLLMConfig(text=text_config_from_hf(text), vision=vision, projector=projector), name)
 
