@@ -200,7 +200,9 @@ def host_rows(bench_json: str, fit_names: tuple[str, ...] = ()) -> list[Row]:
     """One row per bundle of an ``edge-mllm bench --json`` run: what it measured on this host (set
     "host, fit" for the bundles named in ``fit_names``, else "host, held out")."""
     run = json.loads(Path(bench_json).read_text())
-    host = dataclasses.replace(get_device("host"), peak_gbs=run["machine"]["bandwidth_gbs"])
+    # the host profile's copy bandwidth, as `simulate` measures it (runs before 2026-12-06 had only that one)
+    machine = run["machine"]
+    host = dataclasses.replace(get_device("host"), peak_gbs=machine.get("host_profile_gbs", machine["bandwidth_gbs"]))
     rows = []
     for result in run["results"]:
         shape, plan, backend = from_bundle(Path(result["path"]))

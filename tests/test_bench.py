@@ -35,7 +35,9 @@ def report(bundles):
 def test_report_has_every_field(report, bundles):
     assert report["schema"] == SCHEMA
     assert report["settings"] | {"threads": 1, "repeats": 2, "tokens": 4} == report["settings"]
-    assert report["machine"]["bandwidth_gbs"] > 0
+    # the roofline reads at the bench's threads; simulate's host profile (a copy) is kept beside it
+    assert report["machine"]["bandwidth_gbs"] > 0 and "on 1 thread(s)" in report["machine"]["bandwidth_source"]
+    assert report["machine"]["host_profile_gbs"] > 0
     rows = {r["name"]: r for r in report["results"]}
     assert list(rows) == ["gguf-f32", "onnx-f32"]
     for row in rows.values():

@@ -4,9 +4,10 @@ and the LM head once, plus the KV cache so far, so no runtime can decode faster 
     measured host bandwidth / bytes read per token.
 
 Bytes come from the simulator's weight plans (:mod:`edge_mllm.sim.formats`: bits per weight of the
-bundle's quantization, scales included), the bandwidth from the ``host`` profile
-(:mod:`edge_mllm.sim.host`: a numpy copy over 64 MiB, read + write). The KV cache is counted at the
-mean decode position of the benchmark's request."""
+bundle's quantization, scales included), the bandwidth from :func:`edge_mllm.sim.host.read_bandwidth_gbs`
+(reads of 256 MiB on the benchmark's threads: a decode step reads). The KV cache is counted at the
+mean decode position of the benchmark's request. A decoder whose weights fit the last-level cache can
+still pass 100%: the roofline is DRAM's."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import numpy as np
 from edge_mllm.sim.profiles import FP32_PER_PIPE, ISA, Cluster, DeviceProfile
 
 COPY_BYTES = 64 * 2**20
+READ_BYTES = 256 * 2**20  # past the last-level cache of the hosts this runs on (32 MiB here)
 MATMUL_N = 768
 REPEATS = 5
 FMA_PIPES = 2  # vector FMA pipes per core (estimate, see above)
@@ -54,6 +56,16 @@ def copy_bandwidth_gbs() -> float:
     src = np.ones(COPY_BYTES // 8)
     dst = np.empty_like(src)
     return 2 * COPY_BYTES / _best_seconds(lambda: np.copyto(dst, src)) / 1e9
+
+
+def read_bandwidth_gbs(threads: int) -> float:
+    """Memory read bandwidth (GB/s) on ``threads`` threads: numpy sums of ``READ_BYTES``, one slice per
+    thread (numpy releases the GIL in the sum). A decode step reads its weights and writes almost
+    nothing, and at several threads it draws more bandwidth than one thread's copy measures."""
+    data = np.ones(READ_BYTES // 8)
+    slices = np.array_split(data, max(1, threads))
+    with ThreadPoolExecutor(len(slices)) as pool:
+        return READ_BYTES / _best_seconds(lambda: list(pool.map(np.sum, slices))) / 1e9
 
 
 def matmul_gflops() -> float:
