@@ -121,6 +121,18 @@ class RecipeConfig:
                    instruct_epochs=0.5, text_prompts=4, text_max_new_tokens=24)
 
 
+def instruct_config(config: RecipeConfig) -> TrainConfig:
+    """The recipe's stage 2 (instruction tuning) as a trainer configuration."""
+    qat = None if config.freeze_llm else config.qat  # LoRA's grid; a frozen LLM has no LoRA
+    return TrainConfig(stage="instruct", epochs=config.instruct_epochs, lr=config.instruct_lr,
+                       projector_lr=config.instruct_projector_lr, batch_size=config.instruct_batch,
+                       lora_rank=config.lora_rank, freeze_llm=config.freeze_llm,
+                       qat=qat, qat_activations=config.qat_activations and qat is not None,
+                       train_vision=config.instruct_train_vision, train_projector=config.instruct_train_projector,
+                       image_norm_weight=config.image_norm_weight, single_turns=config.instruct_single_turn,
+                       precision=config.precision, seed=config.seed, checkpoint_every=0)
+
+
 def trained_tensors(model) -> dict[str, torch.Tensor]:
     """What the default model adds to SmolLM2: vision tower, projector and any LoRA factors (fp16)."""
     state = {f"vision_tower.{k}": v for k, v in model.vision_tower.state_dict().items()}
@@ -182,15 +194,7 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
         align_metrics = timed("align", lambda: Trainer(model, loaded.tokenizer, template, align).train(
             load_conversations(train_dir / CAPTIONS_FILE), progress=progress))
         diagnostics["read_out"]["align"] = read_out(model, loaded.tokenizer, processor, seed=config.seed)
-    qat = None if config.freeze_llm else config.qat  # LoRA's grid; a frozen LLM has no LoRA
-    instruct = TrainConfig(stage="instruct", epochs=config.instruct_epochs, lr=config.instruct_lr,
-                           projector_lr=config.instruct_projector_lr, batch_size=config.instruct_batch,
-                           lora_rank=config.lora_rank, freeze_llm=config.freeze_llm,
-                           qat=qat, qat_activations=config.qat_activations and qat is not None,
-                           train_vision=config.instruct_train_vision,
-                           train_projector=config.instruct_train_projector,
-                           image_norm_weight=config.image_norm_weight, single_turns=config.instruct_single_turn,
-                           precision=config.precision, seed=config.seed, checkpoint_every=0)
+    instruct = instruct_config(config)
     conversations = load_conversations(train_dir / CONVERSATIONS_FILE)
     held_out_text, held_out_before = [], []
     if config.text_prompts:
@@ -210,8 +214,8 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
     diagnostics["read_out"]["instruct"] = read_out(model, loaded.tokenizer, processor, seed=config.seed)
     weights = trained_tensors(model)
     metadata = {"format": "pt", "seed": str(config.seed)}
-    if qat:
-        metadata["qat"] = qat  # apply_trained snaps the merged LoRA updates onto this grid
+    if instruct.qat:
+        metadata["qat"] = instruct.qat  # apply_trained snaps the merged LoRA updates onto this grid
     save_file(weights, str(out / TRAINED_WEIGHTS_FILE), metadata=metadata)
     # Evaluate exactly what ships: the fp16 file applied to a fresh SmolLM2.
     shipped = apply_trained(untrained_default(progress=progress), out / TRAINED_WEIGHTS_FILE)

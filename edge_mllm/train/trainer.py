@@ -282,6 +282,17 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
 
+    def train_step(self, batch: list[Example]) -> float:
+        """One optimizer step on ``batch`` at the optimizer's current learning rates; returns its loss."""
+        with autocast(self.precision, self.device):
+            loss, _ = self.batch_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return loss.item()
+
     def train(self, conversations: list[Conversation], checkpoint_dir: Path | None = None,
               resume: bool = False, progress: bool = True) -> dict[str, float]:
         """Run the configured epochs; returns the mean loss of the last 10% of steps, throughput and the
@@ -313,15 +324,8 @@ class Trainer:
                 batch = [examples[i] for i in epoch_batches(examples, cfg.batch_size, cfg.seed, epoch)[offset]]
                 for group in self.optimizer.param_groups:
                     group["lr"] = cosine_lr(self.step, total, warmup, group["peak_lr"])
-                with autocast(self.precision, self.device):
-                    loss, _ = self.batch_loss(batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-                self.optimizer.step()
-                self.step += 1
+                losses.append(self.train_step(batch))
                 seen += sum(max(1, len(e.branches)) for e in batch)  # questions, when rows pack several
-                losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", ex_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
                 bar.update(1)
                 if checkpoint_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
