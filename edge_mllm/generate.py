@@ -73,7 +73,7 @@ def generate(
     check_context(prompt_len, config.max_new_tokens, lm.config.max_position_embeddings)
     generator = None
     if config.seed is not None:
-        generator = torch.Generator().manual_seed(config.seed)
+        generator = torch.Generator(inputs_embeds.device).manual_seed(config.seed)
     stop = set(config.stop_token_ids)
     lm.setup_cache(1, prompt_len + config.max_new_tokens)
     try:

@@ -3,7 +3,8 @@ image preprocessing, encoding and generation in one place.
 
 Images go through the fused vision path (``edge_mllm.model.fused_vision``: uint8 RGB in, normalisation
 and LayerNorm affines folded, one Q/K/V GEMM), as in the exported bundles; ``fuse_vision=False`` keeps
-the reference modules (``MultimodalLM.encode_images``) it is tested against."""
+the reference modules (``MultimodalLM.encode_images``) it is tested against, and so does a model on a
+GPU (training runs there; the fused path is the CPU's)."""
 
 from __future__ import annotations
 
@@ -89,11 +90,13 @@ class Pipeline:
         key = _file_key(images)
         if key is not None and self._image_cache is not None and self._image_cache[0] == key:
             return self._image_cache[1]
+        device = self.model.language_model.lm_head.weight.device
         with torch.inference_mode():
-            if self.fuse_vision:
+            if self.fuse_vision and device.type == "cpu":  # the phones' path; folded on the CPU
                 embeds = self.fused_vision(torch.stack([self.image_processor.rgb(image) for image in images]))
             else:
-                embeds = self.model.encode_images(torch.stack([self.image_processor(image) for image in images]))
+                pixels = torch.stack([self.image_processor(image) for image in images]).to(device)
+                embeds = self.model.encode_images(pixels)
         self._image_cache = (key, embeds) if key is not None else None
         return embeds
 

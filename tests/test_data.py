@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from edge_mllm.data.llava import Conversation, DataError, load_conversations, make_record, save_records, single_turns
@@ -36,6 +37,25 @@ def test_same_seed_gives_identical_files(tmp_path):
     b = write_split(tmp_path / "b", "test", 7, 3)
     assert folder_digest(a) == folder_digest(b)
     assert len([k for k in folder_digest(a) if k.startswith("images/")]) == 3
+
+
+def test_rendering_in_worker_processes_writes_the_same_files(tmp_path):
+    inline = write_split(tmp_path / "inline", "train", 3, 5)
+    pooled = write_split(tmp_path / "pooled", "train", 3, 5, workers=2)
+    assert folder_digest(inline) == folder_digest(pooled)
+
+
+def test_training_scene_pixels_are_the_same_rendered_ahead_in_workers():
+    from edge_mllm.preprocess import ImageProcessor
+    from edge_mllm.train.scene_pixels import PREFETCH_STEPS, step_pixels
+
+    processor = ImageProcessor(112, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    steps = [[2 * s, 2 * s + 1] for s in range(PREFETCH_STEPS + 2)]  # past the prefetch window
+    inline = list(step_pixels("train", 1, steps, processor))
+    pooled = list(step_pixels("train", 1, steps, processor, workers=2))
+    assert len(pooled) == len(steps) and pooled[0].shape == (2, 3, 112, 112)
+    assert all(torch.equal(a, b) for a, b in zip(inline, pooled, strict=True))
+    assert not torch.equal(inline[0], inline[1])  # each step its own scenes
 
 
 def test_splits_and_seeds_are_disjoint():

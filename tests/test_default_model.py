@@ -16,6 +16,7 @@ from edge_mllm.checkpoint.weights import read_metadata, read_weights_file
 from edge_mllm.data.llava import load_conversations
 from edge_mllm.data.synth import COLORS, write_split
 from edge_mllm.default import TRAINED_WEIGHTS, TRAINED_WEIGHTS_FILE, apply_trained, load_default, untrained_default
+from edge_mllm.errors import OptionError
 from edge_mllm.eval.metrics import normalize_answer
 from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
 from edge_mllm.pipeline import Pipeline
@@ -113,6 +114,16 @@ def test_recipe_with_alignment_and_a_trained_connector(tmp_path):
 
 
 @pytest.mark.slow
+def test_scaled_recipe_multiplies_its_data_and_tower_steps():
+    base = RecipeConfig(precision="bf16")
+    scaled = base.scaled(4)
+    assert (scaled.train_scenes, scaled.vision_steps, scaled.ground_steps) == (2400, 1200, 2400)
+    assert dataclasses.replace(scaled, train_scenes=600, vision_steps=300, ground_steps=600) == base
+    assert base.scaled(1) == base
+    with pytest.raises(OptionError, match="positive integer"):
+        base.scaled(0)
+
+
 def test_recipe_can_start_from_an_earlier_files_eyes(tmp_path):
     # vision_from (train-default --vision-from): a trained file's tower and projector are used as they
     # are, vision pretraining and grounding are skipped, and stage 2 (here activation-aware) trains LoRA.

@@ -9,6 +9,8 @@ determined by ``(split, seed, index)``; the three splits draw from disjoint seed
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,20 +278,33 @@ def is_split(folder: Path) -> bool:
     return all((folder / name).is_file() for name in SPLIT_FILES)
 
 
-def write_split(out_dir: str | Path, split: str, seed: int, n: int, progress: bool = False) -> Path:
+def _write_image(job: tuple[str, int, int, Path]) -> None:
+    split, seed, index, path = job
+    render(sample_scene(scene_rng(split, seed, index))).save(path, optimize=False)
+
+
+def write_split(out_dir: str | Path, split: str, seed: int, n: int, progress: bool = False, workers: int = 0) -> Path:
     """Render ``n`` scenes of ``split`` into ``out_dir/images`` and write the three JSON files
     (LLaVA format). Atomic: ``out_dir`` appears complete or not at all; it may replace an earlier
-    split, never another folder with files in it."""
+    split, never another folder with files in it. ``workers`` > 0 renders the images in that many
+    processes (the same files)."""
     if n < 1:
         raise ValueError("n must be at least 1")
     records: dict[str, list[dict]] = {name: [] for name in SPLIT_FILES}
     with atomic_output_dir(out_dir, is_split) as tmp:
         (tmp / "images").mkdir()
-        for index in tqdm(range(n), desc=f"synth {split}", unit="img", disable=not progress):
+        names = [f"images/{split}-{seed}-{index:06d}.png" for index in range(n)]
+        jobs = [(split, seed, index, tmp / name) for index, name in enumerate(names)]
+        with contextlib.ExitStack() as stack:
+            written = map(_write_image, jobs)
+            if workers > 0:
+                pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+                written = pool.imap_unordered(_write_image, jobs, chunksize=8)
+            for _ in tqdm(written, total=n, desc=f"synth {split}", unit="img", disable=not progress):
+                pass
+        for index, name in enumerate(names):
             rng = scene_rng(split, seed, index)
             scene = sample_scene(rng)
-            name = f"images/{split}-{seed}-{index:06d}.png"
-            render(scene).save(tmp / name, optimize=False)
             for key, recs in scene_records(scene, name, rng).items():
                 records[key] += recs
         for key, recs in records.items():

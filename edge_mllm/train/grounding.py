@@ -29,6 +29,7 @@ from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
 from edge_mllm.train.examples import image_norm_penalty, mean_word_norm
+from edge_mllm.train.scene_pixels import step_pixels
 from edge_mllm.train.vision_pretrain import STREAM_OFFSET, disc_cover, final_metrics, object_discs, scheduled_step
 
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES, "row": ROWS, "col": COLS}
@@ -116,12 +117,14 @@ def read_out(model: MultimodalLM, tokenizer: Tokenizer, processor: ImageProcesso
 def ground_image_tokens(
     model: MultimodalLM, tokenizer: Tokenizer, processor: ImageProcessor, *, steps: int, batch_size: int = 8,
     lr: float = 1e-3, tower_lr: float = 3e-4, norm_weight: float = 0.1, seed: int = 0, progress: bool = True,
+    render_workers: int = 0,
 ) -> dict[str, float]:
     """Train ``model``'s vision tower and projector in place so that each image token is the word
     ``token_words`` names: cross-entropy of its cosine against ``VOCABULARY``, plus its squared
     distance to that word's embedding relative to the word's norm (nearest is not enough: the LLM
     should see the word itself). Object and background tokens weigh alike, though the background
-    covers most of the grid. Returns the final loss and per-attribute accuracy."""
+    covers most of the grid. Returns the final loss and per-attribute accuracy. ``render_workers``:
+    processes rendering the coming steps' scenes (``train.scene_pixels``)."""
     tower, projector = model.vision_tower, model.mm_projector
     device = next(projector.parameters()).device
     word_norm = mean_word_norm(model)
@@ -137,12 +140,13 @@ def ground_image_tokens(
     projector.train()
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc="ground image tokens", unit="step", disable=not progress)
-    for step in bar:
-        scenes = [sample_scene(scene_rng("train", seed, GROUNDING_STREAM + step * batch_size + b))
-                  for b in range(batch_size)]
+    indices = [[GROUNDING_STREAM + step * batch_size + b for b in range(batch_size)] for step in range(steps)]
+    bar = tqdm(step_pixels("train", seed, indices, processor, render_workers), total=steps,
+               desc="ground image tokens", unit="step", disable=not progress)
+    for step, pixels in enumerate(bar):
+        scenes = [sample_scene(scene_rng("train", seed, i)) for i in indices[step]]
         words = torch.cat([token_words(s, grid) for s in scenes]).to(device)
-        tokens = model.encode_images(torch.stack([processor(render(s)) for s in scenes]).to(device))
+        tokens = model.encode_images(pixels.to(device))
         flat = tokens.reshape(-1, tokens.shape[-1]).float()
         cross_entropy = F.cross_entropy(LOGIT_SCALE * F.normalize(flat, dim=-1) @ unit.t(), words, reduction="none")
         target = table[words]

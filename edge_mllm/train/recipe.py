@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.train.grounding import ground_image_tokens, read_out
 from edge_mllm.train.lora import lora_factors
 from edge_mllm.train.precision import PRECISIONS
+from edge_mllm.train.scene_pixels import render_workers
 from edge_mllm.train.text_replay import (
     TEXT_FILE,
     answer_with,
@@ -51,7 +52,7 @@ from edge_mllm.train.text_replay import (
     text_agreement,
     train_prompts,
 )
-from edge_mllm.train.trainer import TrainConfig, Trainer
+from edge_mllm.train.trainer import TrainConfig, Trainer, pick_device
 from edge_mllm.train.vision_pretrain import pretrain_vision
 
 TRAINING_FILE = "training.json"  # the run's summary: recipe, timings, metrics
@@ -114,6 +115,15 @@ class RecipeConfig:
         if self.precision not in PRECISIONS:
             raise OptionError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
 
+    def scaled(self, factor: int) -> RecipeConfig:
+        """The same recipe with ``factor`` times the training scenes, vision-pretraining and grounding
+        steps (stage 2's one epoch over the scenes then takes ``factor`` times the steps): for a GPU,
+        where the 45-minute CPU budget does not bind. The 200 replayed text prompts stay as they are."""
+        if factor < 1:
+            raise OptionError(f"the recipe's scale must be a positive integer, not {factor}")
+        return replace(self, train_scenes=self.train_scenes * factor, vision_steps=self.vision_steps * factor,
+                       ground_steps=self.ground_steps * factor)
+
     @classmethod
     def quick(cls) -> RecipeConfig:
         """A minutes-long version of the same steps, for trying the pipeline out."""
@@ -138,7 +148,7 @@ def trained_tensors(model) -> dict[str, torch.Tensor]:
     state = {f"vision_tower.{k}": v for k, v in model.vision_tower.state_dict().items()}
     state.update({f"mm_projector.{k}": v for k, v in model.mm_projector.state_dict().items()})
     state.update({f"language_model.{k}": v for k, v in lora_factors(model.language_model).items()})
-    return {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+    return {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in state.items()}
 
 
 def is_recipe_output(folder: Path) -> bool:
@@ -165,11 +175,12 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
         timings[name] = round(time.perf_counter() - t0, 1)
         return result
 
+    workers = render_workers()  # processes rendering scenes: only where a GPU trains (train.scene_pixels)
     train_dir = timed("data", lambda: write_split(out / "data" / "train", "train", config.seed, config.train_scenes,
-                                                  progress))
-    test_dir = write_split(out / "data" / "test", "test", config.seed, config.test_scenes, progress)
+                                                  progress, workers))
+    test_dir = write_split(out / "data" / "test", "test", config.seed, config.test_scenes, progress, workers)
     loaded = untrained_default(config.seed)
-    model = loaded.model
+    model = loaded.model.to(device := pick_device())  # every step, eval included, runs on a GPU where there is one
     vision = model.config.vision
     processor = ImageProcessor(vision.image_size, vision.image_mean, vision.image_std, model.config.image_aspect_ratio)
     if config.vision_from:
@@ -178,10 +189,10 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
     else:
         vision_metrics = timed("vision_pretrain", lambda: pretrain_vision(
             model.vision_tower, processor, steps=config.vision_steps, batch_size=config.vision_batch,
-            lr=config.vision_lr, seed=config.seed, progress=progress))
+            lr=config.vision_lr, seed=config.seed, progress=progress, render_workers=workers))
         ground_metrics = timed("ground", lambda: ground_image_tokens(
             model, loaded.tokenizer, processor, steps=config.ground_steps, batch_size=config.ground_batch,
-            norm_weight=config.image_norm_weight, seed=config.seed, progress=progress))
+            norm_weight=config.image_norm_weight, seed=config.seed, progress=progress, render_workers=workers))
     # Whether the image tokens still name what they show after each step, and whether the model's
     # loss depends on its images: the two checks that found the 2026-12-04 runs blind (TRAINING.md).
     diagnostics = {"read_out": {"ground": read_out(model, loaded.tokenizer, processor, seed=config.seed)}}
@@ -219,6 +230,7 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
     save_file(weights, str(out / TRAINED_WEIGHTS_FILE), metadata=metadata)
     # Evaluate exactly what ships: the fp16 file applied to a fresh SmolLM2.
     shipped = apply_trained(untrained_default(progress=progress), out / TRAINED_WEIGHTS_FILE)
+    shipped.model.to(device)
     report = timed("eval", lambda: evaluate(pipeline_answer(Pipeline(shipped)), load_eval_set(test_dir),
                                             progress=progress))
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")

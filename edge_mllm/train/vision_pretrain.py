@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from edge_mllm.data.synth import COLORS, MAX_OBJECTS, SHAPES, Scene, render, sample_scene, scene_rng
+from edge_mllm.data.synth import COLORS, MAX_OBJECTS, SHAPES, Scene, sample_scene, scene_rng
 from edge_mllm.model.vision import CLIPVisionTower
 from edge_mllm.preprocess import ImageProcessor
+from edge_mllm.train.scene_pixels import step_pixels
 from edge_mllm.train.trainer import cosine_lr
 
 HEADS = {"presence": 2, "color": len(COLORS), "size": 2, "row": 3, "col": 3}
@@ -105,9 +106,10 @@ def scene_points(scene: Scene, rng: np.random.Generator) -> tuple[list[tuple[flo
 
 def pretrain_vision(
     tower: CLIPVisionTower, processor: ImageProcessor, *, steps: int, batch_size: int = 16, lr: float = 1e-3,
-    seed: int = 0, progress: bool = True,
+    seed: int = 0, progress: bool = True, render_workers: int = 0,
 ) -> dict[str, float]:
-    """Train ``tower`` in place for ``steps`` steps; returns the final loss and per-head accuracy."""
+    """Train ``tower`` in place for ``steps`` steps; returns the final loss and per-head accuracy.
+    ``render_workers``: processes rendering the coming steps' scenes (``train.scene_pixels``)."""
     device = next(tower.parameters()).device
     torch.manual_seed(seed)
     heads = AttributeHeads(tower.config.hidden_size).to(device)
@@ -117,14 +119,15 @@ def pretrain_vision(
     tower.train()
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc="vision pretrain", unit="step", disable=not progress)
-    for step in bar:
-        pixels, batch_points, discs, counts, shape_features, shapes = [], [], [], [], [], []
+    scenes = [[STREAM_OFFSET + step * batch_size + b for b in range(batch_size)] for step in range(steps)]
+    bar = tqdm(step_pixels("train", seed, scenes, processor, render_workers), total=steps, desc="vision pretrain",
+               unit="step", disable=not progress)
+    for step, pixels in enumerate(bar):
+        batch_points, discs, counts, shape_features, shapes = [], [], [], [], []
         batch_targets = {name: [] for name in HEADS}
-        for b in range(batch_size):
-            rng = scene_rng("train", seed, STREAM_OFFSET + step * batch_size + b)
-            scene = sample_scene(rng)
-            pixels.append(processor(render(scene)))
+        for index in scenes[step]:
+            rng = scene_rng("train", seed, index)
+            scene = sample_scene(rng)  # again, here: its rng goes on to pick the points (cheap beside rendering)
             points, targets = scene_points(scene, rng)
             batch_points.append(points)
             discs.append(object_discs(scene))
@@ -132,7 +135,7 @@ def pretrain_vision(
             shapes += [SHAPES.index(obj.shape) for obj in scene.objects]
             for name in HEADS:
                 batch_targets[name] += targets[name]
-        features = tower(torch.stack(pixels).to(device))  # [B, N, D] patch tokens
+        features = tower(pixels.to(device))  # [B, N, D] patch tokens
         fmap = features.transpose(1, 2).reshape(batch_size, -1, grid, grid)
         sampled = []
         for b, points in enumerate(batch_points):
