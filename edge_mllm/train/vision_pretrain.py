@@ -119,13 +119,13 @@ def pretrain_vision(
     tower.train()
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    scenes = [[STREAM_OFFSET + step * batch_size + b for b in range(batch_size)] for step in range(steps)]
-    bar = tqdm(step_pixels("train", seed, scenes, processor, render_workers), total=steps, desc="vision pretrain",
+    indices = [[STREAM_OFFSET + step * batch_size + b for b in range(batch_size)] for step in range(steps)]
+    bar = tqdm(step_pixels("train", seed, indices, processor, render_workers), total=steps, desc="vision pretrain",
                unit="step", disable=not progress)
     for step, pixels in enumerate(bar):
         batch_points, discs, counts, shape_features, shapes = [], [], [], [], []
         batch_targets = {name: [] for name in HEADS}
-        for index in scenes[step]:
+        for index in indices[step]:
             rng = scene_rng("train", seed, index)
             scene = sample_scene(rng)  # again, here: its rng goes on to pick the points (cheap beside rendering)
             points, targets = scene_points(scene, rng)
