@@ -278,9 +278,14 @@ def is_split(folder: Path) -> bool:
     return all((folder / name).is_file() for name in SPLIT_FILES)
 
 
+def scene_image(split: str, seed: int, index: int) -> Image.Image:
+    """Scene ``index`` of ``split`` and ``seed``, rendered."""
+    return render(sample_scene(scene_rng(split, seed, index)))
+
+
 def _write_image(job: tuple[str, int, int, Path]) -> None:
     split, seed, index, path = job
-    render(sample_scene(scene_rng(split, seed, index))).save(path, optimize=False)
+    scene_image(split, seed, index).save(path, optimize=False)
 
 
 def write_split(out_dir: str | Path, split: str, seed: int, n: int, progress: bool = False, workers: int = 0) -> Path:

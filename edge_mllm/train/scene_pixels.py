@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from edge_mllm.data.synth import render, sample_scene, scene_rng
+from edge_mllm.data.synth import scene_image
 from edge_mllm.preprocess import ImageProcessor
 
 PREFETCH_STEPS = 4  # steps rendered ahead: bounds the memory the queued pixels take
@@ -35,7 +35,7 @@ def render_workers() -> int:
 
 def _pixels(split: str, seed: int, index: int, processor: ImageProcessor) -> np.ndarray:
     """Scene ``index`` of ``split`` → its normalised pixels [3, H, W]."""
-    return processor(render(sample_scene(scene_rng(split, seed, index)))).numpy()
+    return processor(scene_image(split, seed, index)).numpy()
 
 
 def _one_thread() -> None:
