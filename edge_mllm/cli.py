@@ -337,11 +337,17 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
                    "for a GPU; 1 is the 45-minute CPU recipe.")
 @click.option("--vision-from", type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="Take the vision tower and projector of an earlier run's default_vision.safetensors and skip "
-                   "vision pretraining and grounding (to try LLM-stage changes in a third of the time).")
+                   "vision pretraining and grounding (to try LLM-stage changes in a third of the time); its "
+                   "projector only if of the recipe's type.")
+@click.option("--projector", type=click.Choice(["ldpv2", "ldp"]),
+              help="The projector (MobileVLM v2's LDPv2 or v1's LDP) [default: the recipe's].")
+@click.option("--projector-steps", type=click.IntRange(min=0),
+              help="Steps grounding the projector alone on the frozen tower's cached features, after the tower's "
+                   "grounding (0: none) [default: the recipe's].")
 @PRECISION
 @click.option("--json", "as_json", is_flag=True)
-def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: str | None, precision: str,
-                  as_json: bool) -> None:
+def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: str | None, projector: str | None,
+                  projector_steps: int | None, precision: str, as_json: bool) -> None:
     """Train the embedded default's vision tower and projector on synthetic data (TRAINING.md).
 
     Writes OUTPUT/default_vision.safetensors (copy it to edge_mllm/weights/ to ship it), training.json
@@ -352,8 +358,12 @@ def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: 
 
     _check_output(output, is_recipe_output)
     config = replace(RecipeConfig.quick() if quick else RecipeConfig(), seed=seed, vision_from=vision_from,
-                     precision=precision).scaled(scale)
-    summary = run_recipe(output, config)
+                     precision=precision)
+    if projector is not None:
+        config = replace(config, projector=projector)
+    if projector_steps is not None:
+        config = replace(config, projector_ground_steps=projector_steps)
+    summary = run_recipe(output, config.scaled(scale))
     if as_json:
         _emit_json(summary)
         return

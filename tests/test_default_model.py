@@ -15,10 +15,18 @@ from edge_mllm.quant.groupwise import quantize_rtn
 from edge_mllm.checkpoint.weights import read_metadata, read_weights_file
 from edge_mllm.data.llava import load_conversations
 from edge_mllm.data.synth import COLORS, write_split
-from edge_mllm.default import TRAINED_WEIGHTS, TRAINED_WEIGHTS_FILE, apply_trained, load_default, untrained_default
+from edge_mllm.default import (
+    TRAINED_WEIGHTS,
+    TRAINED_WEIGHTS_FILE,
+    apply_trained,
+    load_default,
+    trained_projector,
+    untrained_default,
+)
 from edge_mllm.errors import OptionError
 from edge_mllm.eval.metrics import normalize_answer
 from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
+from edge_mllm.model.connectors import LDPProjector
 from edge_mllm.pipeline import Pipeline
 from edge_mllm.train.recipe import RecipeConfig, run_recipe
 from edge_mllm.train.text_replay import TEXT_FILE, held_out_prompts
@@ -136,3 +144,30 @@ def test_recipe_can_start_from_an_earlier_files_eyes(tmp_path):
     eyes = [k for k in source if k.startswith(("vision_tower.", "mm_projector."))]
     assert eyes and all(torch.equal(written[k], source[k]) for k in eyes)
     assert any(k.endswith(".lora_A") for k in written)
+
+
+def test_recipe_grounds_a_new_ldp_projector_on_an_earlier_files_tower(tmp_path, monkeypatch):
+    # The file names its projector (files before that key are LDPv2); a recipe asked for LDP from an
+    # LDPv2 file keeps the tower and grounds a fresh LDP on its features, and only then.
+    assert trained_projector(TRAINED_WEIGHTS) == "ldpv2"
+    base = dataclasses.replace(RecipeConfig.quick(), vision_from=str(TRAINED_WEIGHTS), projector="ldp",
+                               text_prompts=0, test_scenes=2)
+    with pytest.raises(OptionError, match="ldpv2 projector"):
+        run_recipe(tmp_path / "refused", base, progress=False)
+    assert not (tmp_path / "refused").exists()
+    fresh = untrained_default(progress=False, projector="ldp").model.mm_projector
+    norms = [m for m in fresh.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)  # seeded init: scale 1
+    summary = run_recipe(tmp_path / "run", dataclasses.replace(base, projector_ground_steps=3), progress=False)
+    assert set(summary["seconds"]) == {"data", "ground_projector", "instruct", "eval"}
+    assert summary["ground_projector"]["loss"] > 0
+    weights = tmp_path / "run" / TRAINED_WEIGHTS_FILE
+    assert trained_projector(weights) == "ldp"
+    source, written = read_weights_file(TRAINED_WEIGHTS), read_weights_file(weights)
+    tower = [k for k in source if k.startswith("vision_tower.")]
+    assert tower and all(torch.equal(written[k], source[k]) for k in tower)
+    assert "mm_projector.model.mb_block.2.block.0.0.weight" in written
+    monkeypatch.setattr("edge_mllm.default.TRAINED_WEIGHTS", weights)
+    model = load_default(progress=False).model
+    assert isinstance(model.mm_projector, LDPProjector) and model.num_image_tokens == 144
+    assert "ldp projector" in model.config.notes["vision_tower"]

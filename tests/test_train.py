@@ -36,7 +36,14 @@ from edge_mllm.model.mllm import IMAGE_TOKEN_INDEX
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.tokenizer import Tokenizer
 from edge_mllm.train.examples import IGNORE_INDEX, Example, embed_batch, pack_shared_prefix, tokenize_conversation
-from edge_mllm.train.grounding import VOCABULARY, ground_image_tokens, read_out, token_words, word_accuracy
+from edge_mllm.train.grounding import (
+    VOCABULARY,
+    ground_image_tokens,
+    ground_projector,
+    read_out,
+    token_words,
+    word_accuracy,
+)
 from edge_mllm.train.lora import (
     LoRALinear,
     add_lora_factors,
@@ -611,6 +618,24 @@ def test_grounding_makes_image_tokens_their_words(tiny):
     assert all(v is None or 0.0 <= v <= 1.0 for v in fresh.values()), fresh
     for name, tensor in tiny.model.language_model.state_dict().items():
         assert torch.equal(tensor, llm_before[name]), name
+
+
+def test_projector_grounding_trains_the_projector_alone_on_cached_tower_features(tiny):
+    # The projector learns its tokens' words from the tower's features of a fixed set of scenes,
+    # computed once; tower and LLM are not touched.
+    torch.manual_seed(0)
+    vision = tiny.model.config.vision
+    processor = ImageProcessor(vision.image_size, vision.image_mean, vision.image_std)
+    frozen = {k: v.clone() for k, v in tiny.model.state_dict().items() if not k.startswith("mm_projector.")}
+    projector_before = {k: v.clone() for k, v in tiny.model.mm_projector.state_dict().items()}
+    first = ground_projector(tiny.model, tiny.tokenizer, processor, steps=1, scenes=16, progress=False)
+    later = ground_projector(tiny.model, tiny.tokenizer, processor, steps=60, scenes=16, lr=3e-3, progress=False)
+    assert later["loss"] < first["loss"] * 0.8, (first, later)
+    assert later["cosine"] > first["cosine"] + 0.2, (first, later)
+    for name, tensor in tiny.model.state_dict().items():
+        if name in frozen:
+            assert torch.equal(tensor, frozen[name]), name
+    assert any(not torch.equal(v, projector_before[k]) for k, v in tiny.model.mm_projector.state_dict().items())
 
 
 def test_grounding_accuracy_is_none_for_an_attribute_no_token_names():

@@ -114,22 +114,40 @@ def read_out(model: MultimodalLM, tokenizer: Tokenizer, processor: ImageProcesso
     return word_accuracy(tokens.reshape(-1, tokens.shape[-1]), words, table.to(device))
 
 
+def _word_loss(tokens: torch.Tensor, words: torch.Tensor, table: torch.Tensor, word_norm: float,
+               norm_weight: float) -> tuple[torch.Tensor, dict[str, float | None]]:
+    """Grounding's loss for image tokens [B, N, D] whose words are ``words`` [B * N] (``VOCABULARY``
+    indices): cross-entropy of each token's cosine against the vocabulary, plus its squared distance to
+    its word's embedding relative to the word's norm (nearest is not enough: the LLM should see the word
+    itself), object and background tokens weighted alike though the background covers most of the
+    grid; plus the norm penalty. Returns the loss and the step's metrics."""
+    flat = tokens.reshape(-1, tokens.shape[-1]).float()
+    cross_entropy = F.cross_entropy(LOGIT_SCALE * F.normalize(flat, dim=-1) @ F.normalize(table, dim=-1).t(), words,
+                                    reduction="none")
+    target = table[words]
+    distance = ((flat - target) ** 2).sum(-1) / (target ** 2).sum(-1)
+    per_token = cross_entropy + distance
+    loss = sum(per_token[part].mean() for part in (words > 0, words == 0) if part.any())
+    norm_penalty = image_norm_penalty(tokens, word_norm)
+    loss = loss + norm_weight * norm_penalty
+    metrics = {"norm_penalty": norm_penalty.item(), "cosine": float(F.cosine_similarity(flat.detach(), target).mean())}
+    metrics |= word_accuracy(flat.detach(), words, table)
+    metrics["loss"] = loss.item()
+    return loss, metrics
+
+
 def ground_image_tokens(
     model: MultimodalLM, tokenizer: Tokenizer, processor: ImageProcessor, *, steps: int, batch_size: int = 8,
     lr: float = 1e-3, tower_lr: float = 3e-4, norm_weight: float = 0.1, seed: int = 0, progress: bool = True,
     render_workers: int = 0,
 ) -> dict[str, float]:
     """Train ``model``'s vision tower and projector in place so that each image token is the word
-    ``token_words`` names: cross-entropy of its cosine against ``VOCABULARY``, plus its squared
-    distance to that word's embedding relative to the word's norm (nearest is not enough: the LLM
-    should see the word itself). Object and background tokens weigh alike, though the background
-    covers most of the grid. Returns the final loss and per-attribute accuracy. ``render_workers``:
-    processes rendering the coming steps' scenes (``train.scene_pixels``)."""
+    ``token_words`` names (``_word_loss``). Returns the final loss and per-attribute accuracy.
+    ``render_workers``: processes rendering the coming steps' scenes (``train.scene_pixels``)."""
     tower, projector = model.vision_tower, model.mm_projector
     device = next(projector.parameters()).device
     word_norm = mean_word_norm(model)
     table = vocabulary_embeddings(model, tokenizer).to(device)
-    unit = F.normalize(table, dim=-1)
     grid = _grid(model)
     optimizer = torch.optim.AdamW([{"params": list(projector.parameters()), "peak_lr": lr},
                                    {"params": list(tower.parameters()), "peak_lr": tower_lr}], weight_decay=0.0)
@@ -146,23 +164,58 @@ def ground_image_tokens(
     for step, pixels in enumerate(bar):
         scenes = [sample_scene(scene_rng("train", seed, i)) for i in indices[step]]
         words = torch.cat([token_words(s, grid) for s in scenes]).to(device)
-        tokens = model.encode_images(pixels.to(device))
-        flat = tokens.reshape(-1, tokens.shape[-1]).float()
-        cross_entropy = F.cross_entropy(LOGIT_SCALE * F.normalize(flat, dim=-1) @ unit.t(), words, reduction="none")
-        target = table[words]
-        distance = ((flat - target) ** 2).sum(-1) / (target ** 2).sum(-1)
-        per_token = cross_entropy + distance
-        loss = sum(per_token[part].mean() for part in (words > 0, words == 0) if part.any())
-        norm_penalty = image_norm_penalty(tokens, word_norm)
-        loss = loss + norm_weight * norm_penalty
-        cosine = float(F.cosine_similarity(flat.detach(), target).mean())
-        metrics = {"norm_penalty": norm_penalty.item(), "cosine": cosine}
-        metrics |= word_accuracy(flat.detach(), words, table)
+        loss, metrics = _word_loss(model.encode_images(pixels.to(device)), words, table, word_norm, norm_weight)
         scheduled_step(optimizer, params, loss, step, steps)
-        metrics["loss"] = loss.item()
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}",
                         **{k: "-" if metrics[k] is None else f"{metrics[k]:.2f}" for k in ("color", "shape")})
     tower.eval()
+    projector.eval()
+    return final_metrics(history, t0)
+
+
+def ground_projector(
+    model: MultimodalLM, tokenizer: Tokenizer, processor: ImageProcessor, *, steps: int, scenes: int,
+    batch_size: int = 8, lr: float = 1e-3, norm_weight: float = 0.1, seed: int = 0, progress: bool = True,
+    render_workers: int = 0,
+) -> dict[str, float]:
+    """Train only ``model``'s projector, on the frozen tower's features of ``scenes`` scenes computed
+    once, so that each image token is its word (``_word_loss``). Returns the final loss and accuracy.
+    The scenes are the tower grounding's first ones (``GROUNDING_STREAM``), of the train split.
+
+    Why: a token names an object's shape only if something combines the patches around it; the tower
+    learns that far too slowly on this budget (37% after grounding), LDP's convolutions over the
+    tower's patch features learn it (72% after 2,000 steps from run 13's tower, TRAINING.md). Cached
+    features make a step ~10× cheaper than grounding through the tower, which buys those steps.
+    """
+    tower, projector = model.vision_tower, model.mm_projector
+    device = next(projector.parameters()).device
+    word_norm = mean_word_norm(model)
+    table = vocabulary_embeddings(model, tokenizer).to(device)
+    grid = _grid(model)
+    indices = [GROUNDING_STREAM + i for i in range(scenes)]
+    batches = [indices[start:start + batch_size] for start in range(0, scenes, batch_size)]
+    features = []
+    tower.eval()
+    with torch.no_grad():
+        for pixels in tqdm(step_pixels("train", seed, batches, processor, render_workers), total=len(batches),
+                           desc="tower features", unit="batch", disable=not progress):
+            features.append(tower(pixels.to(device)).half())  # half the memory: ~300 KB a scene
+    features = torch.cat(features)
+    words = torch.stack([token_words(sample_scene(scene_rng("train", seed, i)), grid) for i in indices]).to(device)
+    optimizer = torch.optim.AdamW([{"params": list(projector.parameters()), "peak_lr": lr}], weight_decay=0.0)
+    params = list(projector.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    projector.train()
+    generator = torch.Generator().manual_seed(seed)
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    for step in tqdm(range(steps), desc="ground projector", unit="step", disable=not progress):
+        batch = torch.randint(scenes, (batch_size,), generator=generator).to(device)
+        loss, metrics = _word_loss(projector(features[batch].float()), words[batch].reshape(-1), table, word_norm,
+                                   norm_weight)
+        scheduled_step(optimizer, params, loss, step, steps)
+        history.append(metrics)
     projector.eval()
     return final_metrics(history, t0)

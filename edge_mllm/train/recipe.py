@@ -6,8 +6,9 @@ budget on a 2-core CPU (faster with CUDA), wall-clock included (``training.json`
    take the tower and projector of an earlier run's file and skip to step 5.
 3. Ground the image tokens: tower + projector trained so that each token covering an object is one
    of its words in SmolLM2's embedding space, the background a full stop (``grounding``; no LLM
-   forward pass).
-4. Stage 1 (off by default): align the LDPv2 projector on captions, vision tower and LLM frozen.
+   forward pass); then, optionally, the projector alone on the frozen tower's cached features
+   (``grounding.ground_projector``: with LDP's convolutions the tokens learn to name shapes).
+4. Stage 1 (off by default): align the projector on captions, vision tower and LLM frozen.
 5. Text replay: SmolLM2's own answers to 200 text-only instructions (``text_replay``).
 6. Stage 2: instruction-tune quantization-aware LoRA on SmolLM2 (optionally with its linears' inputs
    rounded as ExecuTorch's 8da4w rounds them), one question per example (the
@@ -34,13 +35,20 @@ from safetensors.torch import save_file
 from edge_mllm.chat import ChatTemplate
 from edge_mllm.data.llava import load_conversations, save_records, single_turns
 from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, write_split
-from edge_mllm.default import TRAINED_WEIGHTS_FILE, apply_trained, load_trained_vision, untrained_default
+from edge_mllm.default import (
+    PROJECTOR_KEY,
+    TRAINED_WEIGHTS_FILE,
+    apply_trained,
+    load_trained_vision,
+    trained_projector,
+    untrained_default,
+)
 from edge_mllm.errors import OptionError
 from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
 from edge_mllm.fsutil import atomic_output_dir
 from edge_mllm.pipeline import Pipeline
 from edge_mllm.preprocess import ImageProcessor
-from edge_mllm.train.grounding import ground_image_tokens, read_out
+from edge_mllm.train.grounding import ground_image_tokens, ground_projector, read_out
 from edge_mllm.train.lora import lora_factors
 from edge_mllm.train.precision import PRECISIONS
 from edge_mllm.train.scene_pixels import render_workers
@@ -56,6 +64,8 @@ from edge_mllm.train.trainer import TrainConfig, Trainer, pick_device
 from edge_mllm.train.vision_pretrain import pretrain_vision
 
 TRAINING_FILE = "training.json"  # the run's summary: recipe, timings, metrics
+# MobileVLM's projectors, which every export format and llama.cpp's clip take on a 24×24 grid
+RECIPE_PROJECTORS = ("ldpv2", "ldp")
 
 
 @dataclass
@@ -68,6 +78,12 @@ class RecipeConfig:
     vision_lr: float = 5e-4
     ground_steps: int = 600
     ground_batch: int = 8
+    # LDPv2 (MobileVLM v2: pooling + a linear depthwise conv) or LDP (v1: two nonlinear inverted-residual
+    # blocks). Grounded on the frozen tower's features (projector_ground_steps), LDP's tokens name an
+    # object's shape 72% of the time where LDPv2's stay at the majority class (TRAINING.md).
+    projector: str = "ldpv2"
+    projector_ground_steps: int = 0  # 0: no projector-only grounding
+    projector_ground_scenes: int = 3000  # whose tower features are computed once and sampled from
     # Stage 1 (caption alignment) is off: driven by an LLM that does not yet read the image, it
     # overwrote what grounding made (run 3, TRAINING.md). 0 skips it.
     align_epochs: float = 0.0
@@ -114,21 +130,26 @@ class RecipeConfig:
         # Checked here, not only by stage 2's TrainConfig, which is built after half an hour of steps 2-3.
         if self.precision not in PRECISIONS:
             raise OptionError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.projector not in RECIPE_PROJECTORS:
+            raise OptionError(f"unknown projector {self.projector!r}; choose one of {', '.join(RECIPE_PROJECTORS)}")
 
     def scaled(self, factor: int) -> RecipeConfig:
         """The same recipe with ``factor`` times the training scenes, vision-pretraining and grounding
-        steps (stage 2's one epoch over the scenes then takes ``factor`` times the steps): for a GPU,
-        where the 45-minute CPU budget does not bind. The 200 replayed text prompts stay as they are."""
+        steps and the projector's grounding scenes (stage 2's one epoch over the scenes then takes
+        ``factor`` times the steps): for a GPU, where the 45-minute CPU budget does not bind. The 200
+        replayed text prompts stay as they are."""
         if factor < 1:
             raise OptionError(f"the recipe's scale must be a positive integer, not {factor}")
         return replace(self, train_scenes=self.train_scenes * factor, vision_steps=self.vision_steps * factor,
-                       ground_steps=self.ground_steps * factor)
+                       ground_steps=self.ground_steps * factor,
+                       projector_ground_steps=self.projector_ground_steps * factor,
+                       projector_ground_scenes=self.projector_ground_scenes * factor)
 
     @classmethod
     def quick(cls) -> RecipeConfig:
         """A minutes-long version of the same steps, for trying the pipeline out."""
         return cls(train_scenes=16, test_scenes=4, vision_steps=4, vision_batch=2, ground_steps=4, ground_batch=2,
-                   instruct_epochs=0.5, text_prompts=4, text_max_new_tokens=24)
+                   projector_ground_scenes=8, instruct_epochs=0.5, text_prompts=4, text_max_new_tokens=24)
 
 
 def instruct_config(config: RecipeConfig) -> TrainConfig:
@@ -160,6 +181,11 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
     """Run every step; writes ``TRAINED_WEIGHTS_FILE``, ``training.json``, ``eval.json`` and the data it
     made to ``out_dir``. Atomic: ``out_dir`` appears complete or not at all; it may replace an earlier
     run's output, never another folder with files in it."""
+    if config.vision_from and config.projector_ground_steps == 0:
+        source = trained_projector(Path(config.vision_from))
+        if source != config.projector:
+            raise OptionError(f"{config.vision_from} has an {source} projector, not the recipe's {config.projector}: "
+                              "take its type, or ground a new one (projector_ground_steps)")
     with atomic_output_dir(out_dir, is_recipe_output) as out:
         return _run_steps(out, config, progress)
 
@@ -179,12 +205,14 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
     train_dir = timed("data", lambda: write_split(out / "data" / "train", "train", config.seed, config.train_scenes,
                                                   progress, workers))
     test_dir = write_split(out / "data" / "test", "test", config.seed, config.test_scenes, progress, workers)
-    loaded = untrained_default(config.seed)
+    loaded = untrained_default(config.seed, projector=config.projector)
     model = loaded.model.to(device := pick_device())  # every step, eval included, runs on a GPU where there is one
     vision = model.config.vision
     processor = ImageProcessor(vision.image_size, vision.image_mean, vision.image_std, model.config.image_aspect_ratio)
     if config.vision_from:
-        load_trained_vision(model, Path(config.vision_from))
+        # its projector too where it is of the recipe's type (a fresh one is grounded otherwise)
+        same_projector = trained_projector(Path(config.vision_from)) == config.projector
+        load_trained_vision(model, Path(config.vision_from), projector=same_projector)
         vision_metrics = ground_metrics = None
     else:
         vision_metrics = timed("vision_pretrain", lambda: pretrain_vision(
@@ -192,6 +220,12 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
             lr=config.vision_lr, seed=config.seed, progress=progress, render_workers=workers))
         ground_metrics = timed("ground", lambda: ground_image_tokens(
             model, loaded.tokenizer, processor, steps=config.ground_steps, batch_size=config.ground_batch,
+            norm_weight=config.image_norm_weight, seed=config.seed, progress=progress, render_workers=workers))
+    projector_metrics = None
+    if config.projector_ground_steps:
+        projector_metrics = timed("ground_projector", lambda: ground_projector(
+            model, loaded.tokenizer, processor, steps=config.projector_ground_steps,
+            scenes=config.projector_ground_scenes, batch_size=config.ground_batch,
             norm_weight=config.image_norm_weight, seed=config.seed, progress=progress, render_workers=workers))
     # Whether the image tokens still name what they show after each step, and whether the model's
     # loss depends on its images: the two checks that found the 2026-12-04 runs blind (TRAINING.md).
@@ -224,12 +258,13 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
     diagnostics["image_reliance"] = {"before_instruct": before, "after_instruct": after}
     diagnostics["read_out"]["instruct"] = read_out(model, loaded.tokenizer, processor, seed=config.seed)
     weights = trained_tensors(model)
-    metadata = {"format": "pt", "seed": str(config.seed)}
+    metadata = {"format": "pt", "seed": str(config.seed), PROJECTOR_KEY: config.projector}
     if instruct.qat:
         metadata["qat"] = instruct.qat  # apply_trained snaps the merged LoRA updates onto this grid
     save_file(weights, str(out / TRAINED_WEIGHTS_FILE), metadata=metadata)
     # Evaluate exactly what ships: the fp16 file applied to a fresh SmolLM2.
-    shipped = apply_trained(untrained_default(progress=progress), out / TRAINED_WEIGHTS_FILE)
+    shipped = apply_trained(untrained_default(progress=progress, projector=config.projector),
+                            out / TRAINED_WEIGHTS_FILE)
     shipped.model.to(device)
     report = timed("eval", lambda: evaluate(pipeline_answer(Pipeline(shipped)), load_eval_set(test_dir),
                                             progress=progress))
@@ -249,6 +284,7 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
         "wall_seconds": round(time.perf_counter() - started, 1),
         "vision_pretrain": vision_metrics,
         "ground": ground_metrics,
+        "ground_projector": projector_metrics,
         "align": align_metrics,
         "instruct": instruct_metrics,
         "diagnostics": diagnostics,
