@@ -24,7 +24,7 @@ import torch
 from edge_mllm.chat import ChatTemplate
 from edge_mllm.data.llava import load_conversations
 from edge_mllm.data.synth import CONVERSATIONS_FILE, write_split
-from edge_mllm.default import TRAINED_WEIGHTS, load_trained_vision, untrained_default
+from edge_mllm.default import TRAINED_WEIGHTS, load_trained_vision, trained_projector, untrained_default
 from edge_mllm.train.precision import native_bf16
 from edge_mllm.train.recipe import RecipeConfig, instruct_config
 from edge_mllm.train.trainer import Trainer
@@ -34,7 +34,7 @@ PRECISIONS = ("fp32", "bf16")
 
 def stage2_trainer(precision: str) -> Trainer:
     """The recipe's stage-2 trainer in ``precision``, on the shipped tower and projector."""
-    loaded = untrained_default(seed=0, progress=False)
+    loaded = untrained_default(seed=0, progress=False, projector=trained_projector(TRAINED_WEIGHTS))
     load_trained_vision(loaded.model, TRAINED_WEIGHTS)
     config = instruct_config(RecipeConfig(precision=precision))
     return Trainer(loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config)

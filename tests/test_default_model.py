@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from edge_mllm.quant.groupwise import quantize_rtn
+from safetensors.torch import save_file
 
 from edge_mllm.checkpoint.weights import read_metadata, read_weights_file
 from edge_mllm.data.llava import load_conversations
@@ -26,7 +27,7 @@ from edge_mllm.default import (
 from edge_mllm.errors import OptionError
 from edge_mllm.eval.metrics import normalize_answer
 from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
-from edge_mllm.model.connectors import LDPProjector
+from edge_mllm.model.connectors import LDPv2Projector
 from edge_mllm.pipeline import Pipeline
 from edge_mllm.train.recipe import RecipeConfig, run_recipe
 from edge_mllm.train.text_replay import TEXT_FILE, held_out_prompts
@@ -54,7 +55,7 @@ def test_default_language_model_is_smollm2_on_its_own_4bit_grid():
         else:  # LoRA touches only the blocks' linears: embedding and norms are SmolLM2's
             assert torch.equal(weight, start_llm[name]), name
     assert moved > 100, moved  # of 210 (30 blocks x 7 matrices)
-    key = "mlp.mlp.0.weight"
+    key = "model.mlp.1.weight"  # LDP's first linear
     assert not torch.equal(shipped.mm_projector.state_dict()[key], start.mm_projector.state_dict()[key])
 
 
@@ -135,8 +136,8 @@ def test_scaled_recipe_multiplies_its_data_and_tower_steps():
 def test_recipe_can_start_from_an_earlier_files_eyes(tmp_path):
     # vision_from (train-default --vision-from): a trained file's tower and projector are used as they
     # are, vision pretraining and grounding are skipped, and stage 2 (here activation-aware) trains LoRA.
-    config = dataclasses.replace(RecipeConfig.quick(), vision_from=str(TRAINED_WEIGHTS), qat_activations=True,
-                                 text_prompts=0, test_scenes=2)
+    config = dataclasses.replace(RecipeConfig.quick(), vision_from=str(TRAINED_WEIGHTS), projector="ldp",
+                                 qat_activations=True, text_prompts=0, test_scenes=2)
     summary = run_recipe(tmp_path, config, progress=False)
     assert set(summary["seconds"]) == {"data", "instruct", "eval"}
     assert summary["vision_pretrain"] is None and summary["recipe"]["qat_activations"] is True
@@ -146,13 +147,15 @@ def test_recipe_can_start_from_an_earlier_files_eyes(tmp_path):
     assert any(k.endswith(".lora_A") for k in written)
 
 
-def test_recipe_grounds_a_new_ldp_projector_on_an_earlier_files_tower(tmp_path, monkeypatch):
-    # The file names its projector (files before that key are LDPv2); a recipe asked for LDP from an
-    # LDPv2 file keeps the tower and grounds a fresh LDP on its features, and only then.
-    assert trained_projector(TRAINED_WEIGHTS) == "ldpv2"
-    base = dataclasses.replace(RecipeConfig.quick(), vision_from=str(TRAINED_WEIGHTS), projector="ldp",
+def test_recipe_grounds_a_new_projector_on_an_earlier_files_tower(tmp_path, monkeypatch):
+    # The file names its projector (files before that key are LDPv2); a recipe asked for another type
+    # than an earlier file's keeps the tower and grounds a fresh projector on its features, and only then.
+    assert trained_projector(TRAINED_WEIGHTS) == "ldp"
+    save_file({"vision_tower.x": torch.zeros(1)}, str(tmp_path / "old.safetensors"), metadata={"format": "pt"})
+    assert trained_projector(tmp_path / "old.safetensors") == "ldpv2"
+    base = dataclasses.replace(RecipeConfig.quick(), vision_from=str(TRAINED_WEIGHTS), projector="ldpv2",
                                text_prompts=0, test_scenes=2)
-    with pytest.raises(OptionError, match="ldpv2 projector"):
+    with pytest.raises(OptionError, match="ldp projector"):
         run_recipe(tmp_path / "refused", base, progress=False)
     assert not (tmp_path / "refused").exists()
     fresh = untrained_default(progress=False, projector="ldp").model.mm_projector
@@ -162,12 +165,12 @@ def test_recipe_grounds_a_new_ldp_projector_on_an_earlier_files_tower(tmp_path, 
     assert set(summary["seconds"]) == {"data", "ground_projector", "instruct", "eval"}
     assert summary["ground_projector"]["loss"] > 0
     weights = tmp_path / "run" / TRAINED_WEIGHTS_FILE
-    assert trained_projector(weights) == "ldp"
+    assert trained_projector(weights) == "ldpv2"
     source, written = read_weights_file(TRAINED_WEIGHTS), read_weights_file(weights)
     tower = [k for k in source if k.startswith("vision_tower.")]
     assert tower and all(torch.equal(written[k], source[k]) for k in tower)
-    assert "mm_projector.model.mb_block.2.block.0.0.weight" in written
+    assert "mm_projector.peg.peg.0.weight" in written and "mm_projector.model.mlp.1.weight" not in written
     monkeypatch.setattr("edge_mllm.default.TRAINED_WEIGHTS", weights)
     model = load_default(progress=False).model
-    assert isinstance(model.mm_projector, LDPProjector) and model.num_image_tokens == 144
-    assert "ldp projector" in model.config.notes["vision_tower"]
+    assert isinstance(model.mm_projector, LDPv2Projector) and model.num_image_tokens == 144
+    assert "ldpv2 projector" in model.config.notes["vision_tower"]
