@@ -44,7 +44,7 @@ def test_default_language_model_is_smollm2_on_its_own_4bit_grid():
     # and the LoRA updates moved a good part of them across grid points.
     assert read_metadata(TRAINED_WEIGHTS)["qat"] == "rtn-w4-g32-min"
     shipped = load_default(progress=False).model
-    start = untrained_default(progress=False).model
+    start = untrained_default(progress=False, projector=trained_projector(TRAINED_WEIGHTS)).model
     assert not any("lora" in name for name in shipped.state_dict())  # merged on load
     shipped_llm, start_llm = shipped.language_model.state_dict(), start.language_model.state_dict()
     moved = 0
@@ -124,10 +124,12 @@ def test_recipe_with_alignment_and_a_trained_connector(tmp_path):
 
 @pytest.mark.slow
 def test_scaled_recipe_multiplies_its_data_and_tower_steps():
-    base = RecipeConfig(precision="bf16")
+    base = RecipeConfig(precision="bf16", projector="ldp", projector_ground_steps=3000)
     scaled = base.scaled(4)
     assert (scaled.train_scenes, scaled.vision_steps, scaled.ground_steps) == (2400, 1200, 2400)
-    assert dataclasses.replace(scaled, train_scenes=600, vision_steps=300, ground_steps=600) == base
+    assert (scaled.projector_ground_steps, scaled.projector_ground_scenes) == (12000, 12000)
+    assert dataclasses.replace(scaled, train_scenes=600, vision_steps=300, ground_steps=600,
+                               projector_ground_steps=3000, projector_ground_scenes=3000) == base
     assert base.scaled(1) == base
     with pytest.raises(OptionError, match="positive integer"):
         base.scaled(0)
