@@ -90,19 +90,21 @@ def untrained_default(seed: int = 0, progress: bool = True, projector: str = DEF
     return LoadedModel(text.model.eval(), text.tokenizer, text.chat_template)
 
 
-def _read_trained(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+def _trained_file(read, path: Path):
+    """``read(path)``, with a broken or missing recipe file named as the default model's."""
     try:
-        return read_weights_file(path), read_metadata(path).get("qat")
+        return read(path)
     except CheckpointError as exc:
         raise CheckpointError(f"the default model's trained weights are missing or broken: {exc}") from exc
+
+
+def _read_trained(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    return _trained_file(read_weights_file, path), _trained_file(read_metadata, path).get("qat")
 
 
 def trained_projector(path: Path) -> str:
     """The projector type a recipe file was trained with (its metadata; LDPv2 for files older than that key)."""
-    try:
-        return read_metadata(path).get(PROJECTOR_KEY, DEFAULT_PROJECTOR.type)
-    except CheckpointError as exc:
-        raise CheckpointError(f"the default model's trained weights are missing or broken: {exc}") from exc
+    return _trained_file(read_metadata, path).get(PROJECTOR_KEY, DEFAULT_PROJECTOR.type)
 
 
 def _load_vision(model: MultimodalLM, state: dict[str, torch.Tensor], path: Path, projector: bool = True) -> None:
