@@ -123,16 +123,23 @@ def torch_greedy(loaded: LoadedModel, prompt_embeds: torch.Tensor, n: int) -> li
     return generate(loaded.model.language_model, prompt_embeds, config).token_ids
 
 
-def teacher_forced_agreement(loaded: LoadedModel, prompt_embeds: torch.Tensor, tokens: list[int],
-                             banned: tuple[int, ...] = ()) -> float:
-    """Share of llama.cpp's tokens that our model, fed the same prefix, also picks greedily."""
+def teacher_forced_margins(loaded: LoadedModel, prompt_embeds: torch.Tensor, tokens: list[int],
+                           banned: tuple[int, ...] = ()) -> np.ndarray:
+    """Per token llama.cpp picked: how far (in logits) below our model's greedy pick it lies when our
+    model is fed the same prefix; 0 where both pick it."""
     lm = loaded.model.language_model
     lm.clear_cache()
     with torch.no_grad():
         x = torch.cat([prompt_embeds, lm.embed(torch.tensor([tokens[:-1]]))], dim=1)
         logits = lm(x)[0, prompt_embeds.shape[1] - 1 :]
     logits[:, list(banned)] = -torch.inf
-    return float((logits.argmax(-1) == torch.tensor(tokens)).float().mean())
+    return (logits.max(-1).values - logits[torch.arange(len(tokens)), torch.tensor(tokens)]).numpy()
+
+
+def teacher_forced_agreement(loaded: LoadedModel, prompt_embeds: torch.Tensor, tokens: list[int],
+                             banned: tuple[int, ...] = ()) -> float:
+    """Share of llama.cpp's tokens that our model, fed the same prefix, also picks greedily."""
+    return float((teacher_forced_margins(loaded, prompt_embeds, tokens, banned) == 0).mean())
 
 
 def pixels(loaded: LoadedModel, image: np.ndarray) -> torch.Tensor:
@@ -475,7 +482,7 @@ def test_default_model_4bit_bundle_agrees_with_pytorch(tmp_path):
     assert json.loads((out / MANIFEST).read_text())["gguf"]["image_token_count"] == 144
     processor = Pipeline(loaded).image_processor
     banned = tuple(loaded.tokenizer.stop_token_ids())
-    agreement = []
+    margins = []
     for index in range(2):
         # squared and resized here, so that libmtmd's own resize (not PIL's) does not enter the comparison
         scene = render(sample_scene(scene_rng("test", 0, index)))
@@ -484,7 +491,15 @@ def test_default_model_4bit_bundle_agrees_with_pytorch(tmp_path):
         assert len(tokens) == 32
         image_embeds = llamacpp_order_encode(loaded.model, pixels(loaded, image))
         _, prompt_embeds = torch_prompt(loaded, "Describe the image briefly.", image_embeds)
-        agreement.append(teacher_forced_agreement(loaded, prompt_embeds, tokens, banned))
-    # measured 1.0 on run 13 (LDPv2) and 30 of 32 tokens on both captions on run 17 (LDP); where llama.cpp's
-    # LDP graph departs from ours on trained weights is not measured yet (TRAINING.md / issue note)
-    assert np.mean(agreement) >= 0.9
+        margins.append(teacher_forced_margins(loaded, prompt_embeds, tokens, banned))
+        # llama.cpp's image path computes ours (its Q8_0 projector codes are the ones `loaded` now carries):
+        # measured 1.8e-3
+        theirs = llamacpp_image_embeddings(out / "model.gguf", out / "mmproj.gguf", image)
+        assert np.linalg.norm(theirs - image_embeds[0].numpy()) / np.linalg.norm(image_embeds[0].numpy()) < 5e-3
+    margins = np.concatenate(margins)
+    # Where the picks differ, they are near-ties that llama.cpp's 4-bit matmuls (activations rounded to
+    # Q8_0 blocks: logits up to ~2 apart over the vocabulary) break the other way: measured on run 17,
+    # 60 of 64 tokens the same and the other four within 0.3 of our pick (llama.cpp's own image tokens fed
+    # to our model give the same four). A wrong graph would pick tokens far below ours.
+    assert (margins == 0).mean() >= 0.9
+    assert margins.max() < 1.0
