@@ -607,6 +607,9 @@ def format_report(report: dict) -> str:
         lines.append("POPE        acc    prec   recall F1     yes-ratio")
         lines += [f"  {s:<10}{m['accuracy']:.3f}  {m['precision']:.3f}  {m['recall']:.3f}  {m['f1']:.3f}  "
                   f"{m['yes_ratio']:.3f}" for s, m in report["pope"].items()]
+    if report.get("captions"):
+        c = report["captions"]
+        lines.append(f"Descriptions: {c['exact'] * 100:.1f}% exact, word F1 {c['token_f1']:.3f} ({c['count']} images)")
     return "\n".join(lines)
 
 

@@ -10,8 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from edge_mllm.data.llava import Conversation, DataError, load_conversations, make_record, save_records, single_turns
+from edge_mllm.data.llava import (
+    Conversation,
+    DataError,
+    join_by_image,
+    load_conversations,
+    make_record,
+    save_records,
+    single_turns,
+)
 from edge_mllm.data.synth import (
+    CAPTIONS_FILE,
     COLORS,
     CONVERSATIONS_FILE,
     POPE_SETTINGS,
@@ -162,6 +171,25 @@ def test_single_turns_give_each_question_its_own_image_and_nothing_else(tmp_path
     assert text_only[0].messages[0]["content"] == "Hi" and text_only[0].image is None
     with pytest.raises(DataError, match="alternating"):
         single_turns([Conversation("x", [{"role": "assistant", "content": "Hi"}])])
+
+
+def test_captions_join_their_scene_s_conversation(tmp_path):
+    # The recipe's stage 2 learns each scene's caption as one more single question about its image,
+    # packed in that image's row: one conversation per image, one image marker, the caption turn last.
+    folder = write_split(tmp_path / "d", "train", 0, 3)
+    conversations = load_conversations(folder / CONVERSATIONS_FILE)
+    captions = load_conversations(folder / CAPTIONS_FILE)
+    text = Conversation("t", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    joined = join_by_image(conversations, captions + [text])
+    assert [c.image for c in joined] == [c.image for c in conversations] + [None]
+    for before, after in zip(conversations, joined, strict=False):
+        caption_turns = next(c for c in captions if c.image == before.image).messages
+        assert after.messages[: len(before.messages)] == before.messages
+        assert after.messages[len(before.messages):] == [
+            {"role": "user", "content": caption_turns[0]["content"].removeprefix("<image>\n")}, caption_turns[1]]
+        assert sum(m["content"].count("<image>") for m in after.messages) == 1
+    assert len(before.messages) + 2 == len(after.messages)  # the inputs are left as they were
+    assert single_turns(joined)[len(conversations[0].messages) // 2].messages[1] == captions[0].messages[1]
 
 
 @pytest.mark.parametrize(

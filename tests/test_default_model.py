@@ -76,7 +76,8 @@ def test_quick_recipe_runs_every_step_and_ships_a_file_that_loads_onto_its_grid(
     # The recipe end to end on SmolLM2 (minutes-long sizes): every step timed, the weights file
     # carries LoRA factors and names their grid, and loading it puts the decoder on that grid.
     summary = run_recipe(tmp_path, RecipeConfig.quick(), progress=False)
-    assert set(summary["seconds"]) == {"data", "vision_pretrain", "ground", "text_replay", "instruct", "eval"}
+    assert set(summary["seconds"]) == {"data", "vision_pretrain", "ground", "text_replay", "instruct", "eval",
+                                      "eval_captions"}
     assert summary["wall_seconds"] > summary["total_seconds"]  # the untimed diagnostics count too
     # The teacher's answers to the replayed prompts are training data (those cut off left out); the
     # held-out text prompts were answered before and after, by SmolLM2 and by the shipped file.
@@ -105,6 +106,10 @@ def test_quick_recipe_runs_every_step_and_ships_a_file_that_loads_onto_its_grid(
     assert "rtn-w4-g32-min" in model.config.notes["vision_tower"]
     assert model.config.weight_grid == "rtn-w4-g32-min"  # what exports default to
     assert json.loads((tmp_path / "training.json").read_text())["test"]["vqa"]["count"] > 0
+    # the shipped file describes test scenes (stage 2 learnt their captions too), scored and listed
+    captions = json.loads((tmp_path / "eval.json").read_text())["captions"]
+    assert captions["count"] == 2 == len(captions["predictions"]) and 0 <= captions["token_f1"] <= 1
+    assert summary["test"]["captions"] == {k: v for k, v in captions.items() if k != "predictions"}
 
 
 @pytest.mark.slow
@@ -141,7 +146,7 @@ def test_recipe_can_start_from_an_earlier_files_eyes(tmp_path):
     config = dataclasses.replace(RecipeConfig.quick(), vision_from=str(TRAINED_WEIGHTS), projector="ldp",
                                  qat_activations=True, text_prompts=0, test_scenes=2)
     summary = run_recipe(tmp_path, config, progress=False)
-    assert set(summary["seconds"]) == {"data", "instruct", "eval"}
+    assert set(summary["seconds"]) == {"data", "instruct", "eval", "eval_captions"}
     assert summary["vision_pretrain"] is None and summary["recipe"]["qat_activations"] is True
     source, written = read_weights_file(TRAINED_WEIGHTS), read_weights_file(tmp_path / TRAINED_WEIGHTS_FILE)
     eyes = [k for k in source if k.startswith(("vision_tower.", "mm_projector."))]
@@ -164,7 +169,7 @@ def test_recipe_grounds_a_new_projector_on_an_earlier_files_tower(tmp_path, monk
     norms = [m for m in fresh.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)  # seeded init: scale 1
     summary = run_recipe(tmp_path / "run", dataclasses.replace(base, projector_ground_steps=3), progress=False)
-    assert set(summary["seconds"]) == {"data", "ground_projector", "instruct", "eval"}
+    assert set(summary["seconds"]) == {"data", "ground_projector", "instruct", "eval", "eval_captions"}
     assert summary["ground_projector"]["loss"] > 0
     weights = tmp_path / "run" / TRAINED_WEIGHTS_FILE
     assert trained_projector(weights) == "ldpv2"

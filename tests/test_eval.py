@@ -10,8 +10,8 @@ import pytest
 
 from edge_mllm.data.llava import DataError
 from edge_mllm.data.synth import write_split
-from edge_mllm.eval.metrics import is_correct, normalize_answer, pope_metrics, pope_yes, vqa_accuracy
-from edge_mllm.eval.runner import evaluate, load_eval_set
+from edge_mllm.eval.metrics import caption_scores, is_correct, normalize_answer, pope_metrics, pope_yes, vqa_accuracy
+from edge_mllm.eval.runner import evaluate, evaluate_captions, load_eval_set
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,32 @@ def test_pope_metrics_hand_computed():
 
 def test_pope_answer_rule():
     assert pope_yes("Yes, there is.") and not pope_yes("No.") and not pope_yes("There is not.")
+
+
+def test_caption_scores_hand_computed():
+    reference = "A small red circle at the top and a large blue square at the left."
+    scores = caption_scores([
+        ("a small red circle at the top and a large blue square at the left", reference),  # exact after normalising
+        # articles dropped: its 5 words are all among the reference's 11, F1 10/16
+        ("A small red circle at the top.", reference),
+        ("Nothing.", reference),
+    ])
+    assert scores["count"] == 3 and scores["exact"] == pytest.approx(1 / 3)
+    assert scores["token_f1"] == pytest.approx((1 + 10 / 16 + 0) / 3)
+    assert caption_scores([]) == {"exact": 0.0, "token_f1": 0.0, "count": 0}
+
+
+def test_captions_are_asked_with_their_image(test_split):
+    from edge_mllm.data.llava import load_conversations
+    from edge_mllm.data.synth import CAPTIONS_FILE
+
+    captions = load_conversations(test_split / CAPTIONS_FILE)
+    references = {c.image: c.messages[1]["content"] for c in captions}
+    asked = []
+    report = evaluate_captions(lambda q, image: asked.append(q) or references[image], captions, progress=False)
+    assert report["exact"] == 1.0 and report["count"] == len(captions) == 3
+    assert asked == [c.messages[0]["content"].removeprefix("<image>\n") for c in captions]
+    assert [p["prediction"] for p in report["predictions"]] == [c.messages[1]["content"] for c in captions]
 
 
 def test_oracle_and_always_yes(test_split):

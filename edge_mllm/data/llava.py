@@ -94,6 +94,11 @@ def load_conversations(json_path: str | Path, image_folder: str | Path | None = 
     return conversations
 
 
+def without_image_marker(text: str) -> str:
+    """``text`` with the image marker (and the line break after it) removed."""
+    return text.replace(f"{IMAGE_MARKER}\n", "").replace(IMAGE_MARKER, "")
+
+
 def single_turns(conversations: list[Conversation]) -> list[Conversation]:
     """Each question-and-answer pair as a conversation of its own, the image marker leading its question.
 
@@ -108,13 +113,33 @@ def single_turns(conversations: list[Conversation]) -> list[Conversation]:
         if len(roles) % 2 or roles != ["user", "assistant"] * (len(roles) // 2):
             raise DataError(f"conversation {conversation.id}: expected alternating user/assistant turns")
         for k in range(0, len(messages), 2):
-            question = messages[k]["content"].replace(f"{IMAGE_MARKER}\n", "").replace(IMAGE_MARKER, "")
+            question = without_image_marker(messages[k]["content"])
             if conversation.image is not None:
                 question = f"{IMAGE_MARKER}\n{question}"
             singles.append(Conversation(f"{conversation.id}#{k // 2}", [{"role": "user", "content": question},
                                                                         messages[k + 1]],
                                         conversation.image, conversation.meta))
     return singles
+
+
+def join_by_image(conversations: list[Conversation], more: list[Conversation]) -> list[Conversation]:
+    """``conversations`` with the turns of each of ``more``'s appended to the first conversation about
+    the same image (its image marker dropped); the rest of ``more`` (another image, or none) follow as
+    they are. E.g. a scene's caption as one more turn of its questions, so that ``single_turns``
+    rows share that image's prompt (``pack_shared_prefix``) instead of computing it again."""
+    joined = [Conversation(c.id, list(c.messages), c.image, c.meta) for c in conversations]
+    by_image = {}
+    for c in joined:
+        if c.image is not None:
+            by_image.setdefault(c.image, c)
+    rest = []
+    for c in more:
+        target = by_image.get(c.image) if c.image is not None else None
+        if target is None:
+            rest.append(c)
+            continue
+        target.messages += [{**m, "content": without_image_marker(m["content"])} for m in c.messages]
+    return joined + rest
 
 
 def save_records(records: list[dict[str, Any]], path: Path) -> None:

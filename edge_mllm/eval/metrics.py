@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 NUMBER_WORDS = {"zero": "0", "none": "0", "no": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -59,3 +59,18 @@ def pope_metrics(items: list[tuple[bool, bool]]) -> dict:
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"accuracy": (tp + tn) / n if n else 0.0, "precision": precision, "recall": recall, "f1": f1,
             "yes_ratio": (tp + fp) / n if n else 0.0, "count": n}
+
+
+def caption_scores(items: list[tuple[str, str]]) -> dict:
+    """``items``: (prediction, reference) descriptions → the share that match exactly after
+    normalisation, and the mean word-overlap F1 (SQuAD's token F1: partial credit for the objects and
+    attributes a description gets right)."""
+
+    def f1(prediction: str, reference: str) -> float:
+        predicted, expected = normalize_answer(prediction).split(), normalize_answer(reference).split()
+        common = sum((Counter(predicted) & Counter(expected)).values())
+        return 2 * common / (len(predicted) + len(expected)) if common else 0.0
+
+    n = len(items)
+    return {"exact": sum(normalize_answer(p) == normalize_answer(r) for p, r in items) / n if n else 0.0,
+            "token_f1": sum(f1(p, r) for p, r in items) / n if n else 0.0, "count": n}

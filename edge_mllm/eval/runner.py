@@ -9,10 +9,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edge_mllm.data.llava import Conversation, DataError, load_conversations
+from edge_mllm.data.llava import Conversation, DataError, load_conversations, without_image_marker
 from edge_mllm.data.synth import QUESTIONS_FILE
-from edge_mllm.eval.metrics import pope_metrics, pope_yes, vqa_accuracy
-from edge_mllm.tokenizer import IMAGE_MARKER
+from edge_mllm.eval.metrics import caption_scores, pope_metrics, pope_yes, vqa_accuracy
 
 AnswerFn = Callable[[str, Path | None], str]
 
@@ -37,7 +36,7 @@ def evaluate(answer: AnswerFn, conversations: list[Conversation], progress: bool
     vqa, pope = [], defaultdict(list)
     predictions = []
     for conv in tqdm(conversations, desc="eval", unit="q", disable=not progress):
-        question = conv.messages[0]["content"].replace(f"{IMAGE_MARKER}\n", "").replace(IMAGE_MARKER, "").strip()
+        question = without_image_marker(conv.messages[0]["content"]).strip()
         reference = conv.messages[1]["content"]
         prediction = answer(question, conv.image)
         qtype = conv.meta.get("question_type") or "other"
@@ -50,6 +49,17 @@ def evaluate(answer: AnswerFn, conversations: list[Conversation], progress: bool
                     "pope": {s: pope_metrics(items) for s, items in sorted(pope.items())}}
     report["predictions"] = predictions
     return report
+
+
+def evaluate_captions(answer: AnswerFn, conversations: list[Conversation], progress: bool = True) -> dict:
+    """Ask each conversation's first question (a request for a description) and score the answers
+    against its reference (``caption_scores``); the answers are listed under ``predictions``."""
+    items, predictions = [], []
+    for conv in tqdm(conversations, desc="captions", unit="image", disable=not progress):
+        prediction = answer(without_image_marker(conv.messages[0]["content"]).strip(), conv.image)
+        items.append((prediction, conv.messages[1]["content"]))
+        predictions.append({"id": conv.id, "prediction": prediction, "reference": conv.messages[1]["content"]})
+    return {**caption_scores(items), "predictions": predictions}
 
 
 def pipeline_answer(pipeline, max_new_tokens: int = 12) -> AnswerFn:

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from edge_mllm.chat import ChatTemplate
-from edge_mllm.data.llava import load_conversations, save_records, single_turns
+from edge_mllm.data.llava import join_by_image, load_conversations, save_records, single_turns
 from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, write_split
 from edge_mllm.default import (
     PROJECTOR_KEY,
@@ -44,7 +44,7 @@ from edge_mllm.default import (
     untrained_default,
 )
 from edge_mllm.errors import OptionError
-from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
+from edge_mllm.eval.runner import evaluate, evaluate_captions, load_eval_set, pipeline_answer
 from edge_mllm.fsutil import atomic_output_dir
 from edge_mllm.pipeline import Pipeline
 from edge_mllm.preprocess import ImageProcessor
@@ -66,6 +66,7 @@ from edge_mllm.train.vision_pretrain import pretrain_vision
 TRAINING_FILE = "training.json"  # the run's summary: recipe, timings, metrics
 # MobileVLM's projectors, which every export format and llama.cpp's clip take on a 24×24 grid
 RECIPE_PROJECTORS = ("ldpv2", "ldp")
+CAPTION_TOKENS = 64  # a four-object caption is ~45 SmolLM2 tokens
 
 
 @dataclass
@@ -113,6 +114,11 @@ class RecipeConfig:
     # answers away, and the model learnt those instead of reading the image (runs 4 and 5, TRAINING.md).
     # The questions about one image share its prompt in one packed row (TrainConfig.single_turns).
     instruct_single_turn: bool = True
+    # Each scene's caption as one more question of its conversation ("Describe the image briefly." →
+    # every object's size, colour, shape and place, in reading order), in the image's packed row. Without
+    # it the model had learnt only one-word answers and described an image with whatever SmolLM2 made up.
+    instruct_captions: bool = True
+    caption_test_scenes: int = 20  # test scenes whose descriptions are scored after training (0: none)
     # Text-only instructions answered by SmolLM2 before stage 2 and learnt in it, so the LoRA keeps its
     # text answers (run 10's did not; TRAINING.md). 0: no replay.
     text_prompts: int = 200
@@ -149,7 +155,8 @@ class RecipeConfig:
     def quick(cls) -> RecipeConfig:
         """A minutes-long version of the same steps, for trying the pipeline out."""
         return cls(train_scenes=16, test_scenes=4, vision_steps=4, vision_batch=2, ground_steps=4, ground_batch=2,
-                   projector_ground_scenes=8, instruct_epochs=0.5, text_prompts=4, text_max_new_tokens=24)
+                   projector_ground_scenes=8, instruct_epochs=0.5, text_prompts=4, text_max_new_tokens=24,
+                   caption_test_scenes=2)
 
 
 def instruct_config(config: RecipeConfig) -> TrainConfig:
@@ -241,6 +248,8 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
         diagnostics["read_out"]["align"] = read_out(model, loaded.tokenizer, processor, seed=config.seed)
     instruct = instruct_config(config)
     conversations = load_conversations(train_dir / CONVERSATIONS_FILE)
+    if config.instruct_captions:
+        conversations = join_by_image(conversations, load_conversations(train_dir / CAPTIONS_FILE))
     held_out_text, held_out_before = [], []
     if config.text_prompts:
         # The teacher's answers, before stage 2 changes the LLM: replayed prompts and held-out ones.
@@ -268,6 +277,10 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
     shipped.model.to(device)
     report = timed("eval", lambda: evaluate(pipeline_answer(Pipeline(shipped)), load_eval_set(test_dir),
                                             progress=progress))
+    if config.caption_test_scenes:
+        report["captions"] = timed("eval_captions", lambda: evaluate_captions(
+            pipeline_answer(Pipeline(shipped), CAPTION_TOKENS),
+            load_conversations(test_dir / CAPTIONS_FILE)[: config.caption_test_scenes], progress=progress))
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     if held_out_text:
         shipped_answer = answer_with(Pipeline(shipped), config.text_max_new_tokens)
@@ -288,7 +301,8 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
         "align": align_metrics,
         "instruct": instruct_metrics,
         "diagnostics": diagnostics,
-        "test": {"vqa": report["vqa"], "pope": report["pope"]},
+        "test": {"vqa": report["vqa"], "pope": report["pope"],
+                 "captions": {k: v for k, v in report.get("captions", {}).items() if k != "predictions"} or None},
         "weights_bytes": (out / TRAINED_WEIGHTS_FILE).stat().st_size,
     }
     (out / TRAINING_FILE).write_text(json.dumps(summary, indent=1) + "\n")
