@@ -248,10 +248,15 @@ SINGLE_TURNS = click.option(
     help="Learn each question on its own, as evaluation asks it (the questions about one image share its prompt in "
          "one packed row; --batch-size then counts such rows).")
 
-PRECISION = click.option(
-    "--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
-    help="bf16: mixed precision (bfloat16 matmuls, fp32 weights and optimizer; 0.6x the time of a stage-2 step "
-         "on an AVX512-BF16 CPU); auto: bf16 where the CPU (AVX512-BF16, AMX) or GPU multiplies bfloat16 natively.")
+def precision_option(default: str):
+    return click.option(
+        "--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=default, show_default=True,
+        help="bf16: mixed precision (bfloat16 matmuls, fp32 weights and optimizer; 0.6x the time of a stage-2 step "
+             "on an AVX512-BF16 CPU); auto: bf16 where the CPU (AVX512-BF16, AMX) or GPU multiplies bfloat16 "
+             "natively, else fp32.")
+
+
+PRECISION = precision_option("fp32")
 
 
 @cli.command()
@@ -334,7 +339,7 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
 @click.option("--quick", is_flag=True, help="A minutes-long run of the same steps (to try the pipeline).")
 @click.option("--scale", default=1, show_default=True, type=click.IntRange(min=1),
               help="K times the training scenes, vision-pretraining and grounding steps (and so stage-2 steps): "
-                   "for a GPU; 1 is the 45-minute CPU recipe.")
+                   "for a GPU; 1 is the CPU recipe.")
 @click.option("--vision-from", type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="Take the vision tower and projector of an earlier run's default_vision.safetensors and skip "
                    "vision pretraining and grounding (to try LLM-stage changes in a third of the time); its "
@@ -342,9 +347,9 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
 @click.option("--projector", type=click.Choice(["ldpv2", "ldp"]),
               help="The projector (MobileVLM v2's LDPv2 or v1's LDP) [default: the recipe's].")
 @click.option("--projector-steps", type=click.IntRange(min=0),
-              help="Steps grounding the projector alone on the frozen tower's cached features, after the tower's "
-                   "grounding (0: none) [default: the recipe's].")
-@PRECISION
+              help="Steps grounding the projector alone on the frozen tower's cached features (0: none) "
+                   "[default: the recipe's].")
+@precision_option("auto")
 @click.option("--json", "as_json", is_flag=True)
 def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: str | None, projector: str | None,
                   projector_steps: int | None, precision: str, as_json: bool) -> None:

@@ -3,18 +3,19 @@ budget on a 2-core CPU (faster with CUDA), wall-clock included (``training.json`
 
 1. Render synthetic train scenes (captions, multi-turn VQA + POPE) and a held-out test split.
 2. Pretrain the vision tower on dense scene attributes (``vision_pretrain``); or, with ``vision_from``,
-   take the tower and projector of an earlier run's file and skip to step 5.
-3. Ground the image tokens: tower + projector trained so that each token covering an object is one
-   of its words in SmolLM2's embedding space, the background a full stop (``grounding``; no LLM
-   forward pass); then, optionally, the projector alone on the frozen tower's cached features
-   (``grounding.ground_projector``: with LDP's convolutions the tokens learn to name shapes).
+   take the tower (and the projector, if of the recipe's type: then skip to step 5) of an earlier file.
+3. Ground the image tokens, so that each token covering an object is one of its words in SmolLM2's
+   embedding space and the background a full stop (``grounding``; no LLM forward pass): the LDP
+   projector alone on the frozen tower's cached features (``grounding.ground_projector``); optionally
+   first tower and projector together (``ground_steps``, off by default).
 4. Stage 1 (off by default): align the projector on captions, vision tower and LLM frozen.
 5. Text replay: SmolLM2's own answers to 200 text-only instructions (``text_replay``).
 6. Stage 2: instruction-tune quantization-aware LoRA on SmolLM2 (optionally with its linears' inputs
-   rounded as ExecuTorch's 8da4w rounds them), one question per example (the
-   questions about one image packed after its prompt), the replayed text conversations mixed in, with
-   the grounded tower and projector frozen (each can be trained too, or the LLM frozen instead).
-7. Evaluate on the test split and write the small trained tensors as one safetensors file.
+   rounded as ExecuTorch's 8da4w rounds them), one question per example (the questions about one
+   image, its caption among them, packed after its prompt), the replayed text conversations mixed in,
+   with the grounded tower and projector frozen (each can be trained too, or the LLM frozen instead).
+7. Evaluate on the test split (VQA, POPE, descriptions) and write the small trained tensors as one
+   safetensors file.
 
 Along the way it records whether the image tokens still read as their words (``grounding.read_out``)
 whether the model's loss depends on its images (``Trainer.image_reliance``) and whether its answers to
@@ -77,13 +78,17 @@ class RecipeConfig:
     vision_steps: int = 300
     vision_batch: int = 8
     vision_lr: float = 5e-4
-    ground_steps: int = 600
+    # Grounding tower and projector together through the tower (~2.5 s a step on the 2-core CPU). Off: the
+    # projector's grounding on cached features (below) reads shape from the pretrained tower's patches
+    # too (82% per token after 3,000 steps; 92% on run 13's grounded tower: TRAINING.md, run 18), at a
+    # tenth of a step's cost.
+    ground_steps: int = 0
     ground_batch: int = 8
     # LDPv2 (MobileVLM v2: pooling + a linear depthwise conv) or LDP (v1: two nonlinear inverted-residual
-    # blocks). Grounded on the frozen tower's features (projector_ground_steps), LDP's tokens name an
-    # object's shape 72% of the time where LDPv2's stay at the majority class (TRAINING.md).
-    projector: str = "ldpv2"
-    projector_ground_steps: int = 0  # 0: no projector-only grounding
+    # blocks). Grounded on the frozen tower's features, LDP's tokens name an object's shape where LDPv2's
+    # stay at the majority class (TRAINING.md, runs 13 and 17).
+    projector: str = "ldp"
+    projector_ground_steps: int = 3000  # 0: no projector-only grounding
     projector_ground_scenes: int = 3000  # whose tower features are computed once and sampled from
     # Stage 1 (caption alignment) is off: driven by an LLM that does not yet read the image, it
     # overwrote what grounding made (run 3, TRAINING.md). 0 skips it.
@@ -123,11 +128,10 @@ class RecipeConfig:
     # text answers (run 10's did not; TRAINING.md). 0: no replay.
     text_prompts: int = 200
     text_max_new_tokens: int = 48  # longer answers are learnt as far as that (text_replay)
-    # Stages 1-2's precision (train.precision). fp32 reproduces the shipped file; bf16 ("auto" where the
-    # hardware multiplies it natively) takes 0.6x the stage-2 time on an AVX512-BF16 CPU and scored within
-    # run-to-run noise of it (run 15, TRAINING.md). Steps 2-3 stay fp32 either way: their steps gain only
-    # ~10% from it, and their cosine-to-word losses make the read-out the LLM relies on.
-    precision: str = "fp32"
+    # Stages 1-2's precision (train.precision): "auto" is bf16 where the hardware multiplies it natively
+    # (0.6x the stage-2 time on an AVX512-BF16 CPU; run 15 scored within run-to-run noise of fp32), else
+    # fp32. The vision steps stay fp32 either way: they gain only ~10% from it.
+    precision: str = "auto"
     # A recipe file whose vision tower and projector are used as they are, in place of steps 2-3 (to
     # try stage-2 changes without re-training the eyes; stage 2 keeps them frozen by default)
     vision_from: str | None = None
@@ -154,9 +158,9 @@ class RecipeConfig:
     @classmethod
     def quick(cls) -> RecipeConfig:
         """A minutes-long version of the same steps, for trying the pipeline out."""
-        return cls(train_scenes=16, test_scenes=4, vision_steps=4, vision_batch=2, ground_steps=4, ground_batch=2,
-                   projector_ground_scenes=8, instruct_epochs=0.5, text_prompts=4, text_max_new_tokens=24,
-                   caption_test_scenes=2)
+        return cls(train_scenes=16, test_scenes=4, vision_steps=4, vision_batch=2, ground_batch=2,
+                   projector_ground_steps=4, projector_ground_scenes=8, instruct_epochs=0.5, text_prompts=4,
+                   text_max_new_tokens=24, caption_test_scenes=2)
 
 
 def instruct_config(config: RecipeConfig) -> TrainConfig:
@@ -216,20 +220,20 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
     model = loaded.model.to(device := pick_device())  # every step, eval included, runs on a GPU where there is one
     vision = model.config.vision
     processor = ImageProcessor(vision.image_size, vision.image_mean, vision.image_std, model.config.image_aspect_ratio)
+    vision_metrics = ground_metrics = projector_metrics = None
+    # vision_from: its projector too where it is of the recipe's type (a fresh one is grounded otherwise)
+    same_projector = bool(config.vision_from) and trained_projector(Path(config.vision_from)) == config.projector
     if config.vision_from:
-        # its projector too where it is of the recipe's type (a fresh one is grounded otherwise)
-        same_projector = trained_projector(Path(config.vision_from)) == config.projector
         load_trained_vision(model, Path(config.vision_from), projector=same_projector)
-        vision_metrics = ground_metrics = None
     else:
         vision_metrics = timed("vision_pretrain", lambda: pretrain_vision(
             model.vision_tower, processor, steps=config.vision_steps, batch_size=config.vision_batch,
             lr=config.vision_lr, seed=config.seed, progress=progress, render_workers=workers))
+    if config.ground_steps and not config.vision_from:
         ground_metrics = timed("ground", lambda: ground_image_tokens(
             model, loaded.tokenizer, processor, steps=config.ground_steps, batch_size=config.ground_batch,
             norm_weight=config.image_norm_weight, seed=config.seed, progress=progress, render_workers=workers))
-    projector_metrics = None
-    if config.projector_ground_steps:
+    if config.projector_ground_steps and not same_projector:
         projector_metrics = timed("ground_projector", lambda: ground_projector(
             model, loaded.tokenizer, processor, steps=config.projector_ground_steps,
             scenes=config.projector_ground_scenes, batch_size=config.ground_batch,
