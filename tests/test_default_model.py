@@ -76,8 +76,8 @@ def test_quick_recipe_runs_every_step_and_ships_a_file_that_loads_onto_its_grid(
     # The recipe end to end on SmolLM2 (minutes-long sizes): every step timed, the weights file
     # carries LoRA factors and names their grid, and loading it puts the decoder on that grid.
     summary = run_recipe(tmp_path, RecipeConfig.quick(), progress=False)
-    assert set(summary["seconds"]) == {"data", "vision_pretrain", "ground", "text_replay", "instruct", "eval",
-                                      "eval_captions"}
+    assert set(summary["seconds"]) == {"data", "vision_pretrain", "ground_projector", "text_replay", "instruct",
+                                      "eval", "eval_captions"}
     assert summary["wall_seconds"] > summary["total_seconds"]  # the untimed diagnostics count too
     # The teacher's answers to the replayed prompts are training data (those cut off left out); the
     # held-out text prompts were answered before and after, by SmolLM2 and by the shipped file.
@@ -86,7 +86,8 @@ def test_quick_recipe_runs_every_step_and_ships_a_file_that_loads_onto_its_grid(
     agreement = summary["diagnostics"]["text_agreement"]
     assert agreement["prompts"] == len(held_out_prompts()) and 0 <= agreement["unchanged"] <= 1
     assert len(agreement["changed"]) == round((1 - agreement["unchanged"]) * agreement["prompts"])
-    assert {"background", "color", "shape", "row", "col", "size"} <= set(summary["ground"])
+    assert summary["ground"] is None  # the tower's own grounding is off by default
+    assert {"background", "color", "shape", "row", "col", "size"} <= set(summary["ground_projector"])
     diagnostics = summary["diagnostics"]
     assert set(diagnostics["read_out"]) == {"ground", "instruct"}
     assert set(diagnostics["read_out"]["instruct"]) == {"background", "color", "shape", "row", "col", "size"}
@@ -116,12 +117,13 @@ def test_quick_recipe_runs_every_step_and_ships_a_file_that_loads_onto_its_grid(
 def test_recipe_with_alignment_and_a_trained_connector(tmp_path):
     # The other road (runs 1-3): stage 1 aligns the projector, stage 2 trains tower and projector too,
     # on multi-turn conversations; the read-out records how far they move the grounded tokens.
-    config = dataclasses.replace(RecipeConfig.quick(), align_epochs=0.5, instruct_train_vision=True,
+    config = dataclasses.replace(RecipeConfig.quick(), ground_steps=2, align_epochs=0.5, instruct_train_vision=True,
                                  instruct_train_projector=True, instruct_single_turn=False, instruct_epochs=1.0,
                                  test_scenes=2, text_prompts=0)
     summary = run_recipe(tmp_path, config, progress=False)
     assert "text_agreement" not in summary["diagnostics"] and "text_replay" not in summary["seconds"]
     assert summary["seconds"]["align"] > 0 and summary["align"]["steps"] == 1
+    assert summary["seconds"]["ground"] > 0 and summary["ground"]["loss"] > 0  # tower and projector grounded
     read_out = summary["diagnostics"]["read_out"]
     assert set(read_out) == {"ground", "align", "instruct"}
     assert summary["instruct"]["steps"] == 4  # 16 multi-turn conversations, batch 4
@@ -129,7 +131,7 @@ def test_recipe_with_alignment_and_a_trained_connector(tmp_path):
 
 @pytest.mark.slow
 def test_scaled_recipe_multiplies_its_data_and_tower_steps():
-    base = RecipeConfig(precision="bf16", projector="ldp", projector_ground_steps=3000)
+    base = RecipeConfig(ground_steps=600)
     scaled = base.scaled(4)
     assert (scaled.train_scenes, scaled.vision_steps, scaled.ground_steps) == (2400, 1200, 2400)
     assert (scaled.projector_ground_steps, scaled.projector_ground_scenes) == (12000, 12000)
@@ -161,6 +163,7 @@ def test_recipe_grounds_a_new_projector_on_an_earlier_files_tower(tmp_path, monk
     save_file({"vision_tower.x": torch.zeros(1)}, str(tmp_path / "old.safetensors"), metadata={"format": "pt"})
     assert trained_projector(tmp_path / "old.safetensors") == "ldpv2"
     base = dataclasses.replace(RecipeConfig.quick(), vision_from=str(TRAINED_WEIGHTS), projector="ldpv2",
+                               projector_ground_steps=0,
                                text_prompts=0, test_scenes=2)
     with pytest.raises(OptionError, match="ldp projector"):
         run_recipe(tmp_path / "refused", base, progress=False)
