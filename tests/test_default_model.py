@@ -101,7 +101,7 @@ def test_quick_recipe_runs_every_step_and_ships_a_file_that_loads_onto_its_grid(
     weights = tmp_path / TRAINED_WEIGHTS_FILE
     assert read_metadata(weights)["qat"] == "rtn-w4-g32-min"
     assert any(key.endswith(".lora_A") for key in read_weights_file(weights))
-    model = apply_trained(untrained_default(progress=False), weights).model
+    model = apply_trained(untrained_default(progress=False, projector=trained_projector(weights)), weights).model
     up = model.language_model.model.layers[3].mlp.up_proj.weight
     assert torch.equal(quantize_rtn(up, 4, 32, float_min=True).dequantize(), up)
     assert "rtn-w4-g32-min" in model.config.notes["vision_tower"]
