@@ -28,6 +28,11 @@ def load_eval_set(data: str | Path, limit: int | None = None) -> list[Conversati
     return conversations[:limit] if limit else conversations
 
 
+def question_and_reference(conv: Conversation) -> tuple[str, str]:
+    """An evaluation record's question, without its image marker, and its reference answer."""
+    return without_image_marker(conv.messages[0]["content"]).strip(), conv.messages[1]["content"]
+
+
 def evaluate(answer: AnswerFn, conversations: list[Conversation], progress: bool = True) -> dict:
     """Ask every question; report VQA accuracy (per type) and POPE metrics (per setting).
 
@@ -36,8 +41,7 @@ def evaluate(answer: AnswerFn, conversations: list[Conversation], progress: bool
     vqa, pope = [], defaultdict(list)
     predictions = []
     for conv in tqdm(conversations, desc="eval", unit="q", disable=not progress):
-        question = without_image_marker(conv.messages[0]["content"]).strip()
-        reference = conv.messages[1]["content"]
+        question, reference = question_and_reference(conv)
         prediction = answer(question, conv.image)
         qtype = conv.meta.get("question_type") or "other"
         if qtype == "pope":
@@ -56,9 +60,10 @@ def evaluate_captions(answer: AnswerFn, conversations: list[Conversation], progr
     against its reference (``caption_scores``); the answers are listed under ``predictions``."""
     items, predictions = [], []
     for conv in tqdm(conversations, desc="captions", unit="image", disable=not progress):
-        prediction = answer(without_image_marker(conv.messages[0]["content"]).strip(), conv.image)
-        items.append((prediction, conv.messages[1]["content"]))
-        predictions.append({"id": conv.id, "prediction": prediction, "reference": conv.messages[1]["content"]})
+        question, reference = question_and_reference(conv)
+        prediction = answer(question, conv.image)
+        items.append((prediction, reference))
+        predictions.append({"id": conv.id, "prediction": prediction, "reference": reference})
     return {**caption_scores(items), "predictions": predictions}
 
 
