@@ -247,6 +247,10 @@ SINGLE_TURNS = click.option(
     "--single-turns", is_flag=True,
     help="Learn each question on its own, as evaluation asks it (the questions about one image share its prompt in "
          "one packed row; --batch-size then counts such rows).")
+FREEZE_PROJECTOR = click.option(
+    "--freeze-projector", is_flag=True,
+    help="Keep the connector as it is (e.g. grounded image tokens, while the LLM learns to read them).")
+
 
 def precision_option(default: str):
     return click.option(
@@ -276,8 +280,7 @@ PRECISION = precision_option("fp32")
 @click.option("--freeze-llm", is_flag=True,
               help="instruct: keep the LLM frozen (connector, and the vision encoder with --train-vision, learn).")
 @click.option("--train-vision", is_flag=True, help="Also train the vision encoder.")
-@click.option("--freeze-projector", is_flag=True,
-              help="Keep the connector as it is (e.g. grounded image tokens, while LoRA learns to read them).")
+@FREEZE_PROJECTOR
 @click.option("--image-norm-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Weight of a penalty keeping image tokens at a word embedding's norm (TRAINING.md).")
 @SINGLE_TURNS
@@ -392,12 +395,13 @@ def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: 
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @SINGLE_TURNS
+@FREEZE_PROJECTOR
 @PRECISION
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/.")
 @click.option("--json", "as_json", is_flag=True)
 def distill(teacher, student_layers, data_path, images, output, temperature, alpha, hidden_weight, epochs,
-            batch_size, lr, single_turns, precision, seed, resume, as_json) -> None:
+            batch_size, lr, single_turns, freeze_projector, precision, seed, resume, as_json) -> None:
     """Distill TEACHER (default: the embedded model) into a student with fewer LLM layers."""
     from edge_mllm.chat import ChatTemplate
     from edge_mllm.checkpoint import LoadedModel, load_model, save_native
@@ -412,7 +416,8 @@ def distill(teacher, student_layers, data_path, images, output, temperature, alp
     loaded = load_model(teacher)
     student = make_student(loaded.model, student_layers)
     config = TrainConfig(stage="instruct", epochs=epochs, batch_size=batch_size, lr=lr, lora_rank=0,
-                         single_turns=single_turns, precision=precision, seed=seed)
+                         train_projector=not freeze_projector, single_turns=single_turns, precision=precision,
+                         seed=seed)
     distiller = Distiller(student, loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config,
                           DistillConfig(temperature, alpha, hidden_weight))
     stats = distiller.train(conversations, checkpoint_dir=state_dir, resume=resume)

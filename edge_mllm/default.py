@@ -37,9 +37,11 @@ DEFAULT_VISION = VisionConfig(
     image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024,
     num_hidden_layers=6, num_attention_heads=4, select_layer=-2,
 )
-DEFAULT_PROJECTOR = ProjectorConfig(type="ldpv2")
+# MobileVLM v1's LDP: the shipped file's projector and the recipe's (TRAINING.md, run 17).
+DEFAULT_PROJECTOR = ProjectorConfig(type="ldp")
 # The weights file's metadata key naming its projector type; files without it (before LDP) are LDPv2.
 PROJECTOR_KEY = "projector"
+UNNAMED_FILE_PROJECTOR = "ldpv2"
 
 
 def smollm2_gguf_path() -> Path:
@@ -104,7 +106,7 @@ def _read_trained(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
 
 def trained_projector(path: Path) -> str:
     """The projector type a recipe file was trained with (its metadata; LDPv2 for files older than that key)."""
-    return _trained_file(read_metadata, path).get(PROJECTOR_KEY, DEFAULT_PROJECTOR.type)
+    return _trained_file(read_metadata, path).get(PROJECTOR_KEY, UNNAMED_FILE_PROJECTOR)
 
 
 def _load_vision(model: MultimodalLM, state: dict[str, torch.Tensor], path: Path, projector: bool = True) -> None:

@@ -27,7 +27,7 @@ from edge_mllm.default import (
 from edge_mllm.errors import OptionError
 from edge_mllm.eval.metrics import normalize_answer
 from edge_mllm.eval.runner import evaluate, load_eval_set, pipeline_answer
-from edge_mllm.model.connectors import LDPv2Projector
+from edge_mllm.model.connectors import LDPProjector, LDPv2Projector
 from edge_mllm.pipeline import Pipeline
 from edge_mllm.train.recipe import RecipeConfig, run_recipe
 from edge_mllm.train.text_replay import TEXT_FILE, held_out_prompts
@@ -168,7 +168,8 @@ def test_recipe_grounds_a_new_projector_on_an_earlier_files_tower(tmp_path, monk
     with pytest.raises(OptionError, match="ldp projector"):
         run_recipe(tmp_path / "refused", base, progress=False)
     assert not (tmp_path / "refused").exists()
-    fresh = untrained_default(progress=False, projector="ldp").model.mm_projector
+    fresh = untrained_default(progress=False).model.mm_projector  # where the recipe starts: the shipped type
+    assert isinstance(fresh, LDPProjector)
     norms = [m for m in fresh.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)  # seeded init: scale 1
     summary = run_recipe(tmp_path / "run", dataclasses.replace(base, projector_ground_steps=3), progress=False)

@@ -124,13 +124,19 @@ def test_cli_distill(mobilevlm_v2, conversations, tmp_path):
     ]))
     proc = subprocess.run([sys.executable, "-m", "edge_mllm.cli", "distill", str(mobilevlm_v2.path),
                            "--student-layers", "1", "--data", str(data), "--images", "/", "-o", str(tmp_path / "s"),
-                           "--single-turns", "--json"], capture_output=True, text=True, timeout=300)
+                           "--single-turns", "--freeze-projector", "--lr", "1e-2", "--json"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)
     assert stats["parameters"]["language_model"] < stats["teacher_parameters"]["language_model"]
     student = load_model(tmp_path / "s")
     assert student.model.config.text.num_hidden_layers == 1
     assert "distillation" in student.model.config.notes
+    # --freeze-projector: the student reads the teacher's image tokens (e.g. grounded ones) as they are
+    teacher = load_model(mobilevlm_v2.path).model
+    assert all(torch.equal(v, teacher.mm_projector.state_dict()[k])
+               for k, v in student.model.mm_projector.state_dict().items())
+    assert not torch.equal(student.model.language_model.model.norm.weight, teacher.language_model.model.norm.weight)
     proc = subprocess.run([sys.executable, "-m", "edge_mllm.cli", "distill", str(mobilevlm_v2.path),
                            "--student-layers", "9", "--data", str(data), "--images", "/", "-o", str(tmp_path / "t")],
                           capture_output=True, text=True, timeout=300)

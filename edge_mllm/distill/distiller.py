@@ -28,7 +28,8 @@ class DistillConfig:
 
 
 class Distiller(Trainer):
-    """Trains ``student`` (all LLM weights and the connector) against a frozen ``teacher``."""
+    """Trains ``student`` (all LLM weights, and the connector unless ``config`` freezes it) against a frozen
+    ``teacher``."""
 
     def __init__(self, student: MultimodalLM, teacher: MultimodalLM, tokenizer: Tokenizer, template: ChatTemplate,
                  config: TrainConfig, distill: DistillConfig):

@@ -37,6 +37,7 @@ from edge_mllm.chat import ChatTemplate
 from edge_mllm.data.llava import join_by_image, load_conversations, save_records, single_turns
 from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, write_split
 from edge_mllm.default import (
+    DEFAULT_PROJECTOR,
     PROJECTOR_KEY,
     TRAINED_WEIGHTS_FILE,
     apply_trained,
@@ -87,7 +88,7 @@ class RecipeConfig:
     # LDPv2 (MobileVLM v2: pooling + a linear depthwise conv) or LDP (v1: two nonlinear inverted-residual
     # blocks). Grounded on the frozen tower's features, LDP's tokens name an object's shape where LDPv2's
     # stay at the majority class (TRAINING.md, runs 13 and 17).
-    projector: str = "ldp"
+    projector: str = DEFAULT_PROJECTOR.type
     projector_ground_steps: int = 3000  # 0: no projector-only grounding
     projector_ground_scenes: int = 3000  # whose tower features are computed once and sampled from
     # Stage 1 (caption alignment) is off: driven by an LLM that does not yet read the image, it
