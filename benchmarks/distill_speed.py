@@ -67,6 +67,9 @@ def main() -> None:
             report = evaluate(pipeline_answer(pipe), questions)
             rows[name]["vqa_acc"] = report["vqa"]["accuracy"]
             rows[name]["pope_f1_adv"] = report["pope"].get("adversarial", {}).get("f1", float("nan"))
+            by_type = ", ".join(f"{t} {v['accuracy'] * 100:.1f}" for t, v in report["vqa"]["by_type"].items())
+            pope = " / ".join(f"{s} {v['f1']:.3f}" for s, v in report["pope"].items())
+            rows[name]["breakdown"] = f"{name}: VQA by type {by_type}; POPE F1 {pope}"
     print(f"threads={args.threads} tokens={args.tokens} repeats={args.repeats}")
     accuracy_columns = " VQA acc | POPE F1 (adv) |" if args.data else ""
     print("| model | LLM layers | LLM params (M) | decode tok/s |" + accuracy_columns)
@@ -74,6 +77,9 @@ def main() -> None:
     for name, r in rows.items():
         extra = f" {r['vqa_acc'] * 100:.1f}% | {r['pope_f1_adv']:.3f} |" if args.data else ""
         print(f"| {name} | {r['layers']} | {r['llm_params_M']:.1f} | {r['decode_tok_s']:.1f} |{extra}")
+    for r in rows.values():
+        if "breakdown" in r:
+            print(r["breakdown"])
     t, s = rows["teacher"], rows["student"]
     print(f"student/teacher: params {s['llm_params_M'] / t['llm_params_M']:.2f}x, "
           f"decode speed {s['decode_tok_s'] / t['decode_tok_s']:.2f}x"
