@@ -349,13 +349,16 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
                    "projector only if of the recipe's type.")
 @click.option("--projector", type=click.Choice(["ldpv2", "ldp"]),
               help="The projector (MobileVLM v2's LDPv2 or v1's LDP) [default: the recipe's].")
+@click.option("--ground-steps", type=click.IntRange(min=0),
+              help="Steps grounding the vision tower with the projector, through the tower (0: none) "
+                   "[default: the recipe's].")
 @click.option("--projector-steps", type=click.IntRange(min=0),
               help="Steps grounding the projector alone on the frozen tower's cached features (0: none) "
                    "[default: the recipe's].")
 @precision_option("auto")
 @click.option("--json", "as_json", is_flag=True)
 def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: str | None, projector: str | None,
-                  projector_steps: int | None, precision: str, as_json: bool) -> None:
+                  ground_steps: int | None, projector_steps: int | None, precision: str, as_json: bool) -> None:
     """Train the embedded default's vision tower and projector on synthetic data (TRAINING.md).
 
     Writes OUTPUT/default_vision.safetensors (copy it to edge_mllm/weights/ to ship it), training.json
@@ -369,6 +372,8 @@ def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: 
                      precision=precision)
     if projector is not None:
         config = replace(config, projector=projector)
+    if ground_steps is not None:
+        config = replace(config, ground_steps=ground_steps)
     if projector_steps is not None:
         config = replace(config, projector_ground_steps=projector_steps)
     summary = run_recipe(output, config.scaled(scale))

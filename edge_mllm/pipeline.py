@@ -15,11 +15,12 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from edge_mllm.chat import ChatTemplate, check_image_markers, user_message
 from edge_mllm.checkpoint import LoadedModel, load_model
 from edge_mllm.errors import EdgeMLLMError
-from edge_mllm.generate import GenerationConfig, check_context, generate
+from edge_mllm.generate import GenerationConfig, PromptCache, check_context, generate, generate_batch
 from edge_mllm.model.fused_vision import FusedVisionEncoder
 from edge_mllm.preprocess import ImageInput, ImageProcessor
 from edge_mllm.tokenizer import StreamDecoder
@@ -48,8 +49,10 @@ def _file_key(images: Sequence[ImageInput]) -> tuple | None:
 class Pipeline:
     """A loaded model with everything needed to answer a prompt about images."""
 
-    def __init__(self, loaded: LoadedModel, fuse_vision: bool = True):
+    def __init__(self, loaded: LoadedModel, fuse_vision: bool = True, cache_prompt: bool = True):
         self.model = loaded.model.eval()
+        # The last prompt's KV cache: the next question about the same image prefills only the question.
+        self.prompt_cache = PromptCache() if cache_prompt else None
         self.fuse_vision = fuse_vision
         self.tokenizer = loaded.tokenizer
         self.chat_template = ChatTemplate(loaded.chat_template)
@@ -136,11 +139,42 @@ class Pipeline:
             inputs_embeds = self.model.embed_prompt(token_ids, image_embeds)
         decoder = StreamDecoder(self.tokenizer)
         on_token = (lambda tok: stream(decoder.push(tok))) if stream else None
-        out = generate(self.model.language_model, inputs_embeds, config, on_token)
+        out = generate(self.model.language_model, inputs_embeds, config, on_token, self.prompt_cache)
         timings = {"vision_encode_s": t_vision, **out.timings}
         timings["time_to_first_token_s"] = t_vision + out.timings["prefill_s"]
         text = self.tokenizer.decode(out.token_ids)
         return GenerationResult(text, out.token_ids, prompt_len, out.finish_reason, timings)
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        *,
+        raw: bool = False,
+        max_new_tokens: int = 256,
+        stop_token_ids: Sequence[int] | None = None,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> list[GenerationResult]:
+        """Greedy answers to text-only ``prompts``, in their order: prompts of one token length run
+        together, up to ``batch_size`` at a time (``generate_batch``), several times faster than one
+        by one on a CPU. Each answer is ``generate``'s up to floating-point rounding."""
+        stops = self.tokenizer.stop_token_ids() if stop_token_ids is None else tuple(stop_token_ids)
+        config = GenerationConfig(max_new_tokens, stop_token_ids=stops)
+        encoded = [self.tokenizer.encode_with_images(self.render_prompt(p, 0, raw)) for p in prompts]
+        by_length: dict[int, list[int]] = {}
+        for i, ids in enumerate(encoded):
+            by_length.setdefault(len(ids), []).append(i)
+        chunks = [group[k: k + batch_size] for group in by_length.values() for k in range(0, len(group), batch_size)]
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress) as bar:
+            for chunk in chunks:
+                with torch.inference_mode():
+                    embeds = torch.cat([self.model.embed_prompt(encoded[i]) for i in chunk])
+                for i, out in zip(chunk, generate_batch(self.model.language_model, embeds, config), strict=True):
+                    results[i] = GenerationResult(self.tokenizer.decode(out.token_ids), out.token_ids,
+                                                  len(encoded[i]), out.finish_reason, out.timings)
+                bar.update(len(chunk))
+        return results
 
     def info(self) -> dict:
         """Architecture, parameter counts and provenance, as ``edge-mllm info`` prints them."""

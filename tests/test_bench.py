@@ -173,3 +173,24 @@ def test_sim_validation_compares_host_predictions_with_a_bench_run(report, tmp_p
         name = row["row"].split(" ")[0]
         if (name, row["metric"]) in measured:
             assert row["published"] == measured[name, row["metric"]]
+
+
+def test_every_timed_run_prefills_its_whole_prompt(llava):
+    # PyTorch's prompt cache would serve the repeated prompt of the timed runs from the first one's KV:
+    # a prefill of one token, not what a new request costs (the bundles' runtimes keep no such cache).
+    from edge_mllm.bench.measure import one_run
+    from edge_mllm.checkpoint import load_model
+    from edge_mllm.pipeline import Pipeline
+
+    pipe = Pipeline(load_model(llava.path))
+    generate, cached = pipe.generate, []
+
+    def spy(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        cached.append(out.timings["cached_prompt_tokens"])
+        return out
+
+    pipe.generate = spy
+    one_run(pipe, 2)
+    one_run(pipe, 2)
+    assert cached == [0, 0]

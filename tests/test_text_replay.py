@@ -40,7 +40,7 @@ def test_training_and_held_out_prompts_come_from_different_families():
 
 def test_teacher_records_mark_answers_cut_off_and_learn_them_without_an_end_of_turn(tmp_path, chatml_tokenizer):
     answers = {"a?": ("Finished.", True), "b?": ("Cut off mid", False), "c?": ("  ", True)}
-    save_records(teacher_records(lambda p: answers[p], list(answers)), tmp_path / "text.json")
+    save_records(teacher_records(lambda ps: [answers[p] for p in ps], list(answers)), tmp_path / "text.json")
     conversations = load_conversations(tmp_path / "text.json")
     assert [(c.messages[0]["content"], c.messages[1]["content"], c.image, c.meta.get(UNFINISHED, False))
             for c in conversations] == [("a?", "Finished.", None, False), ("b?", "Cut off mid", None, True)]
@@ -75,7 +75,8 @@ def test_text_rows_train_in_one_batch_with_packed_image_rows(mobilevlm_v2, tmp_p
     config = TrainConfig(stage="instruct", lora_rank=4, single_turns=True, seed=0)
     trainer = Trainer(tiny.model, tiny.tokenizer, ChatTemplate(tiny.chat_template), config)
     images = load_conversations(write_split(tmp_path / "train", "train", 0, 1) / CONVERSATIONS_FILE)
-    save_records(teacher_records(lambda p: (f"An answer to {p}", True), ["What is 2 + 3?", "Why do birds sing?"]),
+    save_records(teacher_records(lambda ps: [(f"An answer to {p}", True) for p in ps],
+                                 ["What is 2 + 3?", "Why do birds sing?"]),
                  tmp_path / "text.json")
     rows = trainer.examples(images + load_conversations(tmp_path / "text.json"))
     assert [len(r.branches) > 1 for r in rows][-2:] == [False, False] and rows[0].branches

@@ -174,9 +174,22 @@ class LlamaForCausalLM(nn.Module):
 
     def clear_cache(self) -> None:
         """Drop the KV cache: ``forward`` then recomputes attention over its whole input."""
+        self.detach_cache()
+
+    def detach_cache(self) -> list[KVCache]:
+        """Remove the KV cache and return it, per layer (``attach_cache`` puts it back): a prompt
+        cache keeps it between generations while the model runs without one."""
+        caches = [layer.self_attn.kv_cache for layer in self.model.layers]
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
         self.max_cache_len = 0
+        return [c for c in caches if c is not None]
+
+    def attach_cache(self, caches: list[KVCache]) -> None:
+        """Use ``caches`` (one per layer, from ``detach_cache``) as the KV cache again."""
+        for layer, cache in zip(self.model.layers, caches, strict=True):
+            layer.self_attn.kv_cache = cache
+        self.max_cache_len = caches[0].k_cache.shape[2]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

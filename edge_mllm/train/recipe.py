@@ -56,7 +56,7 @@ from edge_mllm.train.precision import PRECISIONS
 from edge_mllm.train.scene_pixels import render_workers
 from edge_mllm.train.text_replay import (
     TEXT_FILE,
-    answer_with,
+    answers_of,
     held_out_prompts,
     teacher_records,
     text_agreement,
@@ -79,18 +79,19 @@ class RecipeConfig:
     vision_steps: int = 300
     vision_batch: int = 8
     vision_lr: float = 5e-4
-    # Grounding tower and projector together through the tower (~2.5 s a step on the 2-core CPU). Off: the
-    # projector's grounding on cached features (below) reads shape from the pretrained tower's patches
-    # too (82% per token after 3,000 steps; 92% on run 13's grounded tower: TRAINING.md, run 18), at a
-    # tenth of a step's cost.
-    ground_steps: int = 0
-    ground_batch: int = 8
     # LDPv2 (MobileVLM v2: pooling + a linear depthwise conv) or LDP (v1: two nonlinear inverted-residual
     # blocks). Grounded on the frozen tower's features, LDP's tokens name an object's shape where LDPv2's
     # stay at the majority class (TRAINING.md, runs 13 and 17).
     projector: str = DEFAULT_PROJECTOR.type
     projector_ground_steps: int = 3000  # 0: no projector-only grounding
     projector_ground_scenes: int = 3000  # whose tower features are computed once and sampled from
+    # Then tower and projector grounded together through the tower (~2.5 s a step on the 2-core CPU),
+    # so that the tower learns features the grounded projector reads. After the projector's grounding,
+    # not before: through a fresh LDP, 210 steps took the loss only from 185 to 95 (colour per token
+    # 0.5, shape at chance; TRAINING.md, run 20). Off: the pretrained tower's patches give 82% shape per
+    # token through LDP (92% on run 13's grounded tower: run 18).
+    ground_steps: int = 250
+    ground_batch: int = 8
     # Stage 1 (caption alignment) is off: driven by an LLM that does not yet read the image, it
     # overwrote what grounding made (run 3, TRAINING.md). 0 skips it.
     align_epochs: float = 0.0
@@ -159,7 +160,7 @@ class RecipeConfig:
     @classmethod
     def quick(cls) -> RecipeConfig:
         """A minutes-long version of the same steps, for trying the pipeline out."""
-        return cls(train_scenes=16, test_scenes=4, vision_steps=4, vision_batch=2, ground_batch=2,
+        return cls(train_scenes=16, test_scenes=4, vision_steps=4, vision_batch=2, ground_steps=2, ground_batch=2,
                    projector_ground_steps=4, projector_ground_scenes=8, instruct_epochs=0.5, text_prompts=4,
                    text_max_new_tokens=24, caption_test_scenes=2)
 
@@ -230,14 +231,14 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
         vision_metrics = timed("vision_pretrain", lambda: pretrain_vision(
             model.vision_tower, processor, steps=config.vision_steps, batch_size=config.vision_batch,
             lr=config.vision_lr, seed=config.seed, progress=progress, render_workers=workers))
-    if config.ground_steps and not config.vision_from:
-        ground_metrics = timed("ground", lambda: ground_image_tokens(
-            model, loaded.tokenizer, processor, steps=config.ground_steps, batch_size=config.ground_batch,
-            norm_weight=config.image_norm_weight, seed=config.seed, progress=progress, render_workers=workers))
     if config.projector_ground_steps and not same_projector:
         projector_metrics = timed("ground_projector", lambda: ground_projector(
             model, loaded.tokenizer, processor, steps=config.projector_ground_steps,
             scenes=config.projector_ground_scenes, batch_size=config.ground_batch,
+            norm_weight=config.image_norm_weight, seed=config.seed, progress=progress, render_workers=workers))
+    if config.ground_steps and not config.vision_from:
+        ground_metrics = timed("ground", lambda: ground_image_tokens(
+            model, loaded.tokenizer, processor, steps=config.ground_steps, batch_size=config.ground_batch,
             norm_weight=config.image_norm_weight, seed=config.seed, progress=progress, render_workers=workers))
     # Whether the image tokens still name what they show after each step, and whether the model's
     # loss depends on its images: the two checks that found the 2026-12-04 runs blind (TRAINING.md).
@@ -258,11 +259,11 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
     held_out_text, held_out_before = [], []
     if config.text_prompts:
         # The teacher's answers, before stage 2 changes the LLM: replayed prompts and held-out ones.
-        teacher = answer_with(Pipeline(loaded), config.text_max_new_tokens)
+        teacher = answers_of(Pipeline(loaded), config.text_max_new_tokens, progress)
         held_out_text = held_out_prompts()
-        held_out_before = [teacher(p)[0] for p in held_out_text]
+        held_out_before = [text for text, _ in teacher(held_out_text)]
         save_records(timed("text_replay", lambda: teacher_records(
-            teacher, train_prompts(config.seed)[: config.text_prompts], progress)), train_dir / TEXT_FILE)
+            teacher, train_prompts(config.seed)[: config.text_prompts])), train_dir / TEXT_FILE)
         conversations += load_conversations(train_dir / TEXT_FILE)
     instruct_trainer = Trainer(model, loaded.tokenizer, template, instruct)
     held_out = single_turns(load_conversations(test_dir / CONVERSATIONS_FILE))  # as evaluation asks
@@ -288,9 +289,9 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
             load_conversations(test_dir / CAPTIONS_FILE)[: config.caption_test_scenes], progress=progress))
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     if held_out_text:
-        shipped_answer = answer_with(Pipeline(shipped), config.text_max_new_tokens)
+        shipped_answers = answers_of(Pipeline(shipped), config.text_max_new_tokens)
         diagnostics["text_agreement"] = text_agreement(held_out_text, held_out_before,
-                                                       [shipped_answer(p)[0] for p in held_out_text])
+                                                       [text for text, _ in shipped_answers(held_out_text)])
     summary = {
         "recipe": asdict(config),
         "hardware": {"device": "cuda" if torch.cuda.is_available() else "cpu", "machine": platform.machine(),
