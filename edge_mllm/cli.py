@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from edge_mllm import __version__
+from edge_mllm.config import RECIPE_PROJECTORS
 from edge_mllm.export import FORMATS as EXPORT_FORMATS
 
 # Library chatter (transformers' advisory warnings) would break --json output and one-line errors.
@@ -347,7 +348,7 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
               help="Take the vision tower and projector of an earlier run's default_vision.safetensors and skip "
                    "vision pretraining and grounding (to try LLM-stage changes in a third of the time); its "
                    "projector only if of the recipe's type.")
-@click.option("--projector", type=click.Choice(["ldpv2", "ldp"]),
+@click.option("--projector", type=click.Choice(RECIPE_PROJECTORS),
               help="The projector (MobileVLM v2's LDPv2 or v1's LDP) [default: the recipe's].")
 @click.option("--ground-steps", type=click.IntRange(min=0),
               help="Steps grounding the vision tower with the projector, through the tower (0: none) "

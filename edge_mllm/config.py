@@ -16,6 +16,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 PROJECTOR_TYPES = ("mlp2x_gelu", "ldp", "ldpv2", "query")
+# What the default recipe trains: MobileVLM's projectors, which every export format and llama.cpp's clip take
+# on a 24x24 grid. Here, not in the recipe, so that the CLI offers them without importing torch.
+RECIPE_PROJECTORS = ("ldpv2", "ldp")
 ASPECT_MODES = ("pad", "crop")
 
 

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from edge_mllm.chat import ChatTemplate
+from edge_mllm.config import RECIPE_PROJECTORS
 from edge_mllm.data.llava import join_by_image, load_conversations, save_records, single_turns
 from edge_mllm.data.synth import CAPTIONS_FILE, CONVERSATIONS_FILE, write_split
 from edge_mllm.default import (
@@ -66,8 +67,6 @@ from edge_mllm.train.trainer import TrainConfig, Trainer, pick_device
 from edge_mllm.train.vision_pretrain import pretrain_vision
 
 TRAINING_FILE = "training.json"  # the run's summary: recipe, timings, metrics
-# MobileVLM's projectors, which every export format and llama.cpp's clip take on a 24×24 grid
-RECIPE_PROJECTORS = ("ldpv2", "ldp")
 CAPTION_TOKENS = 64  # a four-object caption is ~45 SmolLM2 tokens
 
 
