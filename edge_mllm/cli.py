@@ -397,6 +397,8 @@ def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: 
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Hard-label CE weight.")
 @click.option("--hidden-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Weight of final hidden-state matching (0: off).")
+@click.option("--layer-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Weight of matching each student block's output to its teacher block's (cosine; 0: off).")
 @click.option("--epochs", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
@@ -406,7 +408,7 @@ def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: 
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/.")
 @click.option("--json", "as_json", is_flag=True)
-def distill(teacher, student_layers, data_path, images, output, temperature, alpha, hidden_weight, epochs,
+def distill(teacher, student_layers, data_path, images, output, temperature, alpha, hidden_weight, layer_weight, epochs,
             batch_size, lr, single_turns, freeze_projector, precision, seed, resume, as_json) -> None:
     """Distill TEACHER (default: the embedded model) into a student with fewer LLM layers."""
     from edge_mllm.chat import ChatTemplate
@@ -425,7 +427,7 @@ def distill(teacher, student_layers, data_path, images, output, temperature, alp
                          train_projector=not freeze_projector, single_turns=single_turns, precision=precision,
                          seed=seed)
     distiller = Distiller(student, loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config,
-                          DistillConfig(temperature, alpha, hidden_weight))
+                          DistillConfig(temperature, alpha, hidden_weight, layer_weight))
     stats = distiller.train(conversations, checkpoint_dir=state_dir, resume=resume)
     save_native(LoadedModel(student, loaded.tokenizer, loaded.chat_template), output)
     stats.update(output=output, parameters=student.parameter_counts(),

@@ -15,7 +15,7 @@ from edge_mllm.checkpoint import load_model
 from edge_mllm.data.llava import load_conversations
 from edge_mllm.data.synth import CONVERSATIONS_FILE, write_split
 from edge_mllm.distill.distiller import DistillConfig, Distiller
-from edge_mllm.distill.losses import kd_kl
+from edge_mllm.distill.losses import kd_kl, layer_cosine
 from edge_mllm.distill.student import make_student, select_layers
 from edge_mllm.errors import OptionError
 from edge_mllm.train.examples import tokenize_conversation
@@ -77,6 +77,13 @@ def test_kl_is_zero_only_for_identical_distributions():
     assert kd_kl(logits + torch.randn(5, 11), logits, 2.0).item() > 1e-3
 
 
+def test_layer_cosine_compares_matched_blocks_whatever_their_scale():
+    states = [torch.randn(4, 8), torch.randn(4, 8) * 100]
+    assert layer_cosine([s * 3 for s in states], states).item() == pytest.approx(0.0, abs=1e-6)
+    assert layer_cosine(states[::-1], states).item() > 0.1
+    assert layer_cosine([-s for s in states], states).item() == pytest.approx(2.0)
+
+
 @pytest.mark.parametrize("single_turns", [False, True])
 def test_distillation_loss_is_zero_when_student_equals_teacher(mobilevlm_v2, conversations, single_turns):
     loaded = load_model(mobilevlm_v2.path)
@@ -84,7 +91,7 @@ def test_distillation_loss_is_zero_when_student_equals_teacher(mobilevlm_v2, con
     student = make_student(teacher, teacher.config.text.num_hidden_layers)  # all layers: the same model
     distiller = Distiller(student, teacher, loaded.tokenizer, ChatTemplate(loaded.chat_template),
                           TrainConfig(stage="instruct", lora_rank=0, single_turns=single_turns),
-                          DistillConfig(alpha=0.0, hidden_weight=1.0))
+                          DistillConfig(alpha=0.0, hidden_weight=1.0, layer_weight=1.0))
     # single turns: each question packed after the shared image prompt, teacher and student alike
     batch = distiller.examples(conversations[:2])
     assert any(e.branches for e in batch) == single_turns and (len(batch) == 2 or single_turns)
@@ -99,7 +106,8 @@ def test_distillation_steps_move_the_student_toward_the_teacher(mobilevlm_v2, co
     student = make_student(teacher, 1)
     distiller = Distiller(student, teacher, loaded.tokenizer, ChatTemplate(loaded.chat_template),
                           TrainConfig(stage="instruct", lora_rank=0, lr=3e-3),
-                          DistillConfig(alpha=0.0, hidden_weight=0.5))
+                          DistillConfig(alpha=0.0, hidden_weight=0.5, layer_weight=0.5))
+    assert distiller.matched_layers == [1]  # the student's one block is the teacher's last
     batch = [tokenize_conversation(c, loaded.tokenizer, distiller.template) for c in conversations[:2]]
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     with torch.no_grad():

@@ -1,8 +1,11 @@
 """Distillation training: the stage-2 trainer with the teacher's soft targets added to the loss.
 
 loss = alpha · CE(labels) + (1 − alpha) · KL_T(teacher ‖ student) + hidden_weight · MSE(P·h_s, h_t)
-over the response tokens only, where h are the final-norm hidden states and P a learned projection
-(identity-initialised when the widths match).
+       + layer_weight · mean_l (1 − cos(b_s[l], b_t[keep[l]]))
+over the response tokens only, where h are the final-norm hidden states, P a learned projection
+(identity-initialised when the widths match), and b the decoder blocks' outputs: each student block
+matched to the teacher block it was copied from (``student.select_layers``), as TinyBERT matches
+layers, so the student keeps what the teacher has read at each depth, not only its last word.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from edge_mllm.chat import ChatTemplate
-from edge_mllm.distill.losses import hidden_mse, kd_kl
+from edge_mllm.distill.losses import hidden_mse, kd_kl, layer_cosine
+from edge_mllm.distill.student import select_layers
 from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.tokenizer import Tokenizer
 from edge_mllm.train.examples import IGNORE_INDEX, Example, embed_batch
@@ -24,7 +28,8 @@ from edge_mllm.train.trainer import TrainConfig, Trainer
 class DistillConfig:
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the hard-label cross-entropy
-    hidden_weight: float = 0.0  # 0 turns hidden-state matching off
+    hidden_weight: float = 0.0  # 0 turns final hidden-state matching off
+    layer_weight: float = 0.0  # 0 turns block-by-block matching off
 
 
 class Distiller(Trainer):
@@ -36,6 +41,8 @@ class Distiller(Trainer):
         super().__init__(student, tokenizer, template, config)
         self.teacher = teacher.eval().requires_grad_(False).to(self.device)
         self.distill = distill
+        self.matched_layers = select_layers(teacher.config.text.num_hidden_layers,
+                                            student.config.text.num_hidden_layers)
         d_s, d_t = student.config.text.hidden_size, teacher.config.text.hidden_size
         self.projection = torch.nn.Linear(d_s, d_t, bias=False).to(self.device)
         if d_s == d_t:
@@ -67,21 +74,27 @@ class Distiller(Trainer):
             with torch.no_grad():
                 teacher_embeds.append(self.teacher.mm_projector(features[None])[0])
         student = embed_batch(self.model, batch, student_embeds, self.max_len)
+        cfg = self.distill
+        teacher_blocks: list[torch.Tensor] | None = [] if cfg.layer_weight > 0 else None
+        student_blocks: list[torch.Tensor] | None = [] if cfg.layer_weight > 0 else None
         with torch.no_grad():
             teacher = embed_batch(self.teacher, batch, teacher_embeds, self.max_len)
             teacher_hidden = self.teacher.language_model.hidden_states(
-                teacher.inputs, teacher.input_pos, teacher.attn_mask)[:, :-1]
+                teacher.inputs, teacher.input_pos, teacher.attn_mask, teacher_blocks)[:, :-1]
         student_hidden = self.model.language_model.hidden_states(
-            student.inputs, student.input_pos, student.attn_mask)[:, :-1]
+            student.inputs, student.input_pos, student.attn_mask, student_blocks)[:, :-1]
         targets = student.labels[:, 1:]
         keep = targets != IGNORE_INDEX
         s_hidden, t_hidden = student_hidden[keep], teacher_hidden[keep]
         student_logits = self.model.language_model.lm_head(s_hidden)
         with torch.no_grad():
             teacher_logits = self.teacher.language_model.lm_head(t_hidden)
-        cfg = self.distill
         loss = cfg.alpha * F.cross_entropy(student_logits.float(), targets[keep])
         loss = loss + (1 - cfg.alpha) * kd_kl(student_logits, teacher_logits, cfg.temperature)
         if cfg.hidden_weight > 0:
             loss = loss + cfg.hidden_weight * hidden_mse(s_hidden, t_hidden, self.projection)
+        if cfg.layer_weight > 0:
+            loss = loss + cfg.layer_weight * layer_cosine(
+                [b[:, :-1][keep] for b in student_blocks],
+                [teacher_blocks[i][:, :-1][keep] for i in self.matched_layers])
         return loss, int(keep.sum())

@@ -19,3 +19,12 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
 def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, projection: torch.nn.Module) -> torch.Tensor:
     """Mean squared error between projected student states and teacher states: [N, D_s] vs [N, D_t]."""
     return F.mse_loss(projection(student_hidden.float()), teacher_hidden.float())
+
+
+def layer_cosine(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layer pairs and positions of 1 − cos(h_s, h_t) between matched blocks' outputs [N, D].
+
+    Cosine, as DistilBERT's hidden-state loss, rather than MSE: the residual stream's norm grows with
+    depth and a few channels carry activations hundreds of times the rest, which would decide an MSE."""
+    return torch.stack([1 - F.cosine_similarity(s.float(), t.float(), dim=-1).mean()
+                        for s, t in zip(student_states, teacher_states, strict=True)]).mean()

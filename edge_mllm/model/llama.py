@@ -203,13 +203,15 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(self.hidden_states(inputs_embeds, input_pos))
 
     def hidden_states(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor | None = None,
-                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attn_mask: torch.Tensor | None = None,
+                      layer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The final-norm hidden states [B, T, D] that ``forward`` feeds the LM head (training applies
         the head only where there are labels).
 
         Training may pass its own layout instead of one causal sequence per row: ``input_pos`` [B, T]
         and ``attn_mask`` [B, T, T] (True: query may attend to key), e.g. several questions packed
-        after one shared image prompt (``train.examples.pack_shared_prefix``). Not with a KV cache."""
+        after one shared image prompt (``train.examples.pack_shared_prefix``). Not with a KV cache.
+        ``layer_outputs``, if given, receives every decoder block's output (distillation matches them)."""
         if attn_mask is not None and self.max_cache_len:
             raise ValueError("attn_mask is for cacheless forwards; the KV cache brings its own mask")
         if input_pos is None:
@@ -223,4 +225,6 @@ class LlamaForCausalLM(nn.Module):
         x = inputs_embeds
         for layer in self.model.layers:
             x = layer(x, cos, sin, input_pos, attn_mask)
+            if layer_outputs is not None:
+                layer_outputs.append(x)
         return self.model.norm(x)
