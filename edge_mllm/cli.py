@@ -222,15 +222,15 @@ def data_synth(split: str, seed: int, count: int, output: str, as_json: bool) ->
                 "questions_by_type": dict(sorted(by_type.items()))})
 
 
-def _training_state_dir(output: str) -> Path:
+def _training_state_dir(output: str, *state_files: str) -> Path:
     """OUTPUT.train, beside OUTPUT (also when OUTPUT ends with a slash), where training keeps its
     resumable state: checked before any work by the rule every output follows (an earlier state may
-    be there; a file, or a folder of other files, may not)."""
+    be there — its checkpoint or one of ``state_files`` —; a file, or a folder of other files, may not)."""
     from edge_mllm.train.trainer import CHECKPOINT_FILE
 
     out = Path(output).resolve()
     state = out.with_name(f"{out.name}.train")
-    _check_output(str(state), lambda folder: (folder / CHECKPOINT_FILE).is_file())
+    _check_output(str(state), lambda folder: any((folder / f).is_file() for f in (CHECKPOINT_FILE, *state_files)))
     return state
 
 
@@ -399,6 +399,9 @@ def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: 
               help="Weight of final hidden-state matching (0: off).")
 @click.option("--layer-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Weight of matching each student block's output to its teacher block's (cosine; 0: off).")
+@click.option("--teacher-answers", is_flag=True,
+              help="Sequence-level KD: learn the teacher's greedy answers to the data's questions (each asked "
+                   "alone with its image; kept in OUTPUT.train/) instead of the data's answers.")
 @click.option("--epochs", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
@@ -408,20 +411,29 @@ def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: 
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/.")
 @click.option("--json", "as_json", is_flag=True)
-def distill(teacher, student_layers, data_path, images, output, temperature, alpha, hidden_weight, layer_weight, epochs,
-            batch_size, lr, single_turns, freeze_projector, precision, seed, resume, as_json) -> None:
+def distill(teacher, student_layers, data_path, images, output, temperature, alpha, hidden_weight, layer_weight,
+            teacher_answers, epochs, batch_size, lr, single_turns, freeze_projector, precision, seed, resume,
+            as_json) -> None:
     """Distill TEACHER (default: the embedded model) into a student with fewer LLM layers."""
     from edge_mllm.chat import ChatTemplate
     from edge_mllm.checkpoint import LoadedModel, load_model, save_native
     from edge_mllm.checkpoint.native import is_native
     from edge_mllm.distill.distiller import DistillConfig, Distiller
     from edge_mllm.distill.student import make_student
+    from edge_mllm.distill.teacher_answers import ANSWERS_FILE, pipeline_answers, with_teacher_answers
+    from edge_mllm.pipeline import Pipeline
     from edge_mllm.train.trainer import TrainConfig
 
     _check_output(output, is_native, teacher, data_path, images)
-    state_dir = _training_state_dir(output)
+    state_dir = _training_state_dir(output, ANSWERS_FILE)
     conversations = _training_data(data_path, "instruct", images)
     loaded = load_model(teacher)
+    if teacher_answers:
+        cache = state_dir / ANSWERS_FILE
+        if not resume:  # another teacher's, or other data's
+            cache.unlink(missing_ok=True)
+        conversations = with_teacher_answers(conversations, pipeline_answers(Pipeline(loaded)), cache,
+                                             progress=not as_json)
     student = make_student(loaded.model, student_layers)
     config = TrainConfig(stage="instruct", epochs=epochs, batch_size=batch_size, lr=lr, lora_rank=0,
                          train_projector=not freeze_projector, single_turns=single_turns, precision=precision,

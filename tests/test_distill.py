@@ -12,11 +12,12 @@ import torch
 
 from edge_mllm.chat import ChatTemplate
 from edge_mllm.checkpoint import load_model
-from edge_mllm.data.llava import load_conversations
+from edge_mllm.data.llava import DataError, load_conversations
 from edge_mllm.data.synth import CONVERSATIONS_FILE, write_split
 from edge_mllm.distill.distiller import DistillConfig, Distiller
 from edge_mllm.distill.losses import kd_kl, layer_cosine
 from edge_mllm.distill.student import make_student, select_layers
+from edge_mllm.distill.teacher_answers import ANSWERS_FILE, with_teacher_answers
 from edge_mllm.errors import OptionError
 from edge_mllm.train.examples import tokenize_conversation
 from edge_mllm.train.trainer import TrainConfig
@@ -123,6 +124,46 @@ def test_distillation_steps_move_the_student_toward_the_teacher(mobilevlm_v2, co
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
 
 
+def test_teacher_answers_replace_the_data_answers_and_are_reused(conversations, tmp_path):
+    asked = []
+
+    def teacher(question, image):
+        asked.append((question, image))
+        if "color" in question.lower():
+            return "", True  # nothing said: the data's answer stays
+        return f"teacher says {len(asked)}", not question.lower().startswith("is there")  # cut off: stays
+
+    cache = tmp_path / ANSWERS_FILE
+    replaced = with_teacher_answers(conversations, teacher, cache)
+    pairs = {(m["content"].replace("<image>\n", ""), c.image) for c in conversations for m in c.messages[::2]}
+    assert sorted(asked) == sorted(pairs)  # each question once with its image, as the evaluation asks it
+    kept = changed = 0
+    for before, after in zip(conversations, replaced, strict=True):
+        assert (after.id, after.image, after.meta) == (before.id, before.image, before.meta)
+        for k, (old, new) in enumerate(zip(before.messages, after.messages, strict=True)):
+            if k % 2 == 0:
+                assert new == old  # questions untouched
+                continue
+            question = before.messages[k - 1]["content"].lower()
+            if "color" in question or "is there" in question:
+                assert new == old
+                kept += 1
+            else:
+                assert new["content"].startswith("teacher says") and old["content"] != new["content"]
+                changed += 1
+    assert kept and changed
+    assert not any(m["content"].startswith("teacher says") for c in conversations for m in c.messages)
+
+    def unreachable(question, image):
+        raise AssertionError("a cached answer was asked again")
+
+    assert [c.messages for c in with_teacher_answers(conversations, unreachable, cache)] == \
+        [c.messages for c in replaced]
+    cache.write_text("[1, 2")
+    with pytest.raises(DataError, match="remove it"):
+        with_teacher_answers(conversations, unreachable, cache)
+
+
 def test_cli_distill(mobilevlm_v2, conversations, tmp_path):
     data = tmp_path / "train.json"
     data.write_text(json.dumps([
@@ -145,6 +186,13 @@ def test_cli_distill(mobilevlm_v2, conversations, tmp_path):
     assert all(torch.equal(v, teacher.mm_projector.state_dict()[k])
                for k, v in student.model.mm_projector.state_dict().items())
     assert not torch.equal(student.model.language_model.model.norm.weight, teacher.language_model.model.norm.weight)
+    proc = subprocess.run([sys.executable, "-m", "edge_mllm.cli", "distill", str(mobilevlm_v2.path),
+                           "--student-layers", "1", "--data", str(data), "--images", "/", "-o", str(tmp_path / "u"),
+                           "--teacher-answers", "--layer-weight", "1", "--epochs", "0.5", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    answered = json.loads((tmp_path / f"u.train/{ANSWERS_FILE}").read_text())
+    assert len(answered) == len({(c.image, m["content"]) for c in conversations for m in c.messages[::2]})
     proc = subprocess.run([sys.executable, "-m", "edge_mllm.cli", "distill", str(mobilevlm_v2.path),
                            "--student-layers", "9", "--data", str(data), "--images", "/", "-o", str(tmp_path / "t")],
                           capture_output=True, text=True, timeout=300)
