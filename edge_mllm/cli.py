@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from edge_mllm import __version__
-from edge_mllm.config import RECIPE_PROJECTORS
+from edge_mllm.config import LAYER_SELECTIONS, RECIPE_PROJECTORS
 from edge_mllm.export import FORMATS as EXPORT_FORMATS
 
 # Library chatter (transformers' advisory warnings) would break --json output and one-line errors.
@@ -388,7 +388,9 @@ def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: 
 @cli.command()
 @click.argument("teacher", required=False, type=click.Path(path_type=str))
 @click.option("--student-layers", required=True, type=click.IntRange(min=1),
-              help="LLM blocks the student keeps (evenly spaced, first and last included).")
+              help="LLM blocks the student keeps (the last always).")
+@click.option("--layer-selection", type=click.Choice(LAYER_SELECTIONS), default="front", show_default=True,
+              help="front: the first N-1 blocks and the last; even: evenly spaced, first and last included.")
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=str),
               help="LLaVA-format JSON, or a folder from `edge-mllm data synth` (its conversations.json).")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=str))
@@ -411,9 +413,9 @@ def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: 
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.train/.")
 @click.option("--json", "as_json", is_flag=True)
-def distill(teacher, student_layers, data_path, images, output, temperature, alpha, hidden_weight, layer_weight,
-            teacher_answers, epochs, batch_size, lr, single_turns, freeze_projector, precision, seed, resume,
-            as_json) -> None:
+def distill(teacher, student_layers, layer_selection, data_path, images, output, temperature, alpha, hidden_weight,
+            layer_weight, teacher_answers, epochs, batch_size, lr, single_turns, freeze_projector, precision, seed,
+            resume, as_json) -> None:
     """Distill TEACHER (default: the embedded model) into a student with fewer LLM layers."""
     from edge_mllm.chat import ChatTemplate
     from edge_mllm.checkpoint import LoadedModel, load_model, save_native
@@ -434,12 +436,12 @@ def distill(teacher, student_layers, data_path, images, output, temperature, alp
             cache.unlink(missing_ok=True)
         conversations = with_teacher_answers(conversations, pipeline_answers(Pipeline(loaded)), cache,
                                              progress=not as_json)
-    student = make_student(loaded.model, student_layers)
+    student = make_student(loaded.model, student_layers, layer_selection)
     config = TrainConfig(stage="instruct", epochs=epochs, batch_size=batch_size, lr=lr, lora_rank=0,
                          train_projector=not freeze_projector, single_turns=single_turns, precision=precision,
                          seed=seed)
     distiller = Distiller(student, loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config,
-                          DistillConfig(temperature, alpha, hidden_weight, layer_weight))
+                          DistillConfig(temperature, alpha, hidden_weight, layer_weight, layer_selection))
     stats = distiller.train(conversations, checkpoint_dir=state_dir, resume=resume)
     save_native(LoadedModel(student, loaded.tokenizer, loaded.chat_template), output)
     stats.update(output=output, parameters=student.parameter_counts(),

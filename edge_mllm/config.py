@@ -19,6 +19,8 @@ PROJECTOR_TYPES = ("mlp2x_gelu", "ldp", "ldpv2", "query")
 # What the default recipe trains: MobileVLM's projectors, which every export format and llama.cpp's clip take
 # on a 24x24 grid. Here, not in the recipe, so that the CLI offers them without importing torch.
 RECIPE_PROJECTORS = ("ldpv2", "ldp")
+# Which teacher blocks a distilled student keeps (distill.student.select_layers); the CLI offers them too.
+LAYER_SELECTIONS = ("front", "even")
 ASPECT_MODES = ("pad", "crop")
 
 

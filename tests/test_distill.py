@@ -28,16 +28,20 @@ def conversations(tmp_path_factory):
     return load_conversations(write_split(tmp_path_factory.mktemp("d") / "train", "train", 1, 3) / CONVERSATIONS_FILE)
 
 
-@pytest.mark.parametrize(("n_teacher", "n_student", "expected"),
-                         [(30, 10, [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]), (4, 2, [0, 3]), (3, 3, [0, 1, 2]),
-                          (5, 1, [4])])
-def test_select_layers(n_teacher, n_student, expected):
-    assert select_layers(n_teacher, n_student) == expected
+@pytest.mark.parametrize(("n_teacher", "n_student", "selection", "expected"),
+                         [(30, 10, "even", [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]), (4, 2, "even", [0, 3]),
+                          (3, 3, "even", [0, 1, 2]), (5, 1, "even", [4]),
+                          (30, 10, "front", [0, 1, 2, 3, 4, 5, 6, 7, 8, 29]), (4, 2, "front", [0, 3]),
+                          (3, 3, "front", [0, 1, 2]), (5, 1, "front", [4])])
+def test_select_layers(n_teacher, n_student, selection, expected):
+    assert select_layers(n_teacher, n_student, selection) == expected
 
 
 def test_select_layers_refuses_impossible_students():
     with pytest.raises(OptionError, match="1 to 4"):  # the CLI's exit 2
         select_layers(4, 5)
+    with pytest.raises(OptionError, match="front, even"):
+        select_layers(4, 2, "odd")
 
 
 def test_resume_restores_the_hidden_projection_and_refuses_other_settings(mobilevlm_v2, conversations, tmp_path):
@@ -188,7 +192,8 @@ def test_cli_distill(mobilevlm_v2, conversations, tmp_path):
     assert not torch.equal(student.model.language_model.model.norm.weight, teacher.language_model.model.norm.weight)
     proc = subprocess.run([sys.executable, "-m", "edge_mllm.cli", "distill", str(mobilevlm_v2.path),
                            "--student-layers", "1", "--data", str(data), "--images", "/", "-o", str(tmp_path / "u"),
-                           "--teacher-answers", "--layer-weight", "1", "--epochs", "0.5", "--json"],
+                           "--teacher-answers", "--layer-weight", "1", "--layer-selection", "even", "--epochs", "0.5",
+                           "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     answered = json.loads((tmp_path / f"u.train/{ANSWERS_FILE}").read_text())

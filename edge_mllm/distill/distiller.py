@@ -30,6 +30,7 @@ class DistillConfig:
     alpha: float = 0.5  # weight of the hard-label cross-entropy
     hidden_weight: float = 0.0  # 0 turns final hidden-state matching off
     layer_weight: float = 0.0  # 0 turns block-by-block matching off
+    layer_selection: str = "front"  # which teacher blocks the student was made of (student.select_layers)
 
 
 class Distiller(Trainer):
@@ -42,7 +43,7 @@ class Distiller(Trainer):
         self.teacher = teacher.eval().requires_grad_(False).to(self.device)
         self.distill = distill
         self.matched_layers = select_layers(teacher.config.text.num_hidden_layers,
-                                            student.config.text.num_hidden_layers)
+                                            student.config.text.num_hidden_layers, distill.layer_selection)
         d_s, d_t = student.config.text.hidden_size, teacher.config.text.hidden_size
         self.projection = torch.nn.Linear(d_s, d_t, bias=False).to(self.device)
         if d_s == d_t:
