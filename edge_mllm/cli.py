@@ -389,8 +389,8 @@ def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: 
 @click.argument("teacher", required=False, type=click.Path(path_type=str))
 @click.option("--student-layers", required=True, type=click.IntRange(min=1),
               help="LLM blocks the student keeps (the last always).")
-@click.option("--layer-selection", type=click.Choice(LAYER_SELECTIONS), default="front", show_default=True,
-              help="front: the first N-1 blocks and the last; even: evenly spaced, first and last included.")
+@click.option("--layer-selection", type=click.Choice(LAYER_SELECTIONS), default="ends", show_default=True,
+              help="ends: the first and last N/2 blocks; front: the first N-1 and the last; even: evenly spaced.")
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=str),
               help="LLaVA-format JSON, or a folder from `edge-mllm data synth` (its conversations.json).")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=str))

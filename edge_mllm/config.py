@@ -20,7 +20,7 @@ PROJECTOR_TYPES = ("mlp2x_gelu", "ldp", "ldpv2", "query")
 # on a 24x24 grid. Here, not in the recipe, so that the CLI offers them without importing torch.
 RECIPE_PROJECTORS = ("ldpv2", "ldp")
 # Which teacher blocks a distilled student keeps (distill.student.select_layers); the CLI offers them too.
-LAYER_SELECTIONS = ("front", "even")
+LAYER_SELECTIONS = ("ends", "front", "even")
 ASPECT_MODES = ("pad", "crop")
 
 

@@ -32,7 +32,9 @@ def conversations(tmp_path_factory):
                          [(30, 10, "even", [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]), (4, 2, "even", [0, 3]),
                           (3, 3, "even", [0, 1, 2]), (5, 1, "even", [4]),
                           (30, 10, "front", [0, 1, 2, 3, 4, 5, 6, 7, 8, 29]), (4, 2, "front", [0, 3]),
-                          (3, 3, "front", [0, 1, 2]), (5, 1, "front", [4])])
+                          (3, 3, "front", [0, 1, 2]), (5, 1, "front", [4]),
+                          (30, 10, "ends", [0, 1, 2, 3, 4, 25, 26, 27, 28, 29]), (30, 3, "ends", [0, 1, 29]),
+                          (4, 2, "ends", [0, 3]), (3, 3, "ends", [0, 1, 2]), (5, 1, "ends", [4])])
 def test_select_layers(n_teacher, n_student, selection, expected):
     assert select_layers(n_teacher, n_student, selection) == expected
 
@@ -40,7 +42,7 @@ def test_select_layers(n_teacher, n_student, selection, expected):
 def test_select_layers_refuses_impossible_students():
     with pytest.raises(OptionError, match="1 to 4"):  # the CLI's exit 2
         select_layers(4, 5)
-    with pytest.raises(OptionError, match="front, even"):
+    with pytest.raises(OptionError, match="ends, front, even"):
         select_layers(4, 2, "odd")
 
 

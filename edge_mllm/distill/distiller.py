@@ -30,7 +30,7 @@ class DistillConfig:
     alpha: float = 0.5  # weight of the hard-label cross-entropy
     hidden_weight: float = 0.0  # 0 turns final hidden-state matching off
     layer_weight: float = 0.0  # 0 turns block-by-block matching off
-    layer_selection: str = "front"  # which teacher blocks the student was made of (student.select_layers)
+    layer_selection: str = "ends"  # which teacher blocks the student was made of (student.select_layers)
 
 
 class Distiller(Trainer):
