@@ -44,27 +44,27 @@ def with_teacher_answers(conversations: list[Conversation], answer: Answer, cach
     would teach the student to stop mid-sentence). ``cache``: a JSON file of earlier answers to the
     same (image, question) pairs, used where present and rewritten with the new ones."""
     known = _read_cache(cache) if cache is not None and cache.is_file() else {}
-    asked = [(c, k) for c in conversations for k in range(0, len(c.messages), 2)]
     answers: dict[str, str | None] = {}
-    for conversation, k in tqdm(asked, desc="teacher answers", unit="q", disable=not progress):
-        question = without_image_marker(conversation.messages[k]["content"])
-        key = _key(conversation.image, question)
-        if key not in known:
-            text, finished = answer(question, conversation.image)
-            known[key] = text if text and finished else None
-        answers[key] = known[key]
-    if cache is not None:
-        _write_cache(cache, answers)
     replaced = []
+    bar = tqdm(total=sum(len(c.messages) // 2 for c in conversations), desc="teacher answers", unit="q",
+               disable=not progress)
     for conversation in conversations:
         messages = [dict(m) for m in conversation.messages]
         for k in range(0, len(messages), 2):
-            teacher = answers[_key(conversation.image, without_image_marker(messages[k]["content"]))]
-            if teacher is not None:
-                messages[k + 1]["content"] = teacher
+            question = without_image_marker(messages[k]["content"])
+            key = _key(conversation.image, question)
+            if key not in known:
+                text, finished = answer(question, conversation.image)
+                known[key] = text if text and finished else None
+            answers[key] = known[key]
+            if known[key] is not None:
+                messages[k + 1]["content"] = known[key]
+            bar.update()
         replaced.append(Conversation(conversation.id, messages, conversation.image, conversation.meta))
+    bar.close()
+    if cache is not None:
+        _write_cache(cache, answers)
     return replaced
-
 
 def _key(image: Path | None, question: str) -> str:
     return f"{image or ''}{IMAGE_MARKER}{question}"
