@@ -356,10 +356,13 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
 @click.option("--projector-steps", type=click.IntRange(min=0),
               help="Steps grounding the projector alone on the frozen tower's cached features (0: none) "
                    "[default: the recipe's].")
+@click.option("--instruct-epochs", type=click.FloatRange(min=0, min_open=True),
+              help="Epochs of stage 2 (instruction tuning) over the training conversations [default: the recipe's].")
 @precision_option("auto")
 @click.option("--json", "as_json", is_flag=True)
 def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: str | None, projector: str | None,
-                  ground_steps: int | None, projector_steps: int | None, precision: str, as_json: bool) -> None:
+                  ground_steps: int | None, projector_steps: int | None, instruct_epochs: float | None,
+                  precision: str, as_json: bool) -> None:
     """Train the embedded default's vision tower and projector on synthetic data (TRAINING.md).
 
     Writes OUTPUT/default_vision.safetensors (copy it to edge_mllm/weights/ to ship it), training.json
@@ -377,6 +380,8 @@ def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: 
         config = replace(config, ground_steps=ground_steps)
     if projector_steps is not None:
         config = replace(config, projector_ground_steps=projector_steps)
+    if instruct_epochs is not None:
+        config = replace(config, instruct_epochs=instruct_epochs)
     summary = run_recipe(output, config.scaled(scale))
     if as_json:
         _emit_json(summary)

@@ -174,6 +174,8 @@ def test_output_folder_is_checked_before_any_work(tmp_path):
                        "--scale")
     assert_usage_error(edge_mllm("train-default", "--ground-steps", "-1", "-o", str(tmp_path / "new"), cwd=tmp_path),
                        "--ground-steps")
+    assert_usage_error(edge_mllm("train-default", "--instruct-epochs", "0", "-o", str(tmp_path / "new"), cwd=tmp_path),
+                       "--instruct-epochs")
     model = tmp_path / "model"  # need not exist: the check comes before loading
     assert_usage_error(edge_mllm("export", str(model), "--format", "gguf", "-o", str(model), cwd=tmp_path),
                        "would overwrite the input")
