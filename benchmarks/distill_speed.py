@@ -16,7 +16,7 @@ import statistics
 import torch
 
 from edge_mllm.checkpoint import LoadedModel, load_model
-from edge_mllm.distill.student import make_student
+from edge_mllm.distill.student import make_student, select_layers
 from edge_mllm.pipeline import Pipeline
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -45,7 +45,8 @@ def main() -> None:
     if args.student:
         student = load_model(args.student)
     else:
-        student = LoadedModel(make_student(teacher.model, args.student_layers), teacher.tokenizer,
+        layers = select_layers(teacher.model.config.text.num_hidden_layers, args.student_layers)
+        student = LoadedModel(make_student(teacher.model, layers), teacher.tokenizer,
                               teacher.chat_template)
     pipes = {"teacher": Pipeline(teacher), "student": Pipeline(student)}
     for pipe in pipes.values():

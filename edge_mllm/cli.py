@@ -426,7 +426,7 @@ def distill(teacher, student_layers, layer_selection, data_path, images, output,
     from edge_mllm.checkpoint import LoadedModel, load_model, save_native
     from edge_mllm.checkpoint.native import is_native
     from edge_mllm.distill.distiller import DistillConfig, Distiller
-    from edge_mllm.distill.student import make_student
+    from edge_mllm.distill.student import make_student, select_layers
     from edge_mllm.distill.teacher_answers import ANSWERS_FILE, pipeline_answers, with_teacher_answers
     from edge_mllm.pipeline import Pipeline
     from edge_mllm.train.trainer import TrainConfig
@@ -441,12 +441,13 @@ def distill(teacher, student_layers, layer_selection, data_path, images, output,
             cache.unlink(missing_ok=True)
         conversations = with_teacher_answers(conversations, pipeline_answers(Pipeline(loaded)), cache,
                                              progress=not as_json)
-    student = make_student(loaded.model, student_layers, layer_selection)
+    layers = tuple(select_layers(loaded.model.config.text.num_hidden_layers, student_layers, layer_selection))
+    student = make_student(loaded.model, layers)
     config = TrainConfig(stage="instruct", epochs=epochs, batch_size=batch_size, lr=lr, lora_rank=0,
                          train_projector=not freeze_projector, single_turns=single_turns, precision=precision,
                          seed=seed)
     distiller = Distiller(student, loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config,
-                          DistillConfig(temperature, alpha, hidden_weight, layer_weight, layer_selection))
+                          DistillConfig(temperature, alpha, hidden_weight, layer_weight, layers, teacher_answers))
     stats = distiller.train(conversations, checkpoint_dir=state_dir, resume=resume)
     save_native(LoadedModel(student, loaded.tokenizer, loaded.chat_template), output)
     stats.update(output=output, parameters=student.parameter_counts(),

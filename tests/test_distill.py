@@ -47,11 +47,12 @@ def test_select_layers_refuses_impossible_students():
 
 
 def test_resume_restores_the_hidden_projection_and_refuses_other_settings(mobilevlm_v2, conversations, tmp_path):
-    def distiller(hidden_weight: float) -> Distiller:
+    def distiller(hidden_weight: float, teacher_answers: bool = False) -> Distiller:
         teacher = load_model(mobilevlm_v2.path)
         config = TrainConfig(stage="instruct", epochs=1, batch_size=2, lr=1e-2, lora_rank=0, checkpoint_every=0)
-        return Distiller(make_student(teacher.model, 1), teacher.model, teacher.tokenizer,
-                         ChatTemplate(teacher.chat_template), config, DistillConfig(hidden_weight=hidden_weight))
+        return Distiller(make_student(teacher.model, [1]), teacher.model, teacher.tokenizer,
+                         ChatTemplate(teacher.chat_template), config,
+                         DistillConfig(hidden_weight=hidden_weight, teacher_answers=teacher_answers))
 
     trained = distiller(1.0)
     trained.train(conversations, checkpoint_dir=tmp_path, progress=False)
@@ -61,11 +62,13 @@ def test_resume_restores_the_hidden_projection_and_refuses_other_settings(mobile
     assert torch.equal(resumed.projection.weight, trained.projection.weight)
     with pytest.raises(OptionError, match="hidden_weight"):
         distiller(0.5).load_checkpoint(tmp_path)
+    with pytest.raises(OptionError, match="teacher_answers"):  # trained on the data's answers, not the teacher's
+        distiller(1.0, teacher_answers=True).load_checkpoint(tmp_path)
 
 
 def test_student_keeps_the_selected_blocks(mobilevlm_v2):
     teacher = load_model(mobilevlm_v2.path).model
-    student = make_student(teacher, 1)
+    student = make_student(teacher, select_layers(2, 1))
     assert student.config.text.num_hidden_layers == 1 and teacher.config.text.num_hidden_layers == 2
     kept = student.language_model.model.layers[0]
     last = teacher.language_model.model.layers[1]
@@ -74,6 +77,8 @@ def test_student_keeps_the_selected_blocks(mobilevlm_v2):
         assert param.data_ptr() != ref.data_ptr()  # a copy: training the student leaves the teacher alone
     assert student.parameter_counts()["language_model"] < teacher.parameter_counts()["language_model"]
     ids = torch.tensor([[1, 5, 7]])
+    with pytest.raises(OptionError, match="blocks 0 to 1"):
+        make_student(teacher, [2])
     with torch.no_grad():  # the student runs on its own (its LLM config says 1 layer)
         assert student.language_model(student.language_model.embed(ids)).shape == (1, 3, teacher.config.text.vocab_size)
 
@@ -95,10 +100,10 @@ def test_layer_cosine_compares_matched_blocks_whatever_their_scale():
 def test_distillation_loss_is_zero_when_student_equals_teacher(mobilevlm_v2, conversations, single_turns):
     loaded = load_model(mobilevlm_v2.path)
     teacher = loaded.model
-    student = make_student(teacher, teacher.config.text.num_hidden_layers)  # all layers: the same model
-    distiller = Distiller(student, teacher, loaded.tokenizer, ChatTemplate(loaded.chat_template),
+    layers = tuple(range(teacher.config.text.num_hidden_layers))  # all layers: the same model
+    distiller = Distiller(make_student(teacher, layers), teacher, loaded.tokenizer, ChatTemplate(loaded.chat_template),
                           TrainConfig(stage="instruct", lora_rank=0, single_turns=single_turns),
-                          DistillConfig(alpha=0.0, hidden_weight=1.0, layer_weight=1.0))
+                          DistillConfig(alpha=0.0, hidden_weight=1.0, layer_weight=1.0, teacher_layers=layers))
     # single turns: each question packed after the shared image prompt, teacher and student alike
     batch = distiller.examples(conversations[:2])
     assert any(e.branches for e in batch) == single_turns and (len(batch) == 2 or single_turns)
@@ -110,11 +115,13 @@ def test_distillation_loss_is_zero_when_student_equals_teacher(mobilevlm_v2, con
 def test_distillation_steps_move_the_student_toward_the_teacher(mobilevlm_v2, conversations):
     loaded = load_model(mobilevlm_v2.path)
     teacher = loaded.model
-    student = make_student(teacher, 1)
+    student = make_student(teacher, [1])
+    with pytest.raises(OptionError, match="block matching"):  # which teacher block to match is not known
+        Distiller(student, teacher, loaded.tokenizer, ChatTemplate(loaded.chat_template),
+                  TrainConfig(stage="instruct", lora_rank=0), DistillConfig(layer_weight=0.5))
     distiller = Distiller(student, teacher, loaded.tokenizer, ChatTemplate(loaded.chat_template),
                           TrainConfig(stage="instruct", lora_rank=0, lr=3e-3),
-                          DistillConfig(alpha=0.0, hidden_weight=0.5, layer_weight=0.5))
-    assert distiller.matched_layers == [1]  # the student's one block is the teacher's last
+                          DistillConfig(alpha=0.0, hidden_weight=0.5, layer_weight=0.5, teacher_layers=(1,)))
     batch = [tokenize_conversation(c, loaded.tokenizer, distiller.template) for c in conversations[:2]]
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     with torch.no_grad():

@@ -4,7 +4,7 @@ loss = alpha · CE(labels) + (1 − alpha) · KL_T(teacher ‖ student) + hidden
        + layer_weight · mean_l (1 − cos(b_s[l], b_t[keep[l]]))
 over the response tokens only, where h are the final-norm hidden states, P a learned projection
 (identity-initialised when the widths match), and b the decoder blocks' outputs: each student block
-matched to the teacher block it was copied from (``student.select_layers``), as TinyBERT matches
+matched to the teacher block it was copied from (``DistillConfig.teacher_layers``), as TinyBERT matches
 layers, so the student keeps what the teacher has read at each depth, not only its last word.
 """
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from edge_mllm.chat import ChatTemplate
 from edge_mllm.distill.losses import hidden_mse, kd_kl, layer_cosine
-from edge_mllm.distill.student import select_layers
+from edge_mllm.errors import OptionError
 from edge_mllm.model.mllm import MultimodalLM
 from edge_mllm.tokenizer import Tokenizer
 from edge_mllm.train.examples import IGNORE_INDEX, Example, embed_batch
@@ -30,7 +30,11 @@ class DistillConfig:
     alpha: float = 0.5  # weight of the hard-label cross-entropy
     hidden_weight: float = 0.0  # 0 turns final hidden-state matching off
     layer_weight: float = 0.0  # 0 turns block-by-block matching off
-    layer_selection: str = "ends"  # which teacher blocks the student was made of (student.select_layers)
+    # The teacher block each student block was copied from (student.make_student's), for block matching
+    teacher_layers: tuple[int, ...] = ()
+    # Whether the data's answers were replaced by the teacher's (teacher_answers): not used by the loss,
+    # recorded so that a resumed run trains on the same answers
+    teacher_answers: bool = False
 
 
 class Distiller(Trainer):
@@ -42,8 +46,11 @@ class Distiller(Trainer):
         super().__init__(student, tokenizer, template, config)
         self.teacher = teacher.eval().requires_grad_(False).to(self.device)
         self.distill = distill
-        self.matched_layers = select_layers(teacher.config.text.num_hidden_layers,
-                                            student.config.text.num_hidden_layers, distill.layer_selection)
+        if distill.layer_weight > 0 and len(distill.teacher_layers) != student.config.text.num_hidden_layers:
+            raise OptionError(f"block matching needs the teacher block each of the student's "
+                              f"{student.config.text.num_hidden_layers} blocks was copied from "
+                              f"(got {list(distill.teacher_layers)})")
+        self.matched_layers = list(distill.teacher_layers)
         d_s, d_t = student.config.text.hidden_size, teacher.config.text.hidden_size
         self.projection = torch.nn.Linear(d_s, d_t, bias=False).to(self.device)
         if d_s == d_t:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -38,13 +39,17 @@ def select_layers(num_teacher_layers: int, num_student_layers: int, selection: s
     return [round(i * step) for i in range(num_student_layers)]
 
 
-def make_student(teacher: MultimodalLM, num_layers: int, selection: str = "ends") -> MultimodalLM:
-    """A deep copy of ``teacher`` whose LLM keeps ``num_layers`` of its blocks (``select_layers``)."""
-    keep = select_layers(teacher.config.text.num_hidden_layers, num_layers, selection)
+def make_student(teacher: MultimodalLM, layers: Sequence[int]) -> MultimodalLM:
+    """A deep copy of ``teacher`` whose LLM keeps the blocks ``layers`` (teacher indices, in order; e.g.
+    ``select_layers``'s)."""
+    num_teacher = teacher.config.text.num_hidden_layers
+    keep = list(layers)
+    if not keep or any(not 0 <= i < num_teacher for i in keep):
+        raise OptionError(f"a student keeps some of the teacher's blocks 0 to {num_teacher - 1} (got {keep})")
     student = copy.deepcopy(teacher)
     lm = student.language_model
     lm.model.layers = nn.ModuleList(lm.model.layers[i] for i in keep)
-    text = dataclasses.replace(teacher.config.text, num_hidden_layers=num_layers)
+    text = dataclasses.replace(teacher.config.text, num_hidden_layers=len(keep))
     student.config = dataclasses.replace(teacher.config, text=text, notes=dict(teacher.config.notes))
     lm.config = text
     student.config.notes["distillation"] = f"student with teacher LLM layers {keep}"
