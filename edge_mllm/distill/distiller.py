@@ -50,7 +50,6 @@ class Distiller(Trainer):
             raise OptionError(f"block matching needs the teacher block each of the student's "
                               f"{student.config.text.num_hidden_layers} blocks was copied from "
                               f"(got {list(distill.teacher_layers)})")
-        self.matched_layers = list(distill.teacher_layers)
         d_s, d_t = student.config.text.hidden_size, teacher.config.text.hidden_size
         self.projection = torch.nn.Linear(d_s, d_t, bias=False).to(self.device)
         if d_s == d_t:
@@ -104,5 +103,5 @@ class Distiller(Trainer):
         if cfg.layer_weight > 0:
             loss = loss + cfg.layer_weight * layer_cosine(
                 [b[:, :-1][keep] for b in student_blocks],
-                [teacher_blocks[i][:, :-1][keep] for i in self.matched_layers])
+                [teacher_blocks[i][:, :-1][keep] for i in cfg.teacher_layers])
         return loss, int(keep.sum())
