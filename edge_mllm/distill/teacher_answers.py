@@ -66,6 +66,7 @@ def with_teacher_answers(conversations: list[Conversation], answer: Answer, cach
         _write_cache(cache, answers)
     return replaced
 
+
 def _key(image: Path | None, question: str) -> str:
     return f"{image or ''}{IMAGE_MARKER}{question}"
 
