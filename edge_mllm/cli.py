@@ -348,6 +348,12 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
               help="Take the vision tower and projector of an earlier run's default_vision.safetensors and skip "
                    "vision pretraining and grounding (to try LLM-stage changes in a third of the time); its "
                    "projector only if of the recipe's type.")
+@click.option("--continue-from", type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="Go on training an earlier run's default_vision.safetensors: its tower and projector as "
+                   "--vision-from takes them, and stage 2 starts from its LoRA (give --first-scene past the "
+                   "scenes it saw).")
+@click.option("--first-scene", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Train on the seed's training scenes from this index on (the test scenes stay).")
 @click.option("--projector", type=click.Choice(RECIPE_PROJECTORS),
               help="The projector (MobileVLM v2's LDPv2 or v1's LDP) [default: the recipe's].")
 @click.option("--ground-steps", type=click.IntRange(min=0),
@@ -360,9 +366,9 @@ def train(model, stage, data_path, images, output, epochs, batch_size, lr, lora_
               help="Epochs of stage 2 (instruction tuning) over the training conversations [default: the recipe's].")
 @precision_option("auto")
 @click.option("--json", "as_json", is_flag=True)
-def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: str | None, projector: str | None,
-                  ground_steps: int | None, projector_steps: int | None, instruct_epochs: float | None,
-                  precision: str, as_json: bool) -> None:
+def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: str | None,
+                  continue_from: str | None, first_scene: int, projector: str | None, ground_steps: int | None,
+                  projector_steps: int | None, instruct_epochs: float | None, precision: str, as_json: bool) -> None:
     """Train the embedded default's vision tower and projector on synthetic data (TRAINING.md).
 
     Writes OUTPUT/default_vision.safetensors (copy it to edge_mllm/weights/ to ship it), training.json
@@ -373,7 +379,7 @@ def train_default(output: str, seed: int, quick: bool, scale: int, vision_from: 
 
     _check_output(output, is_recipe_output)
     config = replace(RecipeConfig.quick() if quick else RecipeConfig(), seed=seed, vision_from=vision_from,
-                     precision=precision)
+                     continue_from=continue_from, first_scene=first_scene, precision=precision)
     if projector is not None:
         config = replace(config, projector=projector)
     if ground_steps is not None:

@@ -109,6 +109,13 @@ def trained_projector(path: Path) -> str:
     return _trained_file(read_metadata, path).get(PROJECTOR_KEY, UNNAMED_FILE_PROJECTOR)
 
 
+def trained_lora(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A recipe file's LoRA factors (keyed within the language model, as ``lora_factors`` writes them) and
+    the grid they were trained through (None: none)."""
+    state, qat = _read_trained(path)
+    return select(state, "language_model."), qat
+
+
 def _load_vision(model: MultimodalLM, state: dict[str, torch.Tensor], path: Path, projector: bool = True) -> None:
     own = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
     load_into(model.vision_tower, select(own, "vision_tower."), str(path))

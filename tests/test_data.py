@@ -48,6 +48,19 @@ def test_same_seed_gives_identical_files(tmp_path):
     assert len([k for k in folder_digest(a) if k.startswith("images/")]) == 3
 
 
+def test_a_split_can_start_at_a_later_scene(tmp_path):
+    # A run that goes on from an earlier one trains on the scenes after those it saw (recipe first_scene).
+    whole = write_split(tmp_path / "whole", "train", 3, 5)
+    tail = write_split(tmp_path / "tail", "train", 3, 2, first=3)
+    images = {k: v for k, v in folder_digest(tail).items() if k.startswith("images/")}
+    assert sorted(images) == ["images/train-3-000003.png", "images/train-3-000004.png"]
+    assert all(folder_digest(whole)[k] == v for k, v in images.items())
+    whole_records = json.loads((whole / CONVERSATIONS_FILE).read_text())
+    assert json.loads((tail / CONVERSATIONS_FILE).read_text()) == whole_records[3:]
+    with pytest.raises(ValueError, match="negative"):
+        write_split(tmp_path / "bad", "train", 3, 2, first=-1)
+
+
 def test_rendering_in_worker_processes_writes_the_same_files(tmp_path):
     inline = write_split(tmp_path / "inline", "train", 3, 5)
     pooled = write_split(tmp_path / "pooled", "train", 3, 5, workers=2)

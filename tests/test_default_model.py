@@ -158,6 +158,44 @@ def test_recipe_can_start_from_an_earlier_files_eyes(tmp_path):
     assert any(k.endswith(".lora_A") for k in written)
 
 
+def test_recipe_can_go_on_training_an_earlier_file(tmp_path):
+    # continue_from (train-default --continue-from): the file's eyes as vision_from takes them, and stage 2
+    # starts from its LoRA (a few steps leave it close to the file's; a fresh LoRA's would point
+    # elsewhere), on the training scenes from first_scene on.
+    config = dataclasses.replace(RecipeConfig.quick(), continue_from=str(TRAINED_WEIGHTS), first_scene=1800,
+                                 text_prompts=0, test_scenes=2)
+    summary = run_recipe(tmp_path, config, progress=False)
+    assert set(summary["seconds"]) == {"data", "instruct", "eval", "eval_captions"}
+    images = sorted(p.name for p in (tmp_path / "data" / "train" / "images").iterdir())
+    assert images[0] == "train-0-001800.png" and len(images) == config.train_scenes
+    source, written = read_weights_file(TRAINED_WEIGHTS), read_weights_file(tmp_path / TRAINED_WEIGHTS_FILE)
+    eyes = [k for k in source if k.startswith(("vision_tower.", "mm_projector."))]
+    assert eyes and all(torch.equal(written[k], source[k]) for k in eyes)
+
+    def update(state: dict[str, torch.Tensor], linear: str) -> torch.Tensor:
+        return (state[f"{linear}.lora_B"].float() @ state[f"{linear}.lora_A"].float()).flatten()
+
+    for linear in ("language_model.model.layers.3.mlp.up_proj", "language_model.model.layers.20.self_attn.q_proj"):
+        assert not torch.equal(update(written, linear), update(source, linear))  # trained on ...
+        assert torch.cosine_similarity(update(written, linear), update(source, linear), dim=0) > 0.9  # ... from it
+
+
+def test_recipe_refuses_to_go_on_from_a_file_it_cannot_continue(tmp_path):
+    eyes_only = tmp_path / "eyes.safetensors"
+    save_file({"vision_tower.x": torch.zeros(1)}, str(eyes_only), metadata={"format": "pt", "projector": "ldp"})
+    with pytest.raises(OptionError, match="no LoRA"):
+        run_recipe(tmp_path / "refused", dataclasses.replace(RecipeConfig.quick(), continue_from=str(eyes_only)),
+                   progress=False)
+    with pytest.raises(OptionError, match="ldp projector"):  # its projector goes on as it is
+        run_recipe(tmp_path / "refused", dataclasses.replace(RecipeConfig.quick(), continue_from=str(TRAINED_WEIGHTS),
+                                                             projector="ldpv2"), progress=False)
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(OptionError, match="not both"):
+        RecipeConfig(vision_from=str(TRAINED_WEIGHTS), continue_from=str(TRAINED_WEIGHTS))
+    with pytest.raises(OptionError, match="negative"):
+        RecipeConfig(first_scene=-1)
+
+
 def test_recipe_grounds_a_new_projector_on_an_earlier_files_tower(tmp_path, monkeypatch):
     # The file names its projector (files before that key are LDPv2); a recipe asked for another type
     # than an earlier file's keeps the tower and grounds a fresh projector on its features, and only then.

@@ -48,6 +48,7 @@ from edge_mllm.train.lora import (
     LoRALinear,
     add_lora_factors,
     apply_lora,
+    load_lora_factors,
     lora_factors,
     merge_lora,
     per_token_int8,
@@ -366,6 +367,33 @@ def test_quantization_aware_factors_load_onto_the_grid_they_trained_on(mobilevlm
                      .named_parameters())
     name = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(unsnapped[name], trained[name])
+
+
+def test_stored_factors_load_back_into_lora_to_go_on_training(mobilevlm_v2):
+    # train-default --continue-from: a fresh model's LoRA set to stored factors is the model that stored
+    # them (rank and targets checked), so training goes on from there.
+    torch.manual_seed(0)
+    config = TrainConfig(stage="instruct", lora_rank=4, qat="rtn-w4-g32-min")
+    source, target = load_model(mobilevlm_v2.path), load_model(mobilevlm_v2.path)
+    for loaded in (source, target):
+        Trainer(loaded.model, loaded.tokenizer, ChatTemplate(loaded.chat_template), config)
+    for module in source.model.modules():
+        if isinstance(module, LoRALinear):
+            module.lora_B.data = torch.randn_like(module.lora_B) * 0.02
+    factors = lora_factors(source.model.language_model)
+    load_lora_factors(target.model.language_model, factors)
+    embeds = torch.randn(1, 4, source.model.config.text.hidden_size)
+    torch.testing.assert_close(target.model.language_model(embeds), source.model.language_model(embeds))
+    plain = load_model(mobilevlm_v2.path).model.language_model  # the base: the factors do change it
+    assert not torch.allclose(target.model.language_model(embeds), plain(embeds))
+    trainable = [p for p in target.model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is None for p in trainable)  # still LoRA parameters to train
+    other = load_model(mobilevlm_v2.path)
+    Trainer(other.model, other.tokenizer, ChatTemplate(other.chat_template), dataclasses.replace(config, lora_rank=2))
+    with pytest.raises(ValueError, match="rank 4, not 2"):
+        load_lora_factors(other.model.language_model, factors)
+    with pytest.raises(ValueError, match="other linears"):
+        load_lora_factors(target.model.language_model, {k: v for k, v in factors.items() if "layers.0." not in k})
 
 
 @pytest.mark.parametrize(

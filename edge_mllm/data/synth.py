@@ -288,18 +288,22 @@ def _write_image(job: tuple[str, int, int, Path]) -> None:
     scene_image(split, seed, index).save(path, optimize=False)
 
 
-def write_split(out_dir: str | Path, split: str, seed: int, n: int, progress: bool = False, workers: int = 0) -> Path:
-    """Render ``n`` scenes of ``split`` into ``out_dir/images`` and write the three JSON files
-    (LLaVA format). Atomic: ``out_dir`` appears complete or not at all; it may replace an earlier
-    split, never another folder with files in it. ``workers`` > 0 renders the images in that many
-    processes (the same files)."""
+def write_split(out_dir: str | Path, split: str, seed: int, n: int, progress: bool = False, workers: int = 0,
+                first: int = 0) -> Path:
+    """Render ``n`` scenes of ``split`` (scenes ``first`` … ``first + n - 1`` of its seed) into
+    ``out_dir/images`` and write the three JSON files (LLaVA format). Atomic: ``out_dir`` appears
+    complete or not at all; it may replace an earlier split, never another folder with files in it.
+    ``workers`` > 0 renders the images in that many processes (the same files)."""
     if n < 1:
         raise ValueError("n must be at least 1")
+    if first < 0:
+        raise ValueError("the first scene's index cannot be negative")
     records: dict[str, list[dict]] = {name: [] for name in SPLIT_FILES}
     with atomic_output_dir(out_dir, is_split) as tmp:
         (tmp / "images").mkdir()
-        names = [f"images/{split}-{seed}-{index:06d}.png" for index in range(n)]
-        jobs = [(split, seed, index, tmp / name) for index, name in enumerate(names)]
+        indices = range(first, first + n)
+        names = [f"images/{split}-{seed}-{index:06d}.png" for index in indices]
+        jobs = [(split, seed, index, tmp / name) for index, name in zip(indices, names, strict=True)]
         with contextlib.ExitStack() as stack:
             written = map(_write_image, jobs)
             if workers > 0:
@@ -307,7 +311,7 @@ def write_split(out_dir: str | Path, split: str, seed: int, n: int, progress: bo
                 written = pool.imap_unordered(_write_image, jobs, chunksize=8)
             for _ in tqdm(written, total=n, desc=f"synth {split}", unit="img", disable=not progress):
                 pass
-        for index, name in enumerate(names):
+        for index, name in zip(indices, names, strict=True):
             rng = scene_rng(split, seed, index)
             scene = sample_scene(rng)
             for key, recs in scene_records(scene, name, rng).items():

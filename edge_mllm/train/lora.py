@@ -149,3 +149,22 @@ def add_lora_factors(module: nn.Module, factors: dict[str, torch.Tensor],
             grid = grid_for(name) if grid_for is not None else None
             if grid is not None:
                 weight.copy_(snap(weight, grid))
+
+
+def load_lora_factors(module: nn.Module, factors: dict[str, torch.Tensor]) -> None:
+    """Set the LoRA modules of ``module`` (wrapped by ``apply_lora``) to stored factors (from
+    ``lora_factors``), so that training goes on from them: every wrapped linear must have its pair,
+    of its rank."""
+    wrapped = {name: child for name, child in module.named_modules() if isinstance(child, LoRALinear)}
+    stored = {key[: -len(".lora_A")] for key in factors if key.endswith(".lora_A")}
+    if stored != set(wrapped):
+        missing, extra = sorted(set(wrapped) - stored), sorted(stored - set(wrapped))
+        raise ValueError(f"the stored LoRA factors are for other linears (missing: {missing[:3]}, "
+                         f"not wrapped: {extra[:3]})")
+    for name, child in wrapped.items():
+        a, b = factors[f"{name}.lora_A"], factors[f"{name}.lora_B"]
+        if a.shape != child.lora_A.shape or b.shape != child.lora_B.shape:
+            raise ValueError(f"{name}'s stored LoRA factors have rank {a.shape[0]}, not {child.lora_A.shape[0]}")
+        with torch.no_grad():
+            child.lora_A.copy_(a)
+            child.lora_B.copy_(b.float() / child.scale)  # lora_factors folds the scale into B

@@ -3,7 +3,8 @@ budget on a 2-core CPU (faster with CUDA), wall-clock included (``training.json`
 
 1. Render synthetic train scenes (captions, multi-turn VQA + POPE) and a held-out test split.
 2. Pretrain the vision tower on dense scene attributes (``vision_pretrain``); or, with ``vision_from``,
-   take the tower (and the projector, if of the recipe's type: then skip to step 5) of an earlier file.
+   take the tower (and the projector, if of the recipe's type: then skip to step 5) of an earlier file;
+   with ``continue_from``, its LoRA too, which stage 2 then goes on training.
 3. Ground the image tokens, so that each token covering an object is one of its words in SmolLM2's
    embedding space and the background a full stop (``grounding``; no LLM forward pass): the LDP
    projector alone on the frozen tower's cached features (``grounding.ground_projector``); optionally
@@ -43,6 +44,7 @@ from edge_mllm.default import (
     TRAINED_WEIGHTS_FILE,
     apply_trained,
     load_trained_vision,
+    trained_lora,
     trained_projector,
     untrained_default,
 )
@@ -52,7 +54,7 @@ from edge_mllm.fsutil import atomic_output_dir
 from edge_mllm.pipeline import Pipeline
 from edge_mllm.preprocess import ImageProcessor
 from edge_mllm.train.grounding import ground_image_tokens, ground_projector, read_out
-from edge_mllm.train.lora import lora_factors
+from edge_mllm.train.lora import load_lora_factors, lora_factors
 from edge_mllm.train.precision import PRECISIONS
 from edge_mllm.train.scene_pixels import render_workers
 from edge_mllm.train.text_replay import (
@@ -136,8 +138,17 @@ class RecipeConfig:
     # A recipe file whose vision tower and projector are used as they are, in place of steps 2-3 (to
     # try stage-2 changes without re-training the eyes; stage 2 keeps them frozen by default)
     vision_from: str | None = None
+    # A recipe file to go on training: its tower and projector as vision_from takes them, and stage 2
+    # starts from its LoRA factors (trained through the same grid) rather than from zero. With first_scene
+    # past the scenes that run saw, the two runs together train once over new scenes (TRAINING.md, run 23).
+    continue_from: str | None = None
+    first_scene: int = 0  # the training scenes: this seed's train-split scenes from this index on
 
     def __post_init__(self) -> None:
+        if self.vision_from and self.continue_from:
+            raise OptionError("give vision_from or continue_from, not both (continue_from takes the eyes too)")
+        if self.first_scene < 0:
+            raise OptionError(f"the first training scene's index cannot be negative ({self.first_scene})")
         # Checked here, not only by stage 2's TrainConfig, which is built after half an hour of steps 2-3.
         if self.precision not in PRECISIONS:
             raise OptionError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -155,6 +166,11 @@ class RecipeConfig:
                        ground_steps=self.ground_steps * factor,
                        projector_ground_steps=self.projector_ground_steps * factor,
                        projector_ground_scenes=self.projector_ground_scenes * factor)
+
+    @property
+    def eyes_from(self) -> str | None:
+        """The earlier recipe file whose vision tower (and projector) this run takes, if any."""
+        return self.vision_from or self.continue_from
 
     @classmethod
     def quick(cls) -> RecipeConfig:
@@ -193,11 +209,17 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
     """Run every step; writes ``TRAINED_WEIGHTS_FILE``, ``training.json``, ``eval.json`` and the data it
     made to ``out_dir``. Atomic: ``out_dir`` appears complete or not at all; it may replace an earlier
     run's output, never another folder with files in it."""
-    if config.vision_from and config.projector_ground_steps == 0:
-        source = trained_projector(Path(config.vision_from))
+    if config.eyes_from and (config.projector_ground_steps == 0 or config.continue_from):
+        source = trained_projector(Path(config.eyes_from))
         if source != config.projector:
-            raise OptionError(f"{config.vision_from} has an {source} projector, not the recipe's {config.projector}: "
-                              "take its type, or ground a new one (projector_ground_steps)")
+            ground = "" if config.continue_from else ", or ground a new one (projector_ground_steps)"
+            raise OptionError(f"{config.eyes_from} has an {source} projector, not the recipe's {config.projector}: "
+                              f"take its type{ground}")
+    if config.continue_from:
+        factors, grid = trained_lora(Path(config.continue_from))
+        if not factors or grid != instruct_config(config).qat:
+            raise OptionError(f"{config.continue_from} has no LoRA trained through the recipe's grid "
+                              f"({instruct_config(config).qat}) to go on from")
     with atomic_output_dir(out_dir, is_recipe_output) as out:
         return _run_steps(out, config, progress)
 
@@ -215,7 +237,7 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
 
     workers = render_workers()  # processes rendering scenes: only where a GPU trains (train.scene_pixels)
     train_dir = timed("data", lambda: write_split(out / "data" / "train", "train", config.seed, config.train_scenes,
-                                                  progress, workers))
+                                                  progress, workers, first=config.first_scene))
     test_dir = write_split(out / "data" / "test", "test", config.seed, config.test_scenes, progress, workers)
     loaded = untrained_default(config.seed, projector=config.projector)
     model = loaded.model.to(device := pick_device())  # every step, eval included, runs on a GPU where there is one
@@ -223,9 +245,9 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
     processor = ImageProcessor(vision.image_size, vision.image_mean, vision.image_std, model.config.image_aspect_ratio)
     vision_metrics = ground_metrics = projector_metrics = None
     # vision_from: its projector too where it is of the recipe's type (a fresh one is grounded otherwise)
-    same_projector = bool(config.vision_from) and trained_projector(Path(config.vision_from)) == config.projector
-    if config.vision_from:
-        load_trained_vision(model, Path(config.vision_from), projector=same_projector)
+    same_projector = bool(config.eyes_from) and trained_projector(Path(config.eyes_from)) == config.projector
+    if config.eyes_from:
+        load_trained_vision(model, Path(config.eyes_from), projector=same_projector)
     else:
         vision_metrics = timed("vision_pretrain", lambda: pretrain_vision(
             model.vision_tower, processor, steps=config.vision_steps, batch_size=config.vision_batch,
@@ -235,7 +257,7 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
             model, loaded.tokenizer, processor, steps=config.projector_ground_steps,
             scenes=config.projector_ground_scenes, batch_size=config.ground_batch,
             norm_weight=config.image_norm_weight, seed=config.seed, progress=progress, render_workers=workers))
-    if config.ground_steps and not config.vision_from:
+    if config.ground_steps and not config.eyes_from:
         ground_metrics = timed("ground", lambda: ground_image_tokens(
             model, loaded.tokenizer, processor, steps=config.ground_steps, batch_size=config.ground_batch,
             norm_weight=config.image_norm_weight, seed=config.seed, progress=progress, render_workers=workers))
@@ -265,6 +287,8 @@ def _run_steps(out: Path, config: RecipeConfig, progress: bool) -> dict:
             teacher, train_prompts(config.seed)[: config.text_prompts])), train_dir / TEXT_FILE)
         conversations += load_conversations(train_dir / TEXT_FILE)
     instruct_trainer = Trainer(model, loaded.tokenizer, template, instruct)
+    if config.continue_from:  # after the text replay: its targets are SmolLM2's own answers
+        load_lora_factors(model.language_model, trained_lora(Path(config.continue_from))[0])
     held_out = single_turns(load_conversations(test_dir / CONVERSATIONS_FILE))  # as evaluation asks
     before = instruct_trainer.image_reliance(held_out, count=config.test_scenes)  # one question per scene
     instruct_metrics = timed("instruct", lambda: instruct_trainer.train(conversations, progress=progress))
