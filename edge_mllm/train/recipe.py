@@ -217,9 +217,10 @@ def run_recipe(out_dir: str | Path, config: RecipeConfig, progress: bool = True)
                               f"take its type{ground}")
     if config.continue_from:
         factors, grid = trained_lora(Path(config.continue_from))
-        if not factors or grid != instruct_config(config).qat:
+        recipe_grid = instruct_config(config).qat
+        if not factors or grid != recipe_grid:
             raise OptionError(f"{config.continue_from} has no LoRA trained through the recipe's grid "
-                              f"({instruct_config(config).qat}) to go on from")
+                              f"({recipe_grid}) to go on from")
     with atomic_output_dir(out_dir, is_recipe_output) as out:
         return _run_steps(out, config, progress)
 
