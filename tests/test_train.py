@@ -386,8 +386,8 @@ def test_stored_factors_load_back_into_lora_to_go_on_training(mobilevlm_v2):
     torch.testing.assert_close(target.model.language_model(embeds), source.model.language_model(embeds))
     plain = load_model(mobilevlm_v2.path).model.language_model  # the base: the factors do change it
     assert not torch.allclose(target.model.language_model(embeds), plain(embeds))
-    trainable = [n for n, p in target.model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)  # loaded into the LoRA that stage 2 trains
+    lora = [p for n, p in target.model.language_model.named_parameters() if "lora_" in n]
+    assert lora and all(p.requires_grad for p in lora)  # loaded into the LoRA that stage 2 trains
     other = load_model(mobilevlm_v2.path)
     Trainer(other.model, other.tokenizer, ChatTemplate(other.chat_template), dataclasses.replace(config, lora_rank=2))
     with pytest.raises(ValueError, match="rank 4, not 2"):
